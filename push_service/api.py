@@ -1,0 +1,202 @@
+"""The HTTP API: publish endpoints guarded by the publish key, health and metrics.
+
+Every answer is JSON with an honest status code: 200 on success, never 200 with an error inside.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from push_service.broker import BrokerUnavailable
+from push_service.hub import Broadcast
+from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from push_service.node import Node
+from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, parse_topic, topic_for
+
+log = logging.getLogger("push_service.api")
+
+NEW_MSG = "new_msg"
+# Client-side Phoenix control events: a broadcast of one of these would break clients' channels.
+RESERVED_EVENT_PREFIX = "phx_"
+MAX_EVENT_BYTES = 255
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+# --- request reading
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"body is larger than {limit} bytes (PUSH_MAX_PUBLISH_BYTES)")
+    body = bytearray()
+    while chunk := await request.content.read(65536):
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body is larger than {limit} bytes (PUSH_MAX_PUBLISH_BYTES)")
+    return bytes(body)
+
+
+async def read_authorized_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object body of a publish request, once the publish key is checked."""
+    node: Node = request.app["node"]
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not node.publish_keys.check(key.strip()):
+            raise ApiError(401, "invalid publish key")
+    mimetype = request.content_type
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise ApiError(415, "expected Content-Type: application/json")
+    raw = await _read_body(request, node.settings.max_publish_bytes)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    # The existing backend sends the key as the body's `token`; it is never broadcast.
+    token = body.pop("token", None)
+    if header is None and not node.publish_keys.check(token if isinstance(token, str) else None):
+        raise ApiError(401, "missing or invalid publish key (Authorization: Bearer <key>, or the body's token)")
+    return body
+
+
+def _id_field(body: dict[str, Any], field: str, hint: str = "") -> str:
+    value = body.get(field)
+    if value is None:
+        raise ApiError(400, f"missing field {field!r}{hint}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ApiError(400, f"field {field!r} must be a non-empty string or an integer")
+    return str(value)
+
+
+def _broadcast_from(item: Any, where: str, started: float) -> Broadcast:
+    """One {topic, event, payload} object of /api/broadcast or /api/batch."""
+    if not isinstance(item, dict):
+        raise ApiError(400, f"{where} must be an object with topic, event and payload")
+    topic, event, payload = item.get("topic"), item.get("event"), item.get("payload", {})
+    if not isinstance(topic, str) or not topic:
+        raise ApiError(400, f"{where}: field 'topic' must be a non-empty string")
+    if parse_topic(topic) is None:
+        raise ApiError(400, f"{where}: unknown topic family {topic!r} (room:lobby:<id>, room:topic:<id>, "
+                            "room:<id>, user:<id>)")
+    if not isinstance(event, str) or not event or len(event.encode()) > MAX_EVENT_BYTES:
+        raise ApiError(400, f"{where}: field 'event' must be a non-empty string of at most 255 bytes")
+    if event.startswith(RESERVED_EVENT_PREFIX):
+        raise ApiError(400, f"{where}: events starting with 'phx_' are reserved for the protocol")
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"{where}: field 'payload' must be an object")
+    return Broadcast(topic, event, payload, started)
+
+
+async def _publish(request: web.Request, broadcasts: list[Broadcast], endpoint: str) -> web.Response:
+    node: Node = request.app["node"]
+    try:
+        delivered = await node.publish(broadcasts, endpoint)
+    except BrokerUnavailable:
+        raise ApiError(503, "broker unavailable") from None
+    # "status" mirrors the old service's body so backends that read it keep working.
+    return json_response({"status": 200, "published": len(broadcasts), "delivered": delivered})
+
+
+# --- handlers
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def family_endpoint(family: str, field: str, endpoint: str, hint: str = "") -> Handler:
+    """A Linen-style endpoint: `new_msg` with the body (minus token) on the family's topic."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await read_authorized_object(request)
+        topic = topic_for(family, _id_field(body, field, hint))
+        return await _publish(request, [Broadcast(topic, NEW_MSG, body, request["started"])], endpoint)
+
+    return handler
+
+
+async def broadcast(request: web.Request) -> web.StreamResponse:
+    body = await read_authorized_object(request)
+    return await _publish(request, [_broadcast_from(body, "body", request["started"])], "broadcast")
+
+
+async def batch(request: web.Request) -> web.StreamResponse:
+    body = await read_authorized_object(request)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "field 'messages' must be a non-empty list of {topic, event, payload}")
+    started = request["started"]
+    # Validate all before publishing any: a batch is taken whole or not at all.
+    broadcasts = [_broadcast_from(item, f"messages[{index}]", started) for index, item in enumerate(messages)]
+    return await _publish(request, broadcasts, "batch")
+
+
+async def health(request: web.Request) -> web.StreamResponse:
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.StreamResponse:
+    node: Node = request.app["node"]
+    if node.ready:
+        return json_response({"status": "ready"})
+    return json_response({"status": "unavailable", "error": "broker unavailable"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
+    node: Node = request.app["node"]
+    return web.Response(body=node.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def add_routes(app: web.Application, node: Node) -> None:
+    message_family, message_field = (
+        (THREAD, "thread_id") if node.settings.api_message_topic == "thread" else (LOBBY, "channel_id"))
+    message_hint = f" (PUSH_API_MESSAGE_TOPIC={node.settings.api_message_topic} routes /api/message by it)"
+    app.router.add_post("/api/message", family_endpoint(message_family, message_field, "message", message_hint))
+    app.router.add_post("/api/channel", family_endpoint(LOBBY, "channel_id", "channel"))
+    app.router.add_post("/api/thread", family_endpoint(THREAD, "thread_id", "thread"))
+    app.router.add_post("/api/community", family_endpoint(COMMUNITY, "community_id", "community"))
+    app.router.add_post("/api/user", family_endpoint(USER, "user_id", "user"))
+    app.router.add_post("/api/broadcast", broadcast)
+    app.router.add_post("/api/batch", batch)
+    app.router.add_get("/api/health", health)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", ready)
+    app.router.add_get("/metrics", metrics)
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """JSON errors for every failure, and one request counter labelled by route, not by raw path."""
+    request["started"] = time.perf_counter()
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        response = json_response({"error": exc.message}, exc.status)
+    except web.HTTPException as exc:  # 404, 405 from the router
+        response = json_response({"error": exc.reason.lower()}, exc.status)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+    except Exception:
+        log.exception("unhandled error", extra={"event": "http_error", "path": request.path})
+        response = json_response({"error": "internal server error"}, 500)
+    node: Node = request.app["node"]
+    route = request.match_info.route.resource
+    label = route.canonical if route is not None else "unmatched"
+    node.metrics.http_requests.labels(label, request.method, str(response.status)).inc()
+    return response

@@ -1,0 +1,59 @@
+"""Assemble the aiohttp application and run it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from aiohttp import web
+
+from push_service import api
+from push_service.broker import Broker
+from push_service.config import Settings
+from push_service.node import Node
+from push_service.transports import websocket
+
+log = logging.getLogger("push_service")
+
+
+def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
+    node = Node(settings, broker)
+    app = web.Application(middlewares=[api.errors_and_metrics], handler_args={"access_log": None})
+    app["node"] = node
+    api.add_routes(app, node)
+    app.router.add_get("/socket/websocket", websocket.handle)
+
+    async def start(_: web.Application) -> None:
+        await node.start()
+
+    async def stop(_: web.Application) -> None:
+        await node.stop()
+
+    app.on_startup.append(start)
+    # on_shutdown runs before aiohttp cancels handlers: sockets get a close frame (1001) first.
+    app.on_shutdown.append(stop)
+    return app
+
+
+async def serve(settings: Settings, announce: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT; `announce` gets the bound port once listening."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    log.info("listening", extra={"event": "listening", "host": settings.host, "port": port,
+                                 "config": settings.redacted()})
+    if announce is not None:
+        announce(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", extra={"event": "stopping"})
+    await runner.cleanup()
+    log.info("stopped", extra={"event": "stopped"})

@@ -1,0 +1,103 @@
+"""Local fan-out: topic -> the subscribers on this node, with encode-once broadcasts.
+
+A broadcast is serialized at most once per wire format (protocol version x transport
+framing), however many subscribers it reaches; each delivery is one write of those bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from push_service.protocol import Message, Serializer
+
+
+class Wire:
+    """How one transport carries one protocol version: the serializer plus the transport's framing."""
+
+    __slots__ = ("serializer", "frame")
+
+    def __init__(self, serializer: Serializer, frame: Callable[[bytes], bytes]) -> None:
+        self.serializer = serializer
+        self.frame = frame
+
+    def encode(self, message: Message) -> bytes:
+        return self.frame(self.serializer.encode(message))
+
+
+class Broadcast:
+    """One message on its way to every local subscriber of `topic`."""
+
+    __slots__ = ("topic", "event", "payload", "published_at", "_encoded")
+
+    def __init__(self, topic: str, event: str, payload: Any, published_at: float | None = None) -> None:
+        self.topic = topic
+        self.event = event
+        self.payload = payload
+        # perf_counter() when the publish request arrived, for the publish-to-write histogram.
+        self.published_at = time.perf_counter() if published_at is None else published_at
+        self._encoded: dict[Wire, bytes] = {}
+
+    def encoded(self, wire: Wire) -> bytes:
+        try:
+            return self._encoded[wire]
+        except KeyError:
+            data = wire.frame(wire.serializer.encode_broadcast(self.topic, self.event, self.payload))
+            self._encoded[wire] = data
+            return data
+
+    @property
+    def encode_count(self) -> int:
+        """How many times this broadcast was serialized (once per distinct wire reached)."""
+        return len(self._encoded)
+
+
+class Subscriber(Protocol):
+    def deliver(self, broadcast: Broadcast) -> None:
+        """Write the broadcast's bytes; must not (un)subscribe anything synchronously."""
+
+
+class Hub:
+    def __init__(self, on_dispatched: Callable[[Broadcast, int], None] | None = None) -> None:
+        self._topics: dict[str, dict[Subscriber, None]] = {}
+        self._on_dispatched = on_dispatched
+
+    def subscribe(self, topic: str, subscriber: Subscriber) -> bool:
+        """Add a subscriber; True when it is the topic's first on this node."""
+        subscribers = self._topics.get(topic)
+        if subscribers is None:
+            self._topics[topic] = {subscriber: None}
+            return True
+        subscribers[subscriber] = None
+        return False
+
+    def unsubscribe(self, topic: str, subscriber: Subscriber) -> bool:
+        """Remove a subscriber; True when the topic has no subscriber left on this node."""
+        subscribers = self._topics.get(topic)
+        if subscribers is None:
+            return False
+        subscribers.pop(subscriber, None)
+        if subscribers:
+            return False
+        del self._topics[topic]
+        return True
+
+    def dispatch(self, broadcast: Broadcast) -> int:
+        """Deliver to every local subscriber of the topic, in subscription order; returns how many."""
+        subscribers = self._topics.get(broadcast.topic)
+        if not subscribers:
+            return 0
+        for subscriber in subscribers:
+            subscriber.deliver(broadcast)
+        count = len(subscribers)
+        if self._on_dispatched is not None:
+            self._on_dispatched(broadcast, count)
+        return count
+
+    def subscriber_count(self, topic: str) -> int:
+        return len(self._topics.get(topic, ()))
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._topics)

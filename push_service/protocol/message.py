@@ -1,0 +1,39 @@
+"""The one message shape both protocol versions carry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PHOENIX_TOPIC = "phoenix"
+HEARTBEAT = "heartbeat"
+JOIN = "phx_join"
+LEAVE = "phx_leave"
+REPLY = "phx_reply"
+CLOSE = "phx_close"
+ERROR = "phx_error"
+
+# Refs are opaque to the server: phoenix.js sends decimal strings, other clients may send
+# integers. Whatever came in is echoed back unchanged so the client's own matching works.
+Ref = str | int | None
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a Phoenix message; `reason` is a short machine-readable label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    join_ref: Ref
+    ref: Ref
+    topic: str
+    event: str
+    payload: Any
+
+    @classmethod
+    def reply(cls, join_ref: Ref, ref: Ref, topic: str, status: str, response: Any) -> Message:
+        return cls(join_ref, ref, topic, REPLY, {"status": status, "response": response})

@@ -1,0 +1,183 @@
+"""One client connection's Phoenix state: joins, heartbeats, client events.
+
+Independent of the transport: a transport hands in raw frames (`receive`) and gives the
+session a `Connection` to write framed bytes to and to close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from push_service.auth import Identity
+from push_service.hub import Broadcast, Wire
+from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message, ProtocolError
+from push_service.topics import Topic, may_join, parse_topic
+
+if TYPE_CHECKING:
+    from push_service.node import Node
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Why the server ends a connection. Codes other than 1000 make phoenix.js reconnect."""
+
+    code: int
+    reason: str
+
+
+TOKEN_EXPIRED = Disconnect(1001, "token expired")
+HEARTBEAT_TIMEOUT = Disconnect(1001, "heartbeat timeout")
+SHUTDOWN = Disconnect(1001, "server shutting down")
+INVALID_MESSAGE = Disconnect(1007, "invalid message")
+SLOW_CONSUMER = Disconnect(1013, "slow consumer")
+
+
+class Connection(Protocol):
+    wire: Wire
+    transport_name: str  # metrics label: "websocket" or "longpoll"
+
+    def send(self, data: bytes) -> int:
+        """Queue framed bytes; returns how many bytes are now waiting to be sent."""
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Close from the server side; the transport then calls Session.closed()."""
+
+
+class Channel:
+    __slots__ = ("topic", "join_ref")
+
+    def __init__(self, topic: Topic, join_ref: Any) -> None:
+        self.topic = topic
+        self.join_ref = join_ref
+
+
+class Session:
+    __slots__ = ("node", "identity", "conn", "channels", "last_seen", "_wire", "_send", "_buffer_limit",
+                 "_closing", "_disconnected")
+
+    def __init__(self, node: Node, identity: Identity, conn: Connection) -> None:
+        self.node = node
+        self.identity = identity
+        self.conn = conn
+        self.channels: dict[str, Channel] = {}
+        self.last_seen = node.now()
+        self._wire = conn.wire
+        self._send = conn.send
+        self._buffer_limit = node.settings.send_buffer_bytes
+        self._closing = False  # a slow-consumer disconnect is scheduled or done
+        self._disconnected = False
+
+    # --- output
+
+    def deliver(self, broadcast: Broadcast) -> None:
+        """Hub fan-out path: one write of bytes shared with every subscriber of the same wire."""
+        self._write(broadcast.encoded(self._wire))
+
+    def _write(self, data: bytes) -> None:
+        if self._send(data) > self._buffer_limit and not self._closing:
+            # Never unsubscribe synchronously: the hub may be iterating this topic's subscribers.
+            self._closing = True
+            self.node.loop.call_soon(self.disconnect, SLOW_CONSUMER)
+
+    def _push(self, message: Message) -> None:
+        self._write(self._wire.encode(message))
+
+    def _reply(self, join_ref: Any, message: Message, status: str, response: Any) -> None:
+        self._push(Message.reply(join_ref, message.ref, message.topic, status, response))
+
+    # --- input
+
+    def receive(self, data: str | bytes) -> None:
+        self.last_seen = self.node.now()
+        try:
+            message = self._wire.serializer.decode(data)
+        except ProtocolError as exc:
+            self.node.metrics.client_errors.labels(exc.reason).inc()
+            self.disconnect(INVALID_MESSAGE)
+            return
+        if message.event == HEARTBEAT and message.topic == PHOENIX_TOPIC:
+            self._reply(None, message, "ok", {})
+        elif message.event == JOIN:
+            self._join(message)
+        else:
+            channel = self.channels.get(message.topic)
+            if channel is None:
+                self._to_unjoined(message)
+            elif message.join_ref is not None and message.join_ref != channel.join_ref:
+                pass  # a frame for an earlier join of this topic: the client raced a close (Phoenix ignores it)
+            elif message.event == LEAVE:
+                self._leave(channel, message)
+            else:
+                self._client_event(channel, message)
+
+    def _join(self, message: Message) -> None:
+        metrics = self.node.metrics
+        join_ref = message.join_ref if message.join_ref is not None else message.ref
+        replaced = self.channels.get(message.topic)
+        if replaced is not None:
+            self._drop_channel(replaced)
+        topic = parse_topic(message.topic)
+        if topic is None:
+            metrics.joins_refused.labels("unmatched_topic").inc()
+            self._reply(None, message, "error", {"reason": "unmatched topic"})
+        elif len(self.channels) >= self.node.settings.max_topics_per_connection:
+            metrics.joins_refused.labels("too_many_channels").inc()
+            self._reply(join_ref, message, "error", {"reason": "too many channels joined"})
+        elif not may_join(self.identity, topic, self.node.settings.require_topics_claim):
+            metrics.joins_refused.labels("unauthorized").inc()
+            self._reply(join_ref, message, "error", {"reason": "unauthorized"})
+        else:
+            self.channels[topic.name] = Channel(topic, join_ref)
+            self.node.subscribe(topic.name, self)
+            metrics.joins.labels(topic.family).inc()
+            self._reply(join_ref, message, "ok", {})
+        if replaced is not None:
+            # As Phoenix: the old join is closed, after the new join's reply.
+            self._push(Message(replaced.join_ref, replaced.join_ref, message.topic, CLOSE, {}))
+
+    def _leave(self, channel: Channel, message: Message) -> None:
+        self._drop_channel(channel)
+        self._reply(channel.join_ref, message, "ok", {})
+        self._push(Message(channel.join_ref, channel.join_ref, message.topic, CLOSE, {}))
+
+    def _to_unjoined(self, message: Message) -> None:
+        if message.event == LEAVE:
+            self._reply(message.join_ref, message, "ok", {})
+        else:
+            self.node.metrics.client_errors.labels("unmatched_topic").inc()
+            self._reply(None, message, "error", {"reason": "unmatched topic"})
+
+    def _client_event(self, channel: Channel, message: Message) -> None:
+        # The service writes nothing and relays nothing a client sends: every event is refused calmly
+        # (Phoenix would crash the channel and make the client rejoin).
+        self.node.metrics.client_errors.labels("unhandled_event").inc()
+        self._reply(channel.join_ref, message, "error", {"reason": "unhandled event"})
+
+    def _drop_channel(self, channel: Channel) -> None:
+        del self.channels[channel.topic.name]
+        self.node.unsubscribe(channel.topic.name, self)
+        self.node.metrics.leaves.labels(channel.topic.family).inc()
+
+    # --- end of life
+
+    def disconnect(self, disconnect: Disconnect) -> None:
+        """Server-side close: stop deliveries now, then ask the transport to close."""
+        if self._disconnected:
+            return
+        self._disconnected = self._closing = True
+        self.node.metrics.disconnects.labels(disconnect.reason).inc()
+        if disconnect is SLOW_CONSUMER:
+            self.node.metrics.slow_consumers.inc()
+        self._drop_all_channels()
+        self.conn.close(disconnect)
+
+    def closed(self) -> None:
+        """The transport is gone (either side closed it): release everything."""
+        self._disconnected = self._closing = True
+        self._drop_all_channels()
+        self.node.forget(self)
+
+    def _drop_all_channels(self) -> None:
+        for channel in list(self.channels.values()):
+            self._drop_channel(channel)
