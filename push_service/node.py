@@ -28,13 +28,10 @@ class Node:
         self.publish_keys = PublishKeys(settings.service_keys)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
-        self.loop = asyncio.get_event_loop()
-        self.now = self.loop.time
+        self.now = time.monotonic  # the event loop's clock
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.now = self.loop.time
         await self.broker.start(self.hub.dispatch)
         self._sweeper = asyncio.create_task(self._sweep(), name="push-sweeper")
 

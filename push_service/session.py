@@ -6,6 +6,7 @@ session a `Connection` to write framed bytes to and to close.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -78,7 +79,7 @@ class Session:
         if self._send(data) > self._buffer_limit and not self._closing:
             # Never unsubscribe synchronously: the hub may be iterating this topic's subscribers.
             self._closing = True
-            self.node.loop.call_soon(self.disconnect, SLOW_CONSUMER)
+            asyncio.get_running_loop().call_soon(self.disconnect, SLOW_CONSUMER)
 
     def _push(self, message: Message) -> None:
         self._write(self._wire.encode(message))

@@ -1,0 +1,129 @@
+"""Shared fixtures: a real server process on a free loopback port, and tokens for it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISH_KEY = "test-publish-key-0123456789abcdef"
+JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
+START_TIMEOUT = 15.0
+
+
+def make_token(sub: str = "u1", *, secret: str = JWT_SECRET, algorithm: str = "HS256", ttl: float = 3600,
+               **claims: Any) -> str:
+    now = int(time.time())
+    body: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
+    body.update(claims)
+    return jwt.encode(body, secret, algorithm=algorithm)
+
+
+class ServerProcess:
+    """`python -m push_service serve` as a child process; `port` is known once it logs "listening"."""
+
+    def __init__(self, env: dict[str, str], args: list[str]) -> None:
+        self.env = env
+        self.args = args
+        self.port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_lines: list[dict[str, Any]] = []
+        self.stdout = b""
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/socket/websocket"
+
+    async def start(self, port: int = 0) -> ServerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "push_service", "serve", "--host", "127.0.0.1", "--port", str(port), *self.args,
+            env=self.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT)
+        listening = asyncio.get_running_loop().create_future()
+        self._pump = asyncio.create_task(self._read_logs(listening))
+        try:
+            self.port = await asyncio.wait_for(listening, START_TIMEOUT)
+        except (TimeoutError, asyncio.TimeoutError):
+            await self.stop()
+            raise RuntimeError(f"server did not start within {START_TIMEOUT}s: {self.log_lines}") from None
+        return self
+
+    async def _read_logs(self, listening: asyncio.Future[int]) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        async for raw in self.process.stderr:
+            try:
+                entry = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                entry = {"raw": raw.decode(errors="replace")}
+            self.log_lines.append(entry)
+            if entry.get("event") == "listening" and not listening.done():
+                listening.set_result(entry["port"])
+        if not listening.done():
+            listening.set_exception(RuntimeError(f"server exited before listening: {self.log_lines}"))
+
+    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.log_lines:
+                if predicate(entry):
+                    return entry
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no matching log line within {timeout}s: {self.log_lines[-20:]}")
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.process is None or self.process.returncode is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            self.process.kill()
+            await self.process.wait()
+        if self.process.stdout is not None:
+            self.stdout = await self.process.stdout.read()
+        if self._pump is not None:
+            await asyncio.wait_for(self._pump, timeout)
+        return self.process.returncode
+
+
+def server_env(**overrides: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PUSH_")}
+    env.update({"PUSH_SERVICE_KEY": PUBLISH_KEY, "PUSH_JWT_SECRET": JWT_SECRET, "PUSH_LOG_FORMAT": "json",
+                "PYTHONUNBUFFERED": "1"})
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Callable[..., Any]]:
+    """Factory: `await start_server(PUSH_HEARTBEAT_TIMEOUT="2")` -> a started ServerProcess."""
+    servers: list[ServerProcess] = []
+
+    async def start(*args: str, port: int = 0, **env: str) -> ServerProcess:
+        server = ServerProcess(server_env(**env), list(args))
+        servers.append(server)
+        return await server.start(port)
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def server(start_server: Callable[..., Any]) -> ServerProcess:
+    """A server with the test keys and default settings."""
+    return await start_server()

@@ -1,0 +1,262 @@
+"""End to end with the official `phoenix` npm client (1.6, 1.7, 1.8) against the real server process.
+
+Each test starts `node tests/js/client.mjs` (see there for its options and the JSON lines it prints)
+and reads what the client observes. Setup: `npm ci --prefix tests/js`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from conftest import PUBLISH_KEY, ServerProcess, make_token
+
+JS_DIR = Path(__file__).resolve().parent / "js"
+CLIENT = JS_DIR / "client.mjs"
+# The aliases in tests/js/package.json: phoenix16 is phoenix@1.6.x, and so on.
+VERSIONS = [pytest.param("16", id="phoenix-1.6"), pytest.param("17", id="phoenix-1.7"),
+            pytest.param("18", id="phoenix-1.8")]
+TIMEOUT = 5.0  # for any one thing the client should observe
+RETRY_MS = 150  # reconnectAfterMs / rejoinAfterMs, so that reconnects and rejoins are quick
+
+TOPIC = "room:lobby:42"
+LINEN_BODY = {"channel_id": "42", "thread_id": "7", "message_id": "m1", "is_thread": False, "is_reply": True,
+              "message": '{"body":"hi"}'}
+
+Event = dict[str, Any]
+
+
+class JsClient:
+    """A running client.mjs: every line it printed so far is in `events`."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.events: list[Event] = []
+
+    async def _read(self, timeout: float) -> Event | None:
+        """The next event, or None when nothing comes within `timeout`."""
+        assert self.process.stdout is not None
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        except (TimeoutError, asyncio.TimeoutError):
+            return None
+        if not line:
+            assert self.process.stderr is not None
+            stderr = await asyncio.wait_for(self.process.stderr.read(), TIMEOUT)
+            raise AssertionError(f"node client exited ({await self.process.wait()}): {stderr.decode()}\n"
+                                 f"events: {self.events}")
+        event = orjson.loads(line)
+        self.events.append(event)
+        return event
+
+    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = TIMEOUT) -> Event:
+        """The first event from now on that matches."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            event = await self._read(left)
+            if event is not None and predicate(event):
+                return event
+        raise AssertionError(f"no matching event within {timeout}s; events so far: {self.events}")
+
+    async def wait_event(self, kind: str, timeout: float = TIMEOUT, **fields: Any) -> Event:
+        return await self.wait_for(
+            lambda e: e["event"] == kind and all(e.get(key) == value for key, value in fields.items()), timeout)
+
+    async def collect(self, seconds: float) -> list[Event]:
+        """Everything printed during the next `seconds` (for tests where nothing must happen)."""
+        deadline = time.monotonic() + seconds
+        seen = []
+        while (left := deadline - time.monotonic()) > 0:
+            event = await self._read(left)
+            if event is not None:
+                seen.append(event)
+        return seen
+
+
+@pytest.fixture
+def node_client() -> Callable[..., Any]:
+    """Factory: `async with node_client("18", server, topics=[...], token=...) as client:`."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed: these tests need Node 20 and `npm ci --prefix tests/js`")
+    if not (JS_DIR / "node_modules").is_dir():
+        pytest.fail(f"{JS_DIR / 'node_modules'} is missing: run `npm ci --prefix tests/js` first")
+
+    @asynccontextmanager
+    async def start(version: str, server: ServerProcess, *, topics: tuple[str, ...] = (TOPIC,),
+                    token: str | None = None, auth_token: str | None = None, vsn: str | None = None,
+                    heartbeat_ms: int | None = None, log_frames: bool = False) -> AsyncIterator[JsClient]:
+        args = [str(CLIENT), version, f"ws://127.0.0.1:{server.port}/socket", "--retry-ms", str(RETRY_MS)]
+        for topic in topics:
+            args += ["--topic", topic]
+        for flag, value in (("--token", token), ("--auth-token", auth_token), ("--vsn", vsn),
+                            ("--heartbeat-ms", heartbeat_ms)):
+            if value is not None:
+                args += [flag, str(value)]
+        if log_frames:
+            args.append("--log-frames")
+        process = await asyncio.create_subprocess_exec(
+            node, *args, cwd=JS_DIR, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        try:
+            yield JsClient(process)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
+
+    return start
+
+
+async def publish(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.http_url}/api/message", json={**body, "token": PUBLISH_KEY},
+                             timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:
+            assert response.status == 200, await response.text()
+            return await response.json()
+
+
+async def assert_receives(client: JsClient, server: ServerProcess, body: dict[str, Any] = LINEN_BODY) -> None:
+    """Publish `body` on /api/message and check the client's channel.on('new_msg') gets it, minus the key."""
+    assert (await publish(server, body))["delivered"] == 1
+    message = await client.wait_event("message")
+    assert message == {"event": "message", "topic": f"room:lobby:{body['channel_id']}", "name": "new_msg",
+                       "payload": body}
+
+
+def opened(events: list[Event]) -> list[Event]:
+    return [e for e in events if e["event"] == "open"]
+
+
+# --- connect, join, receive
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_join_and_receive_linen_message(version, server, node_client):
+    async with node_client(version, server, token=make_token()) as client:
+        open_event = await client.wait_event("open")
+        assert "vsn=2.0.0" in open_event["url"] and "token=" in open_event["url"]
+        assert await client.wait_event("join") == {"event": "join", "topic": TOPIC, "status": "ok", "response": {}}
+        # A message for another channel is not delivered; ours arrives with the body minus `token`.
+        assert (await publish(server, {**LINEN_BODY, "channel_id": "43"}))["delivered"] == 0
+        await assert_receives(client, server)
+
+
+# --- refused connections and joins
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("token, reason", [
+    pytest.param(make_token(secret="another-secret-0123456789abcdef0123456789"), "bad_signature", id="bad-signature"),
+    pytest.param(make_token(ttl=-60), "expired", id="expired"),
+])
+async def test_refused_token_never_opens(version, token, reason, server, node_client):
+    async with node_client(version, server, token=token) as client:
+        # phoenix.js reports the refused upgrade through onError and retries; let it try twice.
+        for _ in range(2):
+            error = await client.wait_event("error")
+            assert "403" in error["message"], error
+        assert not opened(client.events)
+        assert not [e for e in client.events if e["event"] == "join" and e["status"] == "ok"]
+    await server.wait_for_log(lambda entry: entry.get("event") == "connect_refused" and entry.get("reason") == reason)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_join_of_another_users_topic_is_refused(version, server, node_client):
+    async with node_client(version, server, token=make_token("u1"), topics=("user:u2", "user:u1")) as client:
+        refused = await client.wait_event("join", topic="user:u2")
+        assert refused == {"event": "join", "topic": "user:u2", "status": "error",
+                           "response": {"reason": "unauthorized"}}
+        accepted = await client.wait_event("join", topic="user:u1")
+        assert accepted["status"] == "ok"
+
+
+# --- heartbeats
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_heartbeats_keep_the_socket_open(version, start_server, node_client):
+    server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
+    async with node_client(version, server, token=make_token(), heartbeat_ms=300) as client:
+        await client.wait_event("join", status="ok")
+        # Waiting is the test here: three heartbeat timeouts pass and the socket must stay up.
+        during = await client.collect(3.0)
+        assert not [e for e in during if e["event"] in ("close", "error", "channel_error", "channel_close")], during
+        assert sum(e["event"] == "heartbeat_reply" for e in during) >= 5, during
+        await assert_receives(client, server)
+        assert len(opened(client.events)) == 1
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_silent_client_is_closed_and_reconnects(version, start_server, node_client):
+    server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
+    async with node_client(version, server, token=make_token(), heartbeat_ms=3_600_000) as client:
+        await client.wait_event("join", status="ok")
+        close = await client.wait_event("close")
+        # Not 1000: a 1000 close would stop phoenix.js from reconnecting.
+        assert close["code"] != 1000
+        assert (close["code"], close["reason"]) == (1001, "heartbeat timeout")
+        # ... and so phoenix.js reconnects and rejoins by itself.
+        await client.wait_event("open")
+        await client.wait_event("join", status="ok")
+        await assert_receives(client, server)
+
+
+# --- server restart
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_rejoins_after_server_restart(version, start_server, node_client):
+    first = await start_server()
+    async with node_client(version, first, token=make_token()) as client:
+        await client.wait_event("join", status="ok")
+        await first.stop()
+        close = await client.wait_event("close")
+        assert close["code"] == 1001, close  # "server shutting down": phoenix.js will reconnect
+        second = await start_server(port=first.port)
+        await client.wait_event("open", timeout=10)
+        await client.wait_event("join", status="ok")
+        await assert_receives(client, second)
+
+
+# --- protocol versions
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+async def test_protocol_versions(version, vsn, server, node_client):
+    async with node_client(version, server, token=make_token(), vsn=vsn, log_frames=True) as client:
+        assert f"vsn={vsn}" in (await client.wait_event("open"))["url"]
+        await client.wait_event("join", status="ok")
+        await assert_receives(client, server)
+    frames = [orjson.loads(e["raw"]) for e in client.events if e["event"] == "frame"]
+    if vsn == "1.0.0":
+        assert frames and all(isinstance(frame, dict) for frame in frames)
+        assert all(set(frame) == {"topic", "event", "payload", "ref"} for frame in frames), frames  # no join_ref
+        assert {"topic": TOPIC, "event": "new_msg", "payload": LINEN_BODY, "ref": None} in frames
+    else:
+        assert frames and all(isinstance(frame, list) and len(frame) == 5 for frame in frames)
+        assert [None, None, TOPIC, "new_msg", LINEN_BODY] in frames
+        reply = next(frame for frame in frames if frame[2] == TOPIC and frame[3] == "phx_reply")
+        assert reply[0] == reply[1] and reply[0] is not None  # join_ref == ref for a join
+
+
+# --- phoenix 1.8 authToken
+
+
+async def test_auth_token_option_of_phoenix_18(server, node_client):
+    async with node_client("18", server, auth_token=make_token()) as client:
+        open_event = await client.wait_event("open")
+        assert "token=" not in open_event["url"]
+        assert open_event["protocol"] == "phoenix"
+        await client.wait_event("join", status="ok")
+        await assert_receives(client, server)
