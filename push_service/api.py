@@ -126,6 +126,8 @@ def family_endpoint(family: str, field: str, endpoint: str, hint: str = "") -> H
     async def handler(request: web.Request) -> web.StreamResponse:
         body = await read_authorized_object(request)
         topic = topic_for(family, _id_field(body, field, hint))
+        if parse_topic(topic) is None:
+            raise ApiError(400, f"field {field!r} is too long: a topic is at most 255 bytes")
         return await _publish(request, [Broadcast(topic, NEW_MSG, body, request["started"])], endpoint)
 
     return handler
