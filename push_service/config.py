@@ -250,6 +250,8 @@ class Settings:
             OriginPolicy(self.allowed_origins)
         except ValueError as exc:
             raise ConfigError("PUSH_ALLOWED_ORIGINS", str(exc)) from None
+        if self.jwt_public_key:
+            self._check_public_key()
         for algorithm in self.jwt_algorithms:
             if algorithm in HMAC_ALGORITHMS and not self.jwt_secret:
                 raise ConfigError("PUSH_JWT_ALGORITHMS", f"{algorithm} needs PUSH_JWT_SECRET")
@@ -263,6 +265,30 @@ class Settings:
                                   "PUSH_JWT_SECRET or PUSH_JWT_PUBLIC_KEY is required when PUSH_ENV=production")
         if self.jwt_secret and self.env == "production" and len(self.jwt_secret) < 32:
             raise ConfigError("PUSH_JWT_SECRET", "must be at least 32 characters when PUSH_ENV=production")
+
+    def _check_public_key(self) -> None:
+        """Fail at load, as a ConfigError, rather than with a traceback when the server builds its verifier."""
+        from cryptography.exceptions import UnsupportedAlgorithm
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        import jwt
+
+        from push_service.auth import accepted_algorithms  # late: auth imports this module
+        try:
+            key = load_pem_public_key(self.jwt_public_key.encode())
+            accepted_algorithms(self, key)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            # Never echo the value: a private key pasted here by mistake must not reach the terminal or logs.
+            raise ConfigError("PUSH_JWT_PUBLIC_KEY",
+                              "is not a PEM public key of a supported type (RSA, EC, Ed25519 or Ed448)") from None
+        for algorithm in self.jwt_algorithms:
+            if algorithm in ASYMMETRIC_ALGORITHMS:
+                try:
+                    jwt.get_algorithm_by_name(algorithm).prepare_key(key)
+                except (ValueError, TypeError, jwt.InvalidKeyError):
+                    # Otherwise every connection would fail verifying with an unsuitable key.
+                    raise ConfigError("PUSH_JWT_ALGORITHMS",
+                                      f"{algorithm} does not suit the type of PUSH_JWT_PUBLIC_KEY") from None
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

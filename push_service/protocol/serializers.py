@@ -120,7 +120,7 @@ class _V2(Serializer):
 V1: Serializer = _V1()
 V2: Serializer = _V2()
 
-_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
+_VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)", re.ASCII)
 
 
 def negotiate(vsn: str | None) -> Serializer | None:
@@ -130,7 +130,7 @@ def negotiate(vsn: str | None) -> Serializer | None:
     """
     if vsn is None:
         return V1
-    match = _VERSION.match(vsn)
+    match = _VERSION.fullmatch(vsn)  # fullmatch: "$" alone would let "2.0.0\n" through
     if not match:
         return None
     major, minor = int(match.group(1)), int(match.group(2))

@@ -47,7 +47,7 @@ def frame_close(code: int, reason: str) -> bytes:
 
 
 def token_from_subprotocols(header: str | None) -> str | None:
-    """The token phoenix.js >= 1.8 puts in Sec-WebSocket-Protocol, if any."""
+    """The token phoenix.js >= 1.8 puts in Sec-WebSocket-Protocol, if any; AuthError if unreadable."""
     if not header:
         return None
     for entry in header.split(","):
@@ -57,7 +57,7 @@ def token_from_subprotocols(header: str | None) -> str | None:
             try:
                 return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
             except (binascii.Error, UnicodeDecodeError, ValueError):
-                return ""  # present but unreadable: refused as a malformed token
+                raise AuthError("malformed", "authToken is not base64url") from None
     return None
 
 
@@ -108,10 +108,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     serializer = negotiate(request.query.get("vsn"))
     if serializer is None:
         return _refuse(node, 403, "vsn", "unsupported vsn; use 1.0.0 or 2.0.0")
-    token = token_from_subprotocols(request.headers.get("Sec-WebSocket-Protocol"))
-    if token is None:
-        token = request.query.get("token")
     try:
+        token = token_from_subprotocols(request.headers.get("Sec-WebSocket-Protocol"))
+        if token is None:
+            token = request.query.get("token")
         identity = node.tokens.verify(token)
     except AuthError as exc:
         return _refuse(node, 403, exc.reason, f"token refused: {exc.reason}")
@@ -137,7 +137,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 session.receive(message.data)
             elif message.type is WSMsgType.ERROR:
                 # aiohttp has already closed the socket (1009 for an oversized message, 1002 otherwise).
-                reason = "frame_too_big" if ws.close_code == 1009 else "websocket_error"
+                # The error carries the code: ws.close_code is the client's answer to our close by now.
+                reason = "frame_too_big" if getattr(message.data, "code", None) == 1009 else "websocket_error"
                 node.metrics.client_errors.labels(reason).inc()
                 break
     finally:
