@@ -17,6 +17,7 @@ from push_service.broker import BrokerUnavailable
 from push_service.hub import Broadcast
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import Node
+from push_service.presence.base import state_payload
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, parse_topic, topic_for
 
 log = logging.getLogger("push_service.api")
@@ -52,14 +53,27 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _check_bearer_key(request: web.Request, header: str) -> None:
+    node: Node = request.app["node"]
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not node.publish_keys.check(key.strip()):
+        raise ApiError(401, "invalid publish key")
+
+
+def require_bearer_key(request: web.Request) -> None:
+    """For GET endpoints: the publish key must come as `Authorization: Bearer <key>`."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise ApiError(401, "missing publish key (Authorization: Bearer <key>)")
+    _check_bearer_key(request, header)
+
+
 async def read_authorized_object(request: web.Request) -> dict[str, Any]:
     """The JSON object body of a publish request, once the publish key is checked."""
     node: Node = request.app["node"]
     header = request.headers.get("Authorization")
     if header is not None:
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not node.publish_keys.check(key.strip()):
-            raise ApiError(401, "invalid publish key")
+        _check_bearer_key(request, header)
     mimetype = request.content_type
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "expected Content-Type: application/json")
@@ -149,6 +163,32 @@ async def batch(request: web.Request) -> web.StreamResponse:
     return await _publish(request, broadcasts, "batch")
 
 
+def _presence_topic(request: web.Request) -> str:
+    require_bearer_key(request)
+    node: Node = request.app["node"]
+    name = request.match_info["topic"]
+    topic = parse_topic(name)
+    if topic is None:
+        raise ApiError(400, f"unknown topic family {name!r} (room:lobby:<id>, room:topic:<id>, room:<id>, user:<id>)")
+    if not node.presence.tracks(topic):
+        raise ApiError(400, f"presence is not tracked for {topic.family} topics (PUSH_PRESENCE_TOPICS)")
+    return name
+
+
+async def presence_state(request: web.Request) -> web.StreamResponse:
+    topic = _presence_topic(request)
+    node: Node = request.app["node"]
+    return json_response({"topic": topic, "presences": state_payload(node.presence.list(topic))})
+
+
+async def presence_count(request: web.Request) -> web.StreamResponse:
+    topic = _presence_topic(request)
+    node: Node = request.app["node"]
+    metas = node.presence.list(topic)
+    return json_response({"topic": topic, "users": len(metas),
+                          "connections": sum(len(entries) for entries in metas.values())})
+
+
 async def health(request: web.Request) -> web.StreamResponse:
     return json_response({"status": "ok"})
 
@@ -176,6 +216,8 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_post("/api/user", family_endpoint(USER, "user_id", "user"))
     app.router.add_post("/api/broadcast", broadcast)
     app.router.add_post("/api/batch", batch)
+    app.router.add_get("/api/presence/{topic}", presence_state)
+    app.router.add_get("/api/presence/{topic}/count", presence_count)
     app.router.add_get("/api/health", health)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)

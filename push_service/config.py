@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from push_service.topics import FAMILIES
+
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 ASYMMETRIC_ALGORITHMS = (
     "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
@@ -122,6 +124,16 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _presence_families(raw: str) -> tuple[str, ...]:
+    families = tuple(item.lower() for item in _list(raw))
+    if families == ("none",):
+        return ()
+    unknown = [item for item in families if item not in FAMILIES]
+    if unknown or not families:
+        raise ValueError(f"expected a comma-separated list out of {', '.join(FAMILIES)}, or none")
+    return families
+
+
 def _algorithms(raw: str) -> tuple[str, ...]:
     known = {name.lower(): name for name in HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS}
     names = []
@@ -191,6 +203,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", _choice("lobby", "thread"),
            "where POST /api/message goes: lobby (room:lobby:<channel_id>, default) or thread "
            "(room:topic:<thread_id>)"),
+    Option("presence_topics", "PUSH_PRESENCE_TOPICS", _presence_families,
+           "topic families whose joins are tracked in presence, out of lobby, topic, community, user "
+           "(default topic,community; none turns presence off)"),
+    Option("presence_diff_interval", "PUSH_PRESENCE_DIFF_INTERVAL", _non_negative_duration,
+           "presence diffs of one topic are batched over this window (default 50ms; 0 sends each at once)"),
+    Option("typing_timeout", "PUSH_TYPING_TIMEOUT", _positive_duration,
+           "a typing: true not refreshed for this long clears itself (default 5s)"),
     Option("log_level", "PUSH_LOG_LEVEL", _choice(*LOG_LEVELS), "debug, info (default), warning or error"),
     Option("log_format", "PUSH_LOG_FORMAT", _choice("json", "text"), "json (default, one object a line) or text"),
 )
@@ -218,6 +237,9 @@ class Settings:
     max_topics_per_connection: int = 100
     send_buffer_bytes: int = 1024 * 1024
     api_message_topic: str = "lobby"
+    presence_topics: tuple[str, ...] = ("topic", "community")
+    presence_diff_interval: float = 0.05
+    typing_timeout: float = 5.0
     log_level: str = "info"
     log_format: str = "json"
     # True when the keys were generated for this run (no configuration given).

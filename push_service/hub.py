@@ -6,7 +6,6 @@ framing), however many subscribers it reaches; each delivery is one write of tho
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -35,8 +34,9 @@ class Broadcast:
         self.topic = topic
         self.event = event
         self.payload = payload
-        # perf_counter() when the publish request arrived, for the publish-to-write histogram.
-        self.published_at = time.perf_counter() if published_at is None else published_at
+        # perf_counter() when the publish request arrived, for the publish-to-write histogram;
+        # None for what the service sends of its own accord (presence diffs).
+        self.published_at = published_at
         self._encoded: dict[Wire, bytes] = {}
 
     def encoded(self, wire: Wire) -> bytes:

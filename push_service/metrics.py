@@ -40,6 +40,14 @@ class Metrics:
             "push_publish_to_write_seconds", "From the publish request's arrival to the last local socket write",
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=registry)
+        self.presences = Gauge(
+            "push_presences", "Tracked presences (connections x presence topics)", registry=registry)
+        self.presence_diffs = Counter(
+            "push_presence_diffs_total", "presence_diff broadcasts (each a batch of joins and leaves on one topic)",
+            registry=registry)
+        self.typing_dropped = Counter(
+            "push_typing_dropped_total", "user:typing updates dropped by the per-connection rate limit",
+            registry=registry)
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)

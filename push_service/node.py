@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 
@@ -13,6 +15,7 @@ from push_service.config import Settings
 from push_service.hub import Broadcast, Hub
 from push_service.metrics import Metrics
 from push_service.origin import OriginPolicy
+from push_service.presence import Presence
 from push_service.session import HEARTBEAT_TIMEOUT, SHUTDOWN, TOKEN_EXPIRED, Connection, Session
 
 log = logging.getLogger("push_service")
@@ -28,11 +31,16 @@ class Node:
         self.publish_keys = PublishKeys(settings.service_keys)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
+        # Unique across nodes: presence entries are keyed by node and connection.
+        self.id = secrets.token_hex(6)
+        self._session_ids = itertools.count(1)
+        self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch)
         self.now = time.monotonic  # the event loop's clock
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.broker.start(self.hub.dispatch)
+        await self.presence.start()
         self._sweeper = asyncio.create_task(self._sweep(), name="push-sweeper")
 
     async def stop(self) -> None:
@@ -40,6 +48,7 @@ class Node:
             session.disconnect(SHUTDOWN)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self.presence.close()
         await self.broker.close()
 
     @property
@@ -49,7 +58,7 @@ class Node:
     # --- sessions
 
     def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session:
-        session = Session(self, identity, conn)
+        session = Session(self, f"{self.id}.{next(self._session_ids)}", identity, conn)
         self.sessions.add(session)
         self.metrics.connections.labels(transport).inc()
         return session
@@ -68,13 +77,15 @@ class Node:
             self.broker.unsubscribe(topic)
 
     async def _sweep(self) -> None:
-        """One timer for every connection: heartbeat timeouts and token expiry."""
+        """One timer for every connection: heartbeat timeouts, token expiry, lapsed typing."""
         timeout = self.settings.heartbeat_timeout
         leeway = self.settings.jwt_leeway
-        tick = min(1.0, timeout / 4)
+        tick = min(1.0, timeout / 4, self.settings.typing_timeout / 4)
         while True:
             await asyncio.sleep(tick)
-            idle_before = self.now() - timeout
+            now = self.now()
+            self.presence.expire_typing(now)
+            idle_before = now - timeout
             wall = time.time() - leeway
             for session in list(self.sessions):
                 if session.identity.exp <= wall:
@@ -91,4 +102,5 @@ class Node:
 
     def _dispatched(self, broadcast: Broadcast, count: int) -> None:
         self.metrics.frames_delivered.inc(count)
-        self.metrics.publish_latency.observe(time.perf_counter() - broadcast.published_at)
+        if broadcast.published_at is not None:
+            self.metrics.publish_latency.observe(time.perf_counter() - broadcast.published_at)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from push_service.auth import Identity
 from push_service.hub import Broadcast, Wire
+from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message, ProtocolError
 from push_service.topics import Topic, may_join, parse_topic
 
@@ -46,18 +47,20 @@ class Connection(Protocol):
 
 
 class Channel:
-    __slots__ = ("topic", "join_ref")
+    __slots__ = ("topic", "join_ref", "tracked")
 
-    def __init__(self, topic: Topic, join_ref: Any) -> None:
+    def __init__(self, topic: Topic, join_ref: Any, tracked: bool) -> None:
         self.topic = topic
         self.join_ref = join_ref
+        self.tracked = tracked  # in presence
 
 
 class Session:
-    __slots__ = ("node", "identity", "conn", "channels", "last_seen", "_wire", "_send", "_buffer_limit",
+    __slots__ = ("id", "node", "identity", "conn", "channels", "last_seen", "_wire", "_send", "_buffer_limit",
                  "_closing", "_disconnected")
 
-    def __init__(self, node: Node, identity: Identity, conn: Connection) -> None:
+    def __init__(self, node: Node, session_id: str, identity: Identity, conn: Connection) -> None:
+        self.id = session_id
         self.node = node
         self.identity = identity
         self.conn = conn
@@ -129,10 +132,17 @@ class Session:
             metrics.joins_refused.labels("unauthorized").inc()
             self._reply(join_ref, message, "error", {"reason": "unauthorized"})
         else:
-            self.channels[topic.name] = Channel(topic, join_ref)
+            presence = self.node.presence
+            tracked = presence.tracks(topic)
+            self.channels[topic.name] = Channel(topic, join_ref, tracked)
             self.node.subscribe(topic.name, self)
             metrics.joins.labels(topic.family).inc()
+            state = presence.join(self, topic.name) if tracked else None
             self._reply(join_ref, message, "ok", {})
+            if state is not None:
+                # Taken after tracking, so it includes the joiner; the batched diff of this join comes
+                # later and is idempotent for phoenix.js (merged by phx_ref).
+                self._push(Message(join_ref, None, topic.name, PRESENCE_STATE, state))
         if replaced is not None:
             # As Phoenix: the old join is closed, after the new join's reply.
             self._push(Message(replaced.join_ref, replaced.join_ref, message.topic, CLOSE, {}))
@@ -150,14 +160,20 @@ class Session:
             self._reply(None, message, "error", {"reason": "unmatched topic"})
 
     def _client_event(self, channel: Channel, message: Message) -> None:
-        # The service writes nothing and relays nothing a client sends: every event is refused calmly
-        # (Phoenix would crash the channel and make the client rejoin).
+        if message.event == TYPING_EVENT and channel.tracked:
+            status, response = self.node.presence.typing(self, channel.topic.name, message.payload)
+            self._reply(channel.join_ref, message, status, response)
+            return
+        # The service writes nothing and relays nothing a client sends: any other event is refused
+        # calmly (Phoenix would crash the channel and make the client rejoin).
         self.node.metrics.client_errors.labels("unhandled_event").inc()
         self._reply(channel.join_ref, message, "error", {"reason": "unhandled event"})
 
     def _drop_channel(self, channel: Channel) -> None:
         del self.channels[channel.topic.name]
         self.node.unsubscribe(channel.topic.name, self)
+        if channel.tracked:
+            self.node.presence.leave(self, channel.topic.name)
         self.node.metrics.leaves.labels(channel.topic.family).inc()
 
     # --- end of life
@@ -177,6 +193,7 @@ class Session:
         """The transport is gone (either side closed it): release everything."""
         self._disconnected = self._closing = True
         self._drop_all_channels()
+        self.node.presence.forget(self)
         self.node.forget(self)
 
     def _drop_all_channels(self) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from push_service.auth import Identity
+if TYPE_CHECKING:  # a type only: this module stays a leaf that config can import
+    from push_service.auth import Identity
 
 LOBBY = "lobby"          # room:lobby:<channel_id>
 THREAD = "topic"         # room:topic:<thread_id>

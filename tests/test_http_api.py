@@ -157,11 +157,15 @@ class Subscriber:
         self._ref += 1
         ref = f"j{self._ref}"
         await self.ws.send_json([ref, ref, topic, "phx_join", {}])
-        assert await self.ws.receive_json(timeout=TIMEOUT) == [
+        assert await self.next() == [
             ref, ref, topic, "phx_reply", {"status": "ok", "response": {}}]
 
     async def next(self) -> list[Any]:
-        return await self.ws.receive_json(timeout=TIMEOUT)
+        """The next frame, passing over presence frames (room:topic:* and room:<id> track presence)."""
+        while True:
+            frame = await self.ws.receive_json(timeout=TIMEOUT)
+            if frame[3] not in ("presence_state", "presence_diff"):
+                return frame
 
 
 class Api:

@@ -55,8 +55,16 @@ async def refused_status(http: aiohttp.ClientSession, url: str, **kwargs: Any) -
     return caught.value.status
 
 
+PRESENCE_EVENTS = ("presence_state", "presence_diff")
+
+
 async def receive(ws) -> Any:
-    return await ws.receive_json(timeout=RECEIVE_TIMEOUT)
+    """The next frame, passing over presence frames (tests/test_presence.py covers those)."""
+    while True:
+        frame = await ws.receive_json(timeout=RECEIVE_TIMEOUT)
+        event = frame.get("event") if isinstance(frame, dict) else frame[3]
+        if event not in PRESENCE_EVENTS:
+            return frame
 
 
 async def join(ws, topic: str, ref: str = "1", payload: dict | None = None) -> list:

@@ -1,0 +1,96 @@
+"""The presence tracker interface.
+
+Calls are synchronous against this node's view of presence (as Phoenix.Tracker keeps a local
+replica), so a session can answer a join with `presence_state` at once; a replicated tracker
+propagates changes to other nodes in the background and reports theirs through `on_diff`.
+Entries are keyed by node and connection so a dead node's entries can be expired as a whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+Meta = dict[str, Any]
+Metas = dict[str, list[Meta]]  # presence key -> its metas (one per tracked connection)
+
+
+def new_phx_ref() -> str:
+    """A 16-character unique ref, shaped like Phoenix's (time in ns, then randomness)."""
+    return base64.urlsafe_b64encode(time.time_ns().to_bytes(8, "big") + os.urandom(4)).decode()
+
+
+@dataclass(slots=True)
+class Diff:
+    """Joins and leaves on one topic; clients apply joins first, then leaves."""
+
+    joins: Metas = field(default_factory=dict)
+    leaves: Metas = field(default_factory=dict)
+
+    def add_join(self, key: str, meta: Meta) -> None:
+        self.joins.setdefault(key, []).append(meta)
+
+    def add_leave(self, key: str, meta: Meta) -> None:
+        self.leaves.setdefault(key, []).append(meta)
+
+    def merge(self, other: Diff) -> None:
+        for key, metas in other.joins.items():
+            self.joins.setdefault(key, []).extend(metas)
+        for key, metas in other.leaves.items():
+            self.leaves.setdefault(key, []).extend(metas)
+
+    def __bool__(self) -> bool:
+        return bool(self.joins or self.leaves)
+
+    def payload(self) -> dict[str, Any]:
+        """The `presence_diff` payload: {"joins": {key: {"metas": [...]}}, "leaves": {...}}."""
+        return {"joins": {key: {"metas": metas} for key, metas in self.joins.items()},
+                "leaves": {key: {"metas": metas} for key, metas in self.leaves.items()}}
+
+
+def state_payload(metas: Metas) -> dict[str, Any]:
+    """The `presence_state` payload: {key: {"metas": [...]}}."""
+    return {key: {"metas": list(entries)} for key, entries in metas.items()}
+
+
+DiffCallback = Callable[[str, Diff], None]
+
+
+class Tracker(ABC):
+    """Tracks (topic, connection) -> (key, meta) and reports every change as a Diff."""
+
+    def __init__(self, node_id: str, on_diff: DiffCallback) -> None:
+        self.node_id = node_id
+        self._on_diff = on_diff
+
+    async def start(self) -> None:  # noqa: B027 - a no-op for the in-memory tracker
+        """Connect and begin replicating (and expiring entries of nodes that stopped refreshing)."""
+
+    async def close(self) -> None:  # noqa: B027
+        """Withdraw this node's entries and disconnect."""
+
+    @abstractmethod
+    def track(self, topic: str, conn_id: str, key: str, meta: Meta) -> Meta:
+        """Add a connection under `key`; returns its meta with a fresh `phx_ref`."""
+
+    @abstractmethod
+    def update(self, topic: str, conn_id: str, changes: Meta) -> Meta | None:
+        """Merge `changes` into the connection's meta (new `phx_ref`, `phx_ref_prev` = old); None if untracked."""
+
+    @abstractmethod
+    def untrack(self, topic: str, conn_id: str) -> None:
+        """Remove a connection's entry, if any."""
+
+    @abstractmethod
+    def list(self, topic: str) -> Metas:
+        """Everyone present on a topic."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Tracked entries (connections x topics) on this node's view."""

@@ -1,0 +1,47 @@
+"""Batch presence diffs per topic so a crowd joining at once costs a few frames, not N^2."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from push_service.presence.base import Diff
+
+
+class DiffBatcher:
+    """Collects diffs per topic and flushes each topic's merged diff after `interval` seconds.
+
+    A merged diff is exact for every receiver: each phx_ref joins at most once and leaves at most
+    once, and clients apply joins before leaves, so a receiver whose presence_state was taken in
+    the middle of the window still ends up with the right set.
+    """
+
+    def __init__(self, interval: float, flush: Callable[[str, Diff], None]) -> None:
+        self._interval = interval
+        self._flush = flush
+        self._pending: dict[str, Diff] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, topic: str, diff: Diff) -> None:
+        pending = self._pending.get(topic)
+        if pending is None:
+            self._pending[topic] = diff
+        else:
+            pending.merge(diff)
+        if self._timer is None:
+            if self._interval <= 0:
+                self.flush()
+                return
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        pending, self._pending = self._pending, {}
+        for topic, diff in pending.items():
+            if diff:
+                self._flush(topic, diff)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()

@@ -1,0 +1,127 @@
+"""Presence as the session sees it: track on join, untrack on leave, typing, batched diffs.
+
+Which topics are tracked, what a meta holds and how `user:typing` behaves live here, so the
+session only asks "is this topic tracked?" and hands over the events.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from push_service.hub import Broadcast
+from push_service.presence.base import Diff, Metas, Tracker, state_payload
+from push_service.presence.diffs import DiffBatcher
+from push_service.presence.memory import MemoryTracker
+from push_service.topics import Topic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from push_service.config import Settings
+    from push_service.metrics import Metrics
+    from push_service.session import Session
+
+PRESENCE_STATE = "presence_state"
+PRESENCE_DIFF = "presence_diff"
+TYPING_EVENT = "user:typing"
+TYPING_RATE = 5.0   # typing updates per second per connection, sustained
+TYPING_BURST = 5.0  # and in a burst
+
+
+class TypingBudget:
+    """A token bucket: TYPING_RATE a second, up to TYPING_BURST at once."""
+
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = TYPING_BURST
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(TYPING_BURST, self.tokens + (now - self.stamp) * TYPING_RATE)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class Presence:
+    def __init__(self, settings: Settings, metrics: Metrics, node_id: str,
+                 dispatch: Callable[[Broadcast], int], tracker: Tracker | None = None) -> None:
+        self.families = frozenset(settings.presence_topics)
+        self._typing_timeout = settings.typing_timeout
+        self._metrics = metrics
+        self._dispatch = dispatch
+        self._batcher = DiffBatcher(settings.presence_diff_interval, self._send_diff)
+        self.tracker = tracker or MemoryTracker(node_id, self._batcher.add)
+        # (conn_id, topic) -> when its typing: true lapses
+        self._typing_until: dict[tuple[str, str], float] = {}
+        self._budgets: dict[str, TypingBudget] = {}
+        metrics.presences.set_function(lambda: self.tracker.size)
+
+    def tracks(self, topic: Topic) -> bool:
+        return topic.family in self.families
+
+    def join(self, session: Session, topic: str) -> dict[str, Any]:
+        """Track the session on `topic`; returns the presence_state payload for the joiner."""
+        identity = session.identity
+        meta = {**identity.info, "online_at": str(int(time.time()))}
+        self.tracker.track(topic, session.id, identity.sub, meta)
+        return state_payload(self.tracker.list(topic))
+
+    def leave(self, session: Session, topic: str) -> None:
+        self._typing_until.pop((session.id, topic), None)
+        self.tracker.untrack(topic, session.id)
+
+    def forget(self, session: Session) -> None:
+        self._budgets.pop(session.id, None)
+
+    def typing(self, session: Session, topic: str, payload: Any) -> tuple[str, dict[str, Any]]:
+        """Handle `user:typing`; returns the (status, response) of the reply."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("typing"), bool):
+            self._metrics.client_errors.labels("bad_typing").inc()
+            return "error", {"reason": "typing must be a boolean"}
+        username = payload.get("username")
+        if username is not None and not isinstance(username, str):
+            self._metrics.client_errors.labels("bad_typing").inc()
+            return "error", {"reason": "username must be a string"}
+        now = time.monotonic()
+        budget = self._budgets.get(session.id)
+        if budget is None:
+            budget = self._budgets[session.id] = TypingBudget(now)
+        if not budget.take(now):
+            self._metrics.typing_dropped.inc()
+            return "error", {"reason": "rate limited"}
+        typing = payload["typing"]
+        changes: dict[str, Any] = {"typing": typing}
+        if username is not None:
+            changes["username"] = username
+        self.tracker.update(topic, session.id, changes)
+        if typing:
+            self._typing_until[(session.id, topic)] = now + self._typing_timeout
+        else:
+            self._typing_until.pop((session.id, topic), None)
+        return "ok", {}
+
+    def expire_typing(self, now: float) -> None:
+        """Clear every typing: true that was not refreshed in time (called by the node's sweeper)."""
+        lapsed = [entry for entry, until in self._typing_until.items() if until <= now]
+        for conn_id, topic in lapsed:
+            del self._typing_until[(conn_id, topic)]
+            self.tracker.update(topic, conn_id, {"typing": False})
+
+    def list(self, topic: str) -> Metas:
+        return self.tracker.list(topic)
+
+    def _send_diff(self, topic: str, diff: Diff) -> None:
+        self._metrics.presence_diffs.inc()
+        self._dispatch(Broadcast(topic, PRESENCE_DIFF, diff.payload()))
+
+    async def start(self) -> None:
+        await self.tracker.start()
+
+    async def close(self) -> None:
+        self._batcher.close()
+        await self.tracker.close()
