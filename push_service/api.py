@@ -116,7 +116,7 @@ def _broadcast_from(item: Any, where: str, started: float) -> Broadcast:
         raise ApiError(400, f"{where}: events starting with 'phx_' are reserved for the protocol")
     if not isinstance(payload, dict):
         raise ApiError(400, f"{where}: field 'payload' must be an object")
-    return Broadcast(topic, event, payload, started)
+    return Broadcast.of(topic, event, payload, started)
 
 
 async def _publish(request: web.Request, broadcasts: list[Broadcast], endpoint: str) -> web.Response:
@@ -142,7 +142,7 @@ def family_endpoint(family: str, field: str, endpoint: str, hint: str = "") -> H
         topic = topic_for(family, _id_field(body, field, hint))
         if parse_topic(topic) is None:
             raise ApiError(400, f"field {field!r} is too long: a topic is at most 255 bytes")
-        return await _publish(request, [Broadcast(topic, NEW_MSG, body, request["started"])], endpoint)
+        return await _publish(request, [Broadcast.of(topic, NEW_MSG, body, request["started"])], endpoint)
 
     return handler
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from push_service.topics import FAMILIES
 
@@ -134,6 +135,16 @@ def _presence_families(raw: str) -> tuple[str, ...]:
     return families
 
 
+BROKER_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "nats://", "tls://")
+
+
+def _broker(raw: str) -> str:
+    value = raw.strip()
+    if value == "memory" or value.startswith(BROKER_SCHEMES):
+        return value
+    raise ValueError("expected memory, redis://host:6379/0, rediss://..., redis+sentinel://... or nats://host:4222")
+
+
 def _algorithms(raw: str) -> tuple[str, ...]:
     known = {name.lower(): name for name in HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS}
     names = []
@@ -155,6 +166,15 @@ def _public_key(raw: str) -> str | None:
         return raw.replace("\\n", "\n")
     with open(raw, encoding="utf-8") as handle:
         return handle.read()
+
+
+def redact_url(url: str) -> str:
+    """A broker URL fit for logs: any password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":<redacted>@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)
@@ -203,6 +223,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", _choice("lobby", "thread"),
            "where POST /api/message goes: lobby (room:lobby:<channel_id>, default) or thread "
            "(room:topic:<thread_id>)"),
+    Option("broker", "PUSH_BROKER", _broker,
+           "memory (default, one node), redis://host:6379/0 (also rediss://, redis+sentinel://) or "
+           "nats://host:4222: how nodes share publishes and presence", secret=True),
+    Option("node_timeout", "PUSH_NODE_TIMEOUT", _positive_duration,
+           "a node that stops refreshing its heartbeat for this long drops out of cluster presence (default 15s)"),
+    Option("workers", "PUSH_WORKERS", _positive_int,
+           "processes sharing the port with SO_REUSEPORT (default 1; more than 1 needs a redis or nats broker)"),
+    Option("drain_seconds", "PUSH_DRAIN_SECONDS", _non_negative_duration,
+           "on SIGTERM, spread closing the sockets (code 1012) over this long before exiting (default 10s)"),
     Option("presence_topics", "PUSH_PRESENCE_TOPICS", _presence_families,
            "topic families whose joins are tracked in presence, out of lobby, topic, community, user "
            "(default topic,community; none turns presence off)"),
@@ -237,6 +266,10 @@ class Settings:
     max_topics_per_connection: int = 100
     send_buffer_bytes: int = 1024 * 1024
     api_message_topic: str = "lobby"
+    broker: str = "memory"
+    node_timeout: float = 15.0
+    workers: int = 1
+    drain_seconds: float = 10.0
     presence_topics: tuple[str, ...] = ("topic", "community")
     presence_diff_interval: float = 0.05
     typing_timeout: float = 5.0
@@ -279,6 +312,9 @@ class Settings:
                 raise ConfigError("PUSH_JWT_ALGORITHMS", f"{algorithm} needs PUSH_JWT_SECRET")
             if algorithm in ASYMMETRIC_ALGORITHMS and not self.jwt_public_key:
                 raise ConfigError("PUSH_JWT_ALGORITHMS", f"{algorithm} needs PUSH_JWT_PUBLIC_KEY")
+        if self.workers > 1 and self.broker == "memory":
+            raise ConfigError("PUSH_WORKERS", "more than 1 worker needs PUSH_BROKER=redis://... or nats://... "
+                                              "(the memory broker cannot reach the other processes)")
         if self.env == "production":
             if not self.service_keys:
                 raise ConfigError("PUSH_SERVICE_KEY", "required when PUSH_ENV=production")
@@ -320,7 +356,9 @@ class Settings:
         summary: dict[str, Any] = {}
         for option in OPTIONS:
             value = getattr(self, option.field)
-            if option.secret or option.field == "jwt_public_key":
+            if option.field == "broker":
+                value = redact_url(value)
+            elif option.secret or option.field == "jwt_public_key":
                 value = f"<{len(value)} set>" if isinstance(value, tuple) and value else (
                     "<set>" if value else "<unset>")
             elif isinstance(value, tuple):

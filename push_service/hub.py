@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import orjson
+
 from push_service.protocol import Message, Serializer
 
 
@@ -26,24 +28,32 @@ class Wire:
 
 
 class Broadcast:
-    """One message on its way to every local subscriber of `topic`."""
+    """One message on its way to every local subscriber of `topic`.
 
-    __slots__ = ("topic", "event", "payload", "published_at", "_encoded")
+    The payload travels as JSON bytes, encoded once by the node that took the publish; frames
+    embed those bytes as they are, so no node parses or re-encodes a payload to deliver it.
+    """
 
-    def __init__(self, topic: str, event: str, payload: Any, published_at: float | None = None) -> None:
+    __slots__ = ("topic", "event", "payload_json", "published_at", "_encoded")
+
+    def __init__(self, topic: str, event: str, payload_json: bytes, published_at: float | None = None) -> None:
         self.topic = topic
         self.event = event
-        self.payload = payload
+        self.payload_json = payload_json
         # perf_counter() when the publish request arrived, for the publish-to-write histogram;
-        # None for what the service sends of its own accord (presence diffs).
+        # None for what the service sends of its own accord (presence diffs) or got from another node.
         self.published_at = published_at
         self._encoded: dict[Wire, bytes] = {}
+
+    @classmethod
+    def of(cls, topic: str, event: str, payload: Any, published_at: float | None = None) -> Broadcast:
+        return cls(topic, event, orjson.dumps(payload), published_at)
 
     def encoded(self, wire: Wire) -> bytes:
         try:
             return self._encoded[wire]
         except KeyError:
-            data = wire.frame(wire.serializer.encode_broadcast(self.topic, self.event, self.payload))
+            data = wire.frame(wire.serializer.encode_broadcast(self.topic, self.event, self.payload_json))
             self._encoded[wire] = data
             return data
 

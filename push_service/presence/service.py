@@ -117,7 +117,7 @@ class Presence:
 
     def _send_diff(self, topic: str, diff: Diff) -> None:
         self._metrics.presence_diffs.inc()
-        self._dispatch(Broadcast(topic, PRESENCE_DIFF, diff.payload()))
+        self._dispatch(Broadcast.of(topic, PRESENCE_DIFF, diff.payload()))
 
     async def start(self) -> None:
         await self.tracker.start()

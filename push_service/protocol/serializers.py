@@ -42,9 +42,9 @@ class Serializer:
     def encode(self, message: Message) -> bytes:
         raise NotImplementedError
 
-    def encode_broadcast(self, topic: str, event: str, payload: Any) -> bytes:
-        """A fan-out frame: no join_ref, no ref; built once and sent to every subscriber."""
-        return self.encode(Message(None, None, topic, event, payload))
+    def encode_broadcast(self, topic: str, event: str, payload_json: bytes) -> bytes:
+        """A fan-out frame (no join_ref, no ref) around an already-encoded payload, embedded as is."""
+        return self.encode(Message(None, None, topic, event, orjson.Fragment(payload_json)))
 
     def __repr__(self) -> str:
         return f"<Serializer vsn={self.vsn}>"
