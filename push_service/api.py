@@ -227,7 +227,7 @@ def add_routes(app: web.Application, node: Node) -> None:
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """JSON errors for every failure, and one request counter labelled by route, not by raw path."""
-    request["started"] = time.perf_counter()
+    request["started"] = time.time()  # wall clock: carried to other nodes with the broadcast
     try:
         response = await handler(request)
     except ApiError as exc:

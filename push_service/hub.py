@@ -40,8 +40,8 @@ class Broadcast:
         self.topic = topic
         self.event = event
         self.payload_json = payload_json
-        # perf_counter() when the publish request arrived, for the publish-to-write histogram;
-        # None for what the service sends of its own accord (presence diffs) or got from another node.
+        # time.time() when the publish request arrived, for the publish-to-write histogram;
+        # None for what the service sends of its own accord (presence diffs).
         self.published_at = published_at
         self._encoded: dict[Wire, bytes] = {}
 

@@ -48,6 +48,10 @@ class Metrics:
         self.typing_dropped = Counter(
             "push_typing_dropped_total", "user:typing updates dropped by the per-connection rate limit",
             registry=registry)
+        self.broker_up = Gauge(
+            "push_broker_up", "1 while the broker is connected and publishes are accepted", registry=registry)
+        self.broker_reconnects = Counter(
+            "push_broker_reconnects_total", "Broker connections re-established after a loss", registry=registry)
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)

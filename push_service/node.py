@@ -7,10 +7,11 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from push_service.auth import Identity, PublishKeys, TokenVerifier
-from push_service.broker import Broker, MemoryBroker
+from push_service.broker import Broker, create_broker
 from push_service.config import Settings
 from push_service.hub import Broadcast, Hub
 from push_service.metrics import Metrics
@@ -26,21 +27,26 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.hub = Hub(on_dispatched=self._dispatched)
-        self.broker = broker or MemoryBroker()
+        # Unique across nodes: presence entries are keyed by node and connection.
+        self.id = secrets.token_hex(6)
+        self.broker = broker or create_broker(settings.broker, self.id, self._broker_state)
+        self._broker_was_up = False
         self.tokens = TokenVerifier(settings)
         self.publish_keys = PublishKeys(settings.service_keys)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
-        # Unique across nodes: presence entries are keyed by node and connection.
-        self.id = secrets.token_hex(6)
         self._session_ids = itertools.count(1)
         self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch)
         self.now = time.monotonic  # the event loop's clock
         self._sweeper: asyncio.Task[None] | None = None
+        # topic -> sessions whose join waits for the broker to confirm the topic's subscription
+        self._waiting: dict[str, list[Session]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self.broker.start(self.hub.dispatch)
-        await self.presence.start()
+        await self.broker.start(self.hub.dispatch, self._broker_confirmed, self.presence.signal)
+        self.metrics.broker_up.set(1 if self.broker.ready else 0)
+        await self.presence.start(self.broker)
         self._sweeper = asyncio.create_task(self._sweep(), name="push-sweeper")
 
     async def stop(self) -> None:
@@ -55,6 +61,12 @@ class Node:
     def ready(self) -> bool:
         return self.broker.ready
 
+    def _broker_state(self, up: bool) -> None:
+        self.metrics.broker_up.set(1 if up else 0)
+        if up and self._broker_was_up:
+            self.metrics.broker_reconnects.inc()
+        self._broker_was_up |= up
+
     # --- sessions
 
     def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session:
@@ -68,13 +80,69 @@ class Node:
             self.sessions.discard(session)
             self.metrics.connections.labels(session.conn.transport_name).dec()
 
-    def subscribe(self, topic: str, session: Session) -> None:
-        if self.hub.subscribe(topic, session):
-            self.broker.subscribe(topic)
+    def subscribe(self, topic: str, session: Session) -> bool:
+        """Add a local subscriber. True: in effect now. False: `session.subscribed(topic)` follows
+        once the broker hears the topic (and presence knows who is there), so the join reply is
+        never sent before the subscription can deliver."""
+        waiting = self._waiting.get(topic)
+        if waiting is not None:
+            waiting.append(session)
+            return False
+        if self.hub.subscriber_count(topic):
+            self.hub.subscribe(topic, session)
+            return True
+        broker_ready = self.broker.subscribe(topic)
+        if broker_ready and not self.presence.needs_load(topic):
+            self.hub.subscribe(topic, session)
+            return True
+        self._waiting[topic] = [session]
+        if broker_ready:
+            self._broker_confirmed(topic)
+        return False
 
     def unsubscribe(self, topic: str, session: Session) -> None:
-        if self.hub.unsubscribe(topic, session):
+        waiting = self._waiting.get(topic)
+        if waiting is not None and session in waiting:
+            waiting.remove(session)  # _complete_subscription unsubscribes the broker if nobody is left
+        elif self.hub.unsubscribe(topic, session):
             self.broker.unsubscribe(topic)
+            self.presence.drop_replica(topic)
+
+    def _broker_confirmed(self, topic: str) -> None:
+        if topic not in self._waiting:
+            # A resubscription after a broker outage: presence may have changed meanwhile.
+            self._spawn(self.presence.resync(topic))
+        elif self.presence.needs_load(topic):
+            self._spawn(self._load_presence_then_complete(topic))
+        else:
+            self._complete_subscription(topic)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("background task failed", exc_info=task.exception(),
+                        extra={"event": "background_task_failed"})
+
+    async def _load_presence_then_complete(self, topic: str) -> None:
+        try:
+            await self.presence.load(topic)
+        except Exception:  # the broker went away mid-load: the subscription still stands
+            log.warning("presence load failed", extra={"event": "presence_load_failed", "topic": topic},
+                        exc_info=True)
+        self._complete_subscription(topic)
+
+    def _complete_subscription(self, topic: str) -> None:
+        for session in self._waiting.pop(topic, ()):
+            self.hub.subscribe(topic, session)
+            session.subscribed(topic)
+        if not self.hub.subscriber_count(topic):
+            self.broker.unsubscribe(topic)
+            self.presence.drop_replica(topic)
 
     async def _sweep(self) -> None:
         """One timer for every connection: heartbeat timeouts, token expiry, lapsed typing."""
@@ -96,11 +164,13 @@ class Node:
     # --- publishing
 
     async def publish(self, broadcasts: Sequence[Broadcast], endpoint: str) -> int:
-        delivered = await self.broker.publish(broadcasts)
+        """Publish to every node; returns this node's subscribers of those topics."""
+        local = sum(self.hub.subscriber_count(broadcast.topic) for broadcast in broadcasts)
+        await self.broker.publish(broadcasts)
         self.metrics.published.labels(endpoint).inc(len(broadcasts))
-        return delivered
+        return local
 
     def _dispatched(self, broadcast: Broadcast, count: int) -> None:
         self.metrics.frames_delivered.inc(count)
         if broadcast.published_at is not None:
-            self.metrics.publish_latency.observe(time.perf_counter() - broadcast.published_at)
+            self.metrics.publish_latency.observe(max(0.0, time.time() - broadcast.published_at))

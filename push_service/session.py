@@ -47,12 +47,14 @@ class Connection(Protocol):
 
 
 class Channel:
-    __slots__ = ("topic", "join_ref", "tracked")
+    __slots__ = ("topic", "join_ref", "tracked", "joined", "reply_ref")
 
-    def __init__(self, topic: Topic, join_ref: Any, tracked: bool) -> None:
+    def __init__(self, topic: Topic, join_ref: Any, tracked: bool, reply_ref: Any) -> None:
         self.topic = topic
         self.join_ref = join_ref
         self.tracked = tracked  # in presence
+        self.joined = False  # the ok reply was sent (it waits for the node's subscription)
+        self.reply_ref = reply_ref  # the join push's ref, for that reply
 
 
 class Session:
@@ -132,20 +134,30 @@ class Session:
             metrics.joins_refused.labels("unauthorized").inc()
             self._reply(join_ref, message, "error", {"reason": "unauthorized"})
         else:
-            presence = self.node.presence
-            tracked = presence.tracks(topic)
-            self.channels[topic.name] = Channel(topic, join_ref, tracked)
-            self.node.subscribe(topic.name, self)
-            metrics.joins.labels(topic.family).inc()
-            state = presence.join(self, topic.name) if tracked else None
-            self._reply(join_ref, message, "ok", {})
-            if state is not None:
-                # Taken after tracking, so it includes the joiner; the batched diff of this join comes
-                # later and is idempotent for phoenix.js (merged by phx_ref).
-                self._push(Message(join_ref, None, topic.name, PRESENCE_STATE, state))
+            channel = Channel(topic, join_ref, self.node.presence.tracks(topic), message.ref)
+            self.channels[topic.name] = channel
+            if self.node.subscribe(topic.name, self):
+                self._joined(channel)
         if replaced is not None:
             # As Phoenix: the old join is closed, after the new join's reply.
             self._push(Message(replaced.join_ref, replaced.join_ref, message.topic, CLOSE, {}))
+
+    def subscribed(self, topic: str) -> None:
+        """The node's subscription to `topic` is in effect: finish a join that waited for it."""
+        channel = self.channels.get(topic)
+        if channel is not None and not channel.joined:
+            self._joined(channel)
+
+    def _joined(self, channel: Channel) -> None:
+        channel.joined = True
+        name = channel.topic.name
+        self.node.metrics.joins.labels(channel.topic.family).inc()
+        state = self.node.presence.join(self, name) if channel.tracked else None
+        self._push(Message.reply(channel.join_ref, channel.reply_ref, name, "ok", {}))
+        if state is not None:
+            # Taken after tracking, so it includes the joiner; the batched diff of this join comes
+            # later and is idempotent for phoenix.js (merged by phx_ref).
+            self._push(Message(channel.join_ref, None, name, PRESENCE_STATE, state))
 
     def _leave(self, channel: Channel, message: Message) -> None:
         self._drop_channel(channel)
@@ -172,9 +184,10 @@ class Session:
     def _drop_channel(self, channel: Channel) -> None:
         del self.channels[channel.topic.name]
         self.node.unsubscribe(channel.topic.name, self)
-        if channel.tracked:
-            self.node.presence.leave(self, channel.topic.name)
-        self.node.metrics.leaves.labels(channel.topic.family).inc()
+        if channel.joined:
+            if channel.tracked:
+                self.node.presence.leave(self, channel.topic.name)
+            self.node.metrics.leaves.labels(channel.topic.family).inc()
 
     # --- end of life
 

@@ -1,4 +1,9 @@
-"""The broker interface: publish to every node, hear what every node publishes."""
+"""The broker interface: publish to every node, hear what every node publishes.
+
+A node tells the broker which topics it has local subscribers for (`subscribe` on the first,
+`unsubscribe` after the last), so a node only hears the topics it needs. Presence changes of
+replicated trackers travel over the same per-topic channel, as `Signal`s.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
 from push_service.hub import Broadcast
+from push_service.presence.replicated import PresenceStore
 
 # Called on this node for each broadcast the broker delivers; returns local subscribers reached.
 Deliver = Callable[[Broadcast], int]
+# Called when a subscription that `subscribe` could not make effective at once is in place.
+Confirmed = Callable[[str], None]
+# Called with (topic, data) for presence signals from other nodes.
+Signal = Callable[[str, bytes], None]
 
 
 class BrokerUnavailable(Exception):
@@ -17,20 +27,31 @@ class BrokerUnavailable(Exception):
 
 class Broker(ABC):
     name: str
+    # The id of this node, to tell our own signals from other nodes'.
+    node_id: str = ""
 
     @abstractmethod
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
         """Connect, and from now on pass every broadcast (from any node) to `deliver`."""
 
     @abstractmethod
-    async def publish(self, broadcasts: Sequence[Broadcast]) -> int:
-        """Publish in order to all nodes; returns subscribers reached on this node. Raises BrokerUnavailable."""
+    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
+        """Publish in order to every node (this one included). Raises BrokerUnavailable."""
 
-    def subscribe(self, topic: str) -> None:  # noqa: B027 - a no-op for single-node brokers
-        """This node now has a local subscriber for `topic` (may schedule I/O; must not block)."""
+    @abstractmethod
+    def subscribe(self, topic: str) -> bool:
+        """Start hearing `topic`. True if in effect now; False if `confirmed(topic)` will follow."""
 
-    def unsubscribe(self, topic: str) -> None:  # noqa: B027
-        """This node's last local subscriber of `topic` left (may schedule I/O; must not block)."""
+    @abstractmethod
+    def unsubscribe(self, topic: str) -> None:
+        """Stop hearing `topic` (may schedule I/O; must not block)."""
+
+    async def send_signal(self, topic: str, data: bytes) -> None:  # noqa: B027 - single-node: nobody to tell
+        """Send a presence signal to the other nodes hearing `topic`."""
+
+    def presence_store(self, node_timeout: float) -> PresenceStore | None:
+        """Where cluster-wide presence lives; None: presence is this node's alone."""
+        return None
 
     @property
     @abstractmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from push_service.broker.base import Broker, BrokerUnavailable, Deliver
+from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
 from push_service.hub import Broadcast
 
 
@@ -14,14 +14,21 @@ class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
 
-    async def start(self, deliver: Deliver) -> None:
+    async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
         self._deliver = deliver
 
-    async def publish(self, broadcasts: Sequence[Broadcast]) -> int:
+    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
         deliver = self._deliver
         if deliver is None:
             raise BrokerUnavailable("broker not started")
-        return sum(deliver(broadcast) for broadcast in broadcasts)
+        for broadcast in broadcasts:
+            deliver(broadcast)
+
+    def subscribe(self, topic: str) -> bool:
+        return True
+
+    def unsubscribe(self, topic: str) -> None:
+        pass
 
     @property
     def ready(self) -> bool:

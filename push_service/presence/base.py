@@ -74,6 +74,24 @@ class Tracker(ABC):
     async def close(self) -> None:  # noqa: B027
         """Withdraw this node's entries and disconnect."""
 
+    # Replication hooks: a single-node tracker has nothing to load, resync or hear.
+
+    def needs_load(self, topic: str) -> bool:
+        """Whether this node must read the topic's cluster-wide presence before serving it."""
+        return False
+
+    async def load(self, topic: str) -> None:  # noqa: B027
+        """Read the topic's presence from the other nodes."""
+
+    async def resync(self, topic: str) -> None:  # noqa: B027
+        """After a broker outage, reconcile the topic's presence and report the differences."""
+
+    def drop_replica(self, topic: str) -> None:  # noqa: B027
+        """No local subscriber is left on the topic: stop following it."""
+
+    def signal(self, topic: str, data: bytes) -> None:  # noqa: B027
+        """A presence change from another node."""
+
     @abstractmethod
     def track(self, topic: str, conn_id: str, key: str, meta: Meta) -> Meta:
         """Add a connection under `key`; returns its meta with a fresh `phx_ref`."""

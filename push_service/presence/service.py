@@ -13,11 +13,13 @@ from push_service.hub import Broadcast
 from push_service.presence.base import Diff, Metas, Tracker, state_payload
 from push_service.presence.diffs import DiffBatcher
 from push_service.presence.memory import MemoryTracker
-from push_service.topics import Topic
+from push_service.presence.replicated import ReplicatedTracker
+from push_service.topics import Topic, parse_topic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from push_service.broker.base import Broker
     from push_service.config import Settings
     from push_service.metrics import Metrics
     from push_service.session import Session
@@ -49,13 +51,15 @@ class TypingBudget:
 
 class Presence:
     def __init__(self, settings: Settings, metrics: Metrics, node_id: str,
-                 dispatch: Callable[[Broadcast], int], tracker: Tracker | None = None) -> None:
+                 dispatch: Callable[[Broadcast], int]) -> None:
         self.families = frozenset(settings.presence_topics)
         self._typing_timeout = settings.typing_timeout
+        self._node_timeout = settings.node_timeout
         self._metrics = metrics
         self._dispatch = dispatch
         self._batcher = DiffBatcher(settings.presence_diff_interval, self._send_diff)
-        self.tracker = tracker or MemoryTracker(node_id, self._batcher.add)
+        # Replaced by a replicated tracker in start() when the broker offers a presence store.
+        self.tracker: Tracker = MemoryTracker(node_id, self._batcher.add)
         # (conn_id, topic) -> when its typing: true lapses
         self._typing_until: dict[tuple[str, str], float] = {}
         self._budgets: dict[str, TypingBudget] = {}
@@ -119,7 +123,30 @@ class Presence:
         self._metrics.presence_diffs.inc()
         self._dispatch(Broadcast.of(topic, PRESENCE_DIFF, diff.payload()))
 
-    async def start(self) -> None:
+    # --- replication (no-ops with the in-memory tracker)
+
+    def needs_load(self, topic: str) -> bool:
+        """Whether a first local join of `topic` must wait for the cluster's presence of it."""
+        parsed = parse_topic(topic)
+        return parsed is not None and self.tracks(parsed) and self.tracker.needs_load(topic)
+
+    async def load(self, topic: str) -> None:
+        await self.tracker.load(topic)
+
+    async def resync(self, topic: str) -> None:
+        await self.tracker.resync(topic)
+
+    def drop_replica(self, topic: str) -> None:
+        self.tracker.drop_replica(topic)
+
+    def signal(self, topic: str, data: bytes) -> None:
+        self.tracker.signal(topic, data)
+
+    async def start(self, broker: Broker) -> None:
+        store = broker.presence_store(self._node_timeout)
+        if store is not None:
+            self.tracker = ReplicatedTracker(self.tracker.node_id, self._batcher.add, store,
+                                             broker.send_signal, self._node_timeout)
         await self.tracker.start()
 
     async def close(self) -> None:

@@ -1,0 +1,48 @@
+"""How broadcasts and presence signals travel between nodes (the same bytes on Redis and NATS).
+
+    b"B" + JSON [topic, event, published_at] + b"\\n" + payload JSON   a broadcast
+    b"S" + JSON [topic, origin node]         + b"\\n" + signal data    a presence signal
+
+The payload goes as the bytes the publishing node encoded, so no node re-encodes it. JSON never
+contains a raw newline, so the first b"\\n" ends the header.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from push_service.hub import Broadcast
+
+BROADCAST = b"B"
+SIGNAL = b"S"
+
+
+class EnvelopeError(ValueError):
+    pass
+
+
+def pack_broadcast(broadcast: Broadcast) -> bytes:
+    header = orjson.dumps([broadcast.topic, broadcast.event, broadcast.published_at])
+    return b"".join((BROADCAST, header, b"\n", broadcast.payload_json))
+
+
+def pack_signal(topic: str, node_id: str, data: bytes) -> bytes:
+    return b"".join((SIGNAL, orjson.dumps([topic, node_id]), b"\n", data))
+
+
+def unpack(message: bytes) -> Broadcast | tuple[str, str, bytes]:
+    """A Broadcast, or (topic, origin node, data) for a signal."""
+    kind = message[:1]
+    end = message.find(b"\n")
+    if end < 0 or kind not in (BROADCAST, SIGNAL):
+        raise EnvelopeError("not a push-service envelope")
+    try:
+        header = orjson.loads(message[1:end])
+    except orjson.JSONDecodeError:
+        raise EnvelopeError("bad envelope header") from None
+    body = message[end + 1:]
+    if kind == BROADCAST:
+        topic, event, published_at = header
+        return Broadcast(topic, event, body, published_at)
+    topic, node_id = header
+    return topic, node_id, body

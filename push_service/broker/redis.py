@@ -1,0 +1,258 @@
+"""Redis broker: one pub/sub channel per topic, subscribed only while this node has subscribers.
+
+Publishing uses ordinary commands (pipelined for batches, so a batch keeps its order); hearing
+uses one pub/sub connection multiplexing every topic. If Redis goes away, local sockets stay up,
+publishes fail with BrokerUnavailable (HTTP 503), and the broker reconnects with capped backoff
+and resubscribes every topic. Presence lives in Redis hashes (see RedisPresenceStore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from push_service.broker import envelope
+from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.config import redact_url
+from push_service.hub import Broadcast
+from push_service.presence.replicated import PresenceStore
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("PUSH_BROKER=redis://... needs the redis extra: pip install 'push-service[redis]'") from exc
+
+log = logging.getLogger("push_service.broker")
+
+CHANNEL_PREFIX = "push:t:"
+PING_INTERVAL = 1.0    # pub/sub connection health check
+PING_TIMEOUT = 3.0     # no answer for this long: the connection is dead, reconnect
+COMMAND_TIMEOUT = 2.0  # a publish that takes longer fails (503) rather than hang the request
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+SUBSCRIBE_CHUNK = 1000
+
+
+class RedisBroker(Broker):
+    name = "redis"
+
+    def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None) -> None:
+        self.node_id = node_id
+        self._url = url
+        self._on_state = on_state or (lambda up: None)
+        self._client = aioredis.from_url(url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT,
+                                         health_check_interval=0)
+        self._topics: set[str] = set()       # what this node wants to hear
+        self._unconfirmed: set[str] = set()  # subscribed, waiting for Redis's acknowledgement
+        self._commands: list[tuple[str, str]] = []  # (un)subscribes waiting for the sender task
+        self._commands_waiting = asyncio.Event()
+        self._ready = False
+        self._closed = False
+        self._connected = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._deliver: Deliver | None = None
+        self._confirmed: Confirmed | None = None
+        self._signal: Signal | None = None
+
+    # --- interface
+
+    async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
+        self._deliver, self._confirmed, self._signal = deliver, confirmed, signal
+        self._runner = asyncio.create_task(self._run(), name="redis-broker")
+        # Start ready when Redis is there; when it is not, serve anyway and keep trying (readyz 503).
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), 5.0)
+
+    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
+        if not self._ready:
+            raise BrokerUnavailable("redis unavailable")
+        try:
+            if len(broadcasts) == 1:
+                broadcast = broadcasts[0]
+                await self._client.publish(CHANNEL_PREFIX + broadcast.topic, envelope.pack_broadcast(broadcast))
+            else:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for broadcast in broadcasts:
+                        pipe.publish(CHANNEL_PREFIX + broadcast.topic, envelope.pack_broadcast(broadcast))
+                    await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(f"redis publish failed: {type(exc).__name__}") from None
+
+    async def send_signal(self, topic: str, data: bytes) -> None:
+        await self._client.publish(CHANNEL_PREFIX + topic, envelope.pack_signal(topic, self.node_id, data))
+
+    def subscribe(self, topic: str) -> bool:
+        self._topics.add(topic)
+        if not self._ready:
+            return True  # subscribed with every other topic once Redis is back
+        self._unconfirmed.add(topic)
+        self._queue_command("subscribe", topic)
+        return False
+
+    def unsubscribe(self, topic: str) -> None:
+        self._topics.discard(topic)
+        self._unconfirmed.discard(topic)
+        if self._ready:
+            self._queue_command("unsubscribe", topic)
+
+    def _queue_command(self, command: str, topic: str) -> None:
+        self._commands.append((command, topic))
+        self._commands_waiting.set()
+
+    def presence_store(self, node_timeout: float) -> PresenceStore | None:
+        return RedisPresenceStore(self._client, node_timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def close(self) -> None:
+        self._closed = True
+        self._set_ready(False)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._runner
+        await self._client.aclose()
+
+    # --- the pub/sub connection
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self._on_state(ready)
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_FIRST
+        while not self._closed:
+            pubsub = self._client.pubsub()
+            try:
+                await self._serve(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # connection refused, reset, timed out...
+                if self._ready or backoff == BACKOFF_FIRST:
+                    log.warning("redis unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
+                                                            "error": f"{type(exc).__name__}: {exc}"})
+            finally:
+                self._set_ready(False)
+                self._connected.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            if self._closed:
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _serve(self, pubsub: aioredis.client.PubSub) -> None:
+        # Our node channel first: it opens the connection and answers pings.
+        await pubsub.subscribe(f"push:n:{self.node_id}")
+        self._commands.clear()  # superseded by the full resubscription below
+        topics = list(self._topics)
+        self._unconfirmed = set(topics)
+        for start in range(0, len(topics), SUBSCRIBE_CHUNK):
+            await pubsub.subscribe(*(CHANNEL_PREFIX + topic for topic in topics[start:start + SUBSCRIBE_CHUNK]))
+        self._last_pong = time.monotonic()
+        tasks = [asyncio.create_task(self._send_commands(pubsub)), asyncio.create_task(self._ping(pubsub))]
+        log.info("redis connected", extra={"event": "broker_up", "broker": redact_url(self._url),
+                                           "topics": len(topics)})
+        self._set_ready(True)
+        self._connected.set()
+        try:
+            reader = asyncio.create_task(self._read(pubsub))
+            done, _ = await asyncio.wait([reader, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise what ended it
+            raise ConnectionError("redis pub/sub loop ended")
+        finally:
+            for task in (*tasks, reader):
+                task.cancel()
+            await asyncio.gather(*tasks, reader, return_exceptions=True)
+
+    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
+        assert self._deliver is not None and self._confirmed is not None and self._signal is not None
+        deliver, confirmed, signal = self._deliver, self._confirmed, self._signal
+        prefix = len(CHANNEL_PREFIX)
+        while True:
+            message = await pubsub.get_message(timeout=None)
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                try:
+                    item = envelope.unpack(message["data"])
+                except envelope.EnvelopeError:
+                    log.warning("foreign message on a push channel", extra={"event": "bad_envelope"})
+                    continue
+                if isinstance(item, Broadcast):
+                    deliver(item)
+                elif item[1] != self.node_id:
+                    signal(item[0], item[2])
+            elif kind == "subscribe":
+                channel = message["channel"].decode()
+                topic = channel[prefix:]
+                if channel.startswith(CHANNEL_PREFIX) and topic in self._unconfirmed:
+                    self._unconfirmed.discard(topic)
+                    # Synchronously, before the next message: the join reply precedes its first broadcast.
+                    confirmed(topic)
+            elif kind == "pong":
+                self._last_pong = time.monotonic()
+
+    async def _send_commands(self, pubsub: aioredis.client.PubSub) -> None:
+        while True:
+            await self._commands_waiting.wait()
+            self._commands_waiting.clear()
+            commands, self._commands = self._commands, []
+            # Consecutive commands of one kind go as one SUBSCRIBE/UNSUBSCRIBE; the order is kept.
+            for command, group in itertools.groupby(commands, key=lambda item: item[0]):
+                channels = [CHANNEL_PREFIX + topic for _, topic in group]
+                for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+                    chunk = channels[start:start + SUBSCRIBE_CHUNK]
+                    await (pubsub.subscribe(*chunk) if command == "subscribe" else pubsub.unsubscribe(*chunk))
+
+    async def _ping(self, pubsub: aioredis.client.PubSub) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            if time.monotonic() - self._last_pong > PING_TIMEOUT:
+                raise ConnectionError(f"no answer from redis for {PING_TIMEOUT}s")
+            await asyncio.wait_for(pubsub.ping(), COMMAND_TIMEOUT)
+
+
+class RedisPresenceStore(PresenceStore):
+    """Per-topic hashes `push:p:<topic>` (conn id -> [key, meta]); node heartbeats `push:node:<id>`."""
+
+    HASH_TTL = 24 * 3600  # an abandoned topic's hash (every node gone) disappears eventually
+
+    def __init__(self, client: aioredis.Redis, node_timeout: float) -> None:
+        self._client = client
+        self._ttl_ms = max(1, int(node_timeout * 1000 * 2 / 3))
+
+    async def put(self, topic: str, conn_id: str, value: bytes) -> None:
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(f"push:p:{topic}", conn_id, value)
+            pipe.expire(f"push:p:{topic}", self.HASH_TTL)
+            await pipe.execute()
+
+    async def delete(self, topic: str, conn_id: str) -> None:
+        await self._client.hdel(f"push:p:{topic}", conn_id)
+
+    async def load(self, topic: str) -> dict[str, bytes]:
+        raw = await self._client.hgetall(f"push:p:{topic}")
+        return {key.decode(): value for key, value in raw.items()}
+
+    async def heartbeat(self, node_id: str) -> None:
+        await self._client.set(f"push:node:{node_id}", b"1", px=self._ttl_ms)
+
+    async def alive(self, node_ids: set[str]) -> set[str]:
+        if not node_ids:
+            return set()
+        ordered = sorted(node_ids)
+        values = await self._client.mget([f"push:node:{node_id}" for node_id in ordered])
+        return {node_id for node_id, value in zip(ordered, values, strict=True) if value is not None}
+
+    async def forget_node(self, node_id: str) -> None:
+        await self._client.delete(f"push:node:{node_id}")
