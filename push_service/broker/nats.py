@@ -1,0 +1,245 @@
+"""NATS broker: one subject per topic (`push.t.<base64url topic>`), subscribed only while this node
+has subscribers; presence in JetStream key-value buckets (NatsPresenceStore).
+
+nats-py reconnects by itself and resubscribes; while it is disconnected, publishes fail with
+BrokerUnavailable (HTTP 503) instead of sitting in the client's reconnect buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+from push_service.broker import envelope
+from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.config import redact_url
+from push_service.hub import Broadcast
+from push_service.presence.replicated import PresenceStore
+
+try:
+    import nats
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+    from nats.errors import Error as NatsError
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+    from nats.js.kv import KeyValue
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("PUSH_BROKER=nats://... needs the nats extra: pip install 'push-service[nats]'") from exc
+
+log = logging.getLogger("push_service.broker")
+
+SUBJECT_PREFIX = "push.t."
+COMMAND_TIMEOUT = 2.0
+PRESENCE_BUCKET = "push_presence"
+NODES_BUCKET = "push_nodes"
+
+
+def subject_for(topic: str) -> str:
+    """Topics may hold '.', '*', '>' or spaces, which mean something in a subject: encode them away."""
+    return SUBJECT_PREFIX + base64.urlsafe_b64encode(topic.encode()).decode().rstrip("=")
+
+
+class NatsBroker(Broker):
+    name = "nats"
+
+    def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None) -> None:
+        self.node_id = node_id
+        self._url = url
+        self._on_state = on_state or (lambda up: None)
+        self._nc: Client | None = None
+        self._subscriptions: dict[str, Subscription] = {}
+        self._to_subscribe: list[str] = []
+        self._wake = asyncio.Event()
+        self._subscriber: asyncio.Task[None] | None = None
+        self._ready = False
+        self._deliver: Deliver | None = None
+        self._confirmed: Confirmed | None = None
+        self._signal: Signal | None = None
+
+    async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
+        self._deliver, self._confirmed, self._signal = deliver, confirmed, signal
+        self._nc = await nats.connect(
+            servers=[self._url], name=f"push-service-{self.node_id}", allow_reconnect=True,
+            max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=COMMAND_TIMEOUT,
+            ping_interval=2, max_outstanding_pings=2,
+            disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error)
+        self._subscriber = asyncio.create_task(self._subscribe_loop(), name="nats-subscriber")
+        self._set_ready(True)
+        log.info("nats connected", extra={"event": "broker_up", "broker": redact_url(self._url)})
+
+    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
+        nc = self._nc
+        if nc is None or not self._ready or not nc.is_connected:
+            raise BrokerUnavailable("nats unavailable")
+        try:
+            for broadcast in broadcasts:
+                await nc.publish(subject_for(broadcast.topic), envelope.pack_broadcast(broadcast))
+            # The PONG comes after the server has taken every message before it: accepted means sent.
+            await nc.flush(timeout=COMMAND_TIMEOUT)
+        except (NatsError, OSError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(f"nats publish failed: {type(exc).__name__}") from None
+
+    async def send_signal(self, topic: str, data: bytes) -> None:
+        assert self._nc is not None
+        await self._nc.publish(subject_for(topic), envelope.pack_signal(topic, self.node_id, data))
+
+    def subscribe(self, topic: str) -> bool:
+        self._to_subscribe.append(topic)
+        self._wake.set()
+        return False
+
+    def unsubscribe(self, topic: str) -> None:
+        if topic in self._to_subscribe:
+            self._to_subscribe.remove(topic)
+            return
+        subscription = self._subscriptions.pop(topic, None)
+        if subscription is not None:
+            task = asyncio.ensure_future(subscription.unsubscribe())
+            task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
+
+    def presence_store(self, node_timeout: float) -> PresenceStore | None:
+        assert self._nc is not None
+        return NatsPresenceStore(self._nc, node_timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def close(self) -> None:
+        self._set_ready(False)
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.drain(), COMMAND_TIMEOUT)
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    # --- internals
+
+    def _set_ready(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self._on_state(ready)
+
+    async def _subscribe_loop(self) -> None:
+        assert self._nc is not None and self._confirmed is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            topics, self._to_subscribe = self._to_subscribe, []
+            try:
+                for topic in topics:
+                    self._subscriptions[topic] = await self._nc.subscribe(
+                        subject_for(topic), cb=self._on_message, pending_msgs_limit=0, pending_bytes_limit=0)
+                # One round trip for the lot: after the PONG the server has every subscription.
+                await self._nc.flush(timeout=COMMAND_TIMEOUT)
+            except (NatsError, OSError, asyncio.TimeoutError) as exc:
+                # Disconnected: nats-py resubscribes what it has on reconnect; _reconnected confirms.
+                log.warning("nats subscribe delayed", extra={"event": "broker_subscribe_delayed",
+                                                             "error": type(exc).__name__})
+            for topic in topics:
+                if topic in self._subscriptions:
+                    self._confirmed(topic)
+
+    async def _on_message(self, message: Msg) -> None:
+        assert self._deliver is not None and self._signal is not None
+        try:
+            item = envelope.unpack(message.data)
+        except envelope.EnvelopeError:
+            log.warning("foreign message on a push subject", extra={"event": "bad_envelope"})
+            return
+        if isinstance(item, Broadcast):
+            self._deliver(item)
+        elif item[1] != self.node_id:
+            self._signal(item[0], item[2])
+
+    async def _disconnected(self) -> None:
+        if self._ready:
+            log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url)})
+        self._set_ready(False)
+
+    async def _reconnected(self) -> None:
+        log.info("nats reconnected", extra={"event": "broker_up", "broker": redact_url(self._url)})
+        self._set_ready(True)
+        assert self._confirmed is not None
+        for topic in list(self._subscriptions):
+            self._confirmed(topic)  # the node resyncs presence of every topic it serves
+
+    async def _error(self, exc: Exception) -> None:
+        log.debug("nats client error", extra={"event": "broker_error", "error": f"{type(exc).__name__}: {exc}"})
+
+
+class NatsPresenceStore(PresenceStore):
+    """JetStream key-value: bucket push_presence (key `<base64url topic>.<conn id>` -> [key, meta]) and
+    bucket push_nodes (node heartbeats, expired by the bucket's TTL)."""
+
+    def __init__(self, nc: Client, node_timeout: float) -> None:
+        self._nc = nc
+        self._ttl = max(1.0, node_timeout * 2 / 3)
+        self._presence: KeyValue | None = None
+        self._nodes: KeyValue | None = None
+
+    async def _buckets(self) -> tuple[KeyValue, KeyValue]:
+        if self._presence is None or self._nodes is None:
+            js = self._nc.jetstream(timeout=COMMAND_TIMEOUT)
+            self._presence = await self._bucket(js, PRESENCE_BUCKET, ttl=0)
+            self._nodes = await self._bucket(js, NODES_BUCKET, ttl=self._ttl)
+        return self._presence, self._nodes
+
+    @staticmethod
+    async def _bucket(js, name: str, ttl: float) -> KeyValue:  # type: ignore[no-untyped-def]
+        try:
+            return await js.key_value(name)
+        except BucketNotFoundError:
+            return await js.create_key_value(bucket=name, history=1, ttl=ttl or None)
+
+    @staticmethod
+    def _prefix(topic: str) -> str:
+        return base64.urlsafe_b64encode(topic.encode()).decode().rstrip("=") + "."
+
+    async def put(self, topic: str, conn_id: str, value: bytes) -> None:
+        presence, _ = await self._buckets()
+        await presence.put(self._prefix(topic) + conn_id, value)
+
+    async def delete(self, topic: str, conn_id: str) -> None:
+        presence, _ = await self._buckets()
+        await presence.purge(self._prefix(topic) + conn_id)
+
+    async def load(self, topic: str) -> dict[str, bytes]:
+        presence, _ = await self._buckets()
+        prefix = self._prefix(topic)
+        watcher = await presence.watch(prefix + ">", ignore_deletes=True)
+        entries: dict[str, bytes] = {}
+        try:
+            while True:
+                entry = await watcher.updates(timeout=COMMAND_TIMEOUT)
+                if entry is None:  # the end of the current values
+                    break
+                if entry.value:
+                    entries[entry.key[len(prefix):]] = entry.value
+        finally:
+            await watcher.stop()
+        return entries
+
+    async def heartbeat(self, node_id: str) -> None:
+        _, nodes = await self._buckets()
+        await nodes.put(node_id, b"1")
+
+    async def alive(self, node_ids: set[str]) -> set[str]:
+        _, nodes = await self._buckets()
+        alive = set()
+        for node_id in node_ids:
+            with contextlib.suppress(KeyNotFoundError):
+                entry = await nodes.get(node_id)
+                if entry.value:
+                    alive.add(node_id)
+        return alive
+
+    async def forget_node(self, node_id: str) -> None:
+        _, nodes = await self._buckets()
+        await nodes.purge(node_id)
