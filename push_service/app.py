@@ -37,12 +37,12 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     return app
 
 
-async def serve(settings: Settings, announce: Callable[[int], None] | None = None) -> None:
+async def serve(settings: Settings, announce: Callable[[int], None] | None = None, reuse_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT; `announce` gets the bound port once listening."""
     app = create_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096)
+    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_port=reuse_port or None)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening", extra={"event": "listening", "host": settings.host, "port": port,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import os
 import secrets
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -82,12 +85,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sys.stdout.write(_dev_banner(settings, generated, port))
             sys.stdout.flush()
 
+    if settings.workers > 1:
+        if settings.port == 0:
+            raise ConfigError("PUSH_PORT", "several workers need a fixed port to share (not 0)")
+        announce(settings.port)
+        return _run_workers(settings)
     try:
         asyncio.run(app.serve(settings, announce))
     except OSError as exc:
         print(f"push-service: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker(settings: Settings) -> None:
+    from push_service import app, logs
+
+    logs.setup(settings.log_level, settings.log_format)
+    asyncio.run(app.serve(settings, reuse_port=True))
+
+
+def _run_workers(settings: Settings) -> int:
+    """N processes, each its own node on the broker, each with its own SO_REUSEPORT socket on one port."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(settings,), name=f"push-worker-{n}", daemon=False)
+               for n in range(settings.workers)]
+    for worker in workers:
+        worker.start()
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # One worker dying unasked for takes the others down, so the supervisor (Kubernetes, systemd)
+    # restarts the whole set rather than leave a partial one running.
+    while any(worker.is_alive() for worker in workers):
+        for worker in workers:
+            worker.join(timeout=0.2)
+            if not stopping and worker.exitcode is not None:
+                stop(signal.SIGTERM, None)
+    codes = [worker.exitcode or 0 for worker in workers]
+    return 0 if stopping and all(code == 0 for code in codes) else max(1, *codes)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -56,20 +56,38 @@ class NatsBroker(Broker):
         self._wake = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
         self._ready = False
+        self._connected = asyncio.Event()
         self._deliver: Deliver | None = None
         self._confirmed: Confirmed | None = None
         self._signal: Signal | None = None
 
     async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
         self._deliver, self._confirmed, self._signal = deliver, confirmed, signal
-        self._nc = await nats.connect(
-            servers=[self._url], name=f"push-service-{self.node_id}", allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=COMMAND_TIMEOUT,
-            ping_interval=2, max_outstanding_pings=2,
-            disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error)
-        self._subscriber = asyncio.create_task(self._subscribe_loop(), name="nats-subscriber")
-        self._set_ready(True)
+        self._subscriber = asyncio.create_task(self._connect_then_subscribe(), name="nats-subscriber")
+        # Start ready when NATS is there; when it is not, serve anyway and keep trying (readyz 503).
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._connected.wait()), 5.0)
+
+    async def _connect_then_subscribe(self) -> None:
+        # nats-py reconnects by itself once connected, but gives up on a first connect: retry that here.
+        backoff = 0.1
+        while self._nc is None:
+            try:
+                self._nc = await nats.connect(
+                    servers=[self._url], name=f"push-service-{self.node_id}", allow_reconnect=True,
+                    max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=COMMAND_TIMEOUT,
+                    ping_interval=2, max_outstanding_pings=2,
+                    disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error)
+            except (NatsError, OSError, asyncio.TimeoutError) as exc:
+                if backoff == 0.1:
+                    log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
+                                                           "error": f"{type(exc).__name__}: {exc}"})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
         log.info("nats connected", extra={"event": "broker_up", "broker": redact_url(self._url)})
+        self._set_ready(True)
+        self._connected.set()
+        await self._subscribe_loop()
 
     async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
         nc = self._nc
@@ -83,14 +101,18 @@ class NatsBroker(Broker):
         except (NatsError, OSError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"nats publish failed: {type(exc).__name__}") from None
 
+    def _client(self) -> Client:
+        if self._nc is None:
+            raise BrokerUnavailable("nats not connected yet")
+        return self._nc
+
     async def send_signal(self, topic: str, data: bytes) -> None:
-        assert self._nc is not None
-        await self._nc.publish(subject_for(topic), envelope.pack_signal(topic, self.node_id, data))
+        await self._client().publish(subject_for(topic), envelope.pack_signal(topic, self.node_id, data))
 
     def subscribe(self, topic: str) -> bool:
         self._to_subscribe.append(topic)
         self._wake.set()
-        return False
+        return not self._ready  # not connected: in effect with the rest once NATS is back
 
     def unsubscribe(self, topic: str) -> None:
         if topic in self._to_subscribe:
@@ -102,8 +124,7 @@ class NatsBroker(Broker):
             task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
-        assert self._nc is not None
-        return NatsPresenceStore(self._nc, node_timeout)
+        return NatsPresenceStore(self._client, node_timeout)
 
     @property
     def ready(self) -> bool:
@@ -178,15 +199,15 @@ class NatsPresenceStore(PresenceStore):
     """JetStream key-value: bucket push_presence (key `<base64url topic>.<conn id>` -> [key, meta]) and
     bucket push_nodes (node heartbeats, expired by the bucket's TTL)."""
 
-    def __init__(self, nc: Client, node_timeout: float) -> None:
-        self._nc = nc
+    def __init__(self, client: Callable[[], Client], node_timeout: float) -> None:
+        self._client = client
         self._ttl = max(1.0, node_timeout * 2 / 3)
         self._presence: KeyValue | None = None
         self._nodes: KeyValue | None = None
 
     async def _buckets(self) -> tuple[KeyValue, KeyValue]:
         if self._presence is None or self._nodes is None:
-            js = self._nc.jetstream(timeout=COMMAND_TIMEOUT)
+            js = self._client().jetstream(timeout=COMMAND_TIMEOUT)
             self._presence = await self._bucket(js, PRESENCE_BUCKET, ttl=0)
             self._nodes = await self._bucket(js, NODES_BUCKET, ttl=self._ttl)
         return self._presence, self._nodes

@@ -72,7 +72,11 @@ class ReplicatedTracker(Tracker):
     # --- lifecycle
 
     async def start(self) -> None:
-        await self._store.heartbeat(self.node_id)
+        try:
+            await self._store.heartbeat(self.node_id)
+        except Exception as exc:  # the broker is not there yet: the liveness loop keeps trying
+            log.warning("presence heartbeat failed", extra={"event": "presence_heartbeat_failed",
+                                                            "error": type(exc).__name__})
         self._tasks = [asyncio.create_task(self._write_loop(), name="presence-writer"),
                        asyncio.create_task(self._liveness_loop(), name="presence-liveness")]
 
