@@ -103,27 +103,47 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run(clients: int, messages: int, batch: int) -> dict[str, float]:
+def token(sub: str = "bench") -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+
+
+async def start_server(env_overrides: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
+    """`python -m push_service serve` on a free port; returns the process and its port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
-    env.update(PUSH_SERVICE_KEY=KEY, PUSH_JWT_SECRET=SECRET, PUSH_LOG_LEVEL="warning")
+    env.update(PUSH_SERVICE_KEY=KEY, PUSH_JWT_SECRET=SECRET, PUSH_LOG_FORMAT="json", **(env_overrides or {}))
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "push_service", "serve", "--port", "0", "--log-level", "info",
+        sys.executable, "-m", "push_service", "serve", "--port", "0",
         env=env, cwd=ROOT, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
+    assert server.stderr is not None
+    while True:
+        line = await asyncio.wait_for(server.stderr.readline(), 15)
+        if not line:
+            raise RuntimeError("server exited before listening")
+        entry = orjson.loads(line)
+        if entry.get("event") == "listening":
+            # Keep draining its log so the server never blocks on a full pipe.
+            asyncio.get_running_loop().create_task(_drain(server.stderr))
+            return server, entry["port"]
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
+
+
+async def stop_server(server: asyncio.subprocess.Process) -> None:
+    if server.returncode is None:
+        server.terminate()
+        await asyncio.wait_for(server.wait(), 15)
+
+
+async def run(clients: int, messages: int, batch: int) -> dict[str, float]:
+    server, port = await start_server()
     try:
-        assert server.stderr is not None
-        port = 0
-        while not port:
-            line = await asyncio.wait_for(server.stderr.readline(), 15)
-            if not line:
-                raise RuntimeError("server exited before listening")
-            entry = orjson.loads(line)
-            if entry.get("event") == "listening":
-                port = entry["port"]
-        token = jwt.encode({"sub": "bench", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
         subscribers = []
         started = time.perf_counter()
         for chunk in range(0, clients, 100):
-            subscribers += await asyncio.gather(*(connect(port, token) for _ in range(min(100, clients - chunk))))
+            subscribers += await asyncio.gather(*(connect(port, token()) for _ in range(min(100, clients - chunk))))
         connect_seconds = time.perf_counter() - started
         loop = asyncio.get_running_loop()
         for subscriber in subscribers:
@@ -147,8 +167,7 @@ async def run(clients: int, messages: int, batch: int) -> dict[str, float]:
                 "server_cpu_us_per_delivery": round(cpu * 1e6 / deliveries, 2),
                 "connect_seconds": round(connect_seconds, 2)}
     finally:
-        server.terminate()
-        await asyncio.wait_for(server.wait(), 15)
+        await stop_server(server)
 
 
 def main() -> None:
