@@ -16,7 +16,7 @@ from aiohttp import web
 from push_service.broker import BrokerUnavailable
 from push_service.hub import Broadcast
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from push_service.node import Node
+from push_service.node import Node, NodeDraining
 from push_service.presence.base import state_payload
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, parse_topic, topic_for
 
@@ -123,6 +123,8 @@ async def _publish(request: web.Request, broadcasts: list[Broadcast], endpoint: 
     node: Node = request.app["node"]
     try:
         delivered = await node.publish(broadcasts, endpoint)
+    except NodeDraining:
+        raise ApiError(503, "node is draining; retry on another replica") from None
     except BrokerUnavailable:
         raise ApiError(503, "broker unavailable") from None
     # "status" mirrors the old service's body so backends that read it keep working.
@@ -197,7 +199,8 @@ async def ready(request: web.Request) -> web.StreamResponse:
     node: Node = request.app["node"]
     if node.ready:
         return json_response({"status": "ready"})
-    return json_response({"status": "unavailable", "error": "broker unavailable"}, status=503)
+    error = "draining" if node.draining else "broker unavailable"
+    return json_response({"status": "unavailable", "error": error}, status=503)
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:

@@ -55,5 +55,6 @@ async def serve(settings: Settings, announce: Callable[[int], None] | None = Non
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping", extra={"event": "stopping"})
+    await app["node"].drain()
     await runner.cleanup()
     log.info("stopped", extra={"event": "stopped"})

@@ -5,21 +5,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from push_service.auth import Identity, PublishKeys, TokenVerifier
-from push_service.broker import Broker, create_broker
+from push_service.broker import Broker, BrokerUnavailable, create_broker
 from push_service.config import Settings
 from push_service.hub import Broadcast, Hub
 from push_service.metrics import Metrics
 from push_service.origin import OriginPolicy
 from push_service.presence import Presence
-from push_service.session import HEARTBEAT_TIMEOUT, SHUTDOWN, TOKEN_EXPIRED, Connection, Session
+from push_service.session import DRAIN, HEARTBEAT_TIMEOUT, SHUTDOWN, TOKEN_EXPIRED, Connection, Session
 
 log = logging.getLogger("push_service")
+DRAIN_STEP = 0.1  # seconds between two batches of drain closes
+
+
+class NodeDraining(BrokerUnavailable):
+    """This node is shutting down: publishes go to another replica."""
 
 
 class Node:
@@ -42,6 +48,7 @@ class Node:
         # topic -> sessions whose join waits for the broker to confirm the topic's subscription
         self._waiting: dict[str, list[Session]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
 
     async def start(self) -> None:
         await self.broker.start(self.hub.dispatch, self._broker_confirmed, self.presence.signal)
@@ -59,7 +66,23 @@ class Node:
 
     @property
     def ready(self) -> bool:
-        return self.broker.ready
+        return self.broker.ready and not self.draining
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new sockets and publishes (readyz 503), then close every socket with 1012,
+        spread over PUSH_DRAIN_SECONDS so the reconnects do not stampede the other replicas."""
+        self.draining = True
+        sessions = list(self.sessions)
+        log.info("draining", extra={"event": "drain_start", "connections": len(sessions),
+                                    "seconds": self.settings.drain_seconds})
+        steps = max(1, int(self.settings.drain_seconds / DRAIN_STEP))
+        per_step = max(1, math.ceil(len(sessions) / steps))
+        for start in range(0, len(sessions), per_step):
+            if start:
+                await asyncio.sleep(DRAIN_STEP)
+            for session in sessions[start:start + per_step]:
+                session.disconnect(DRAIN)
+        log.info("drained", extra={"event": "drain_done", "connections": len(sessions)})
 
     def _broker_state(self, up: bool) -> None:
         self.metrics.broker_up.set(1 if up else 0)
@@ -165,6 +188,9 @@ class Node:
 
     async def publish(self, broadcasts: Sequence[Broadcast], endpoint: str) -> int:
         """Publish to every node; returns this node's subscribers of those topics."""
+        if self.draining:
+            # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
+            raise NodeDraining("node is draining")
         local = sum(self.hub.subscriber_count(broadcast.topic) for broadcast in broadcasts)
         await self.broker.publish(broadcasts)
         self.metrics.published.labels(endpoint).inc(len(broadcasts))

@@ -33,6 +33,8 @@ HEARTBEAT_TIMEOUT = Disconnect(1001, "heartbeat timeout")
 SHUTDOWN = Disconnect(1001, "server shutting down")
 INVALID_MESSAGE = Disconnect(1007, "invalid message")
 SLOW_CONSUMER = Disconnect(1013, "slow consumer")
+# As Phoenix >= 1.7 drains: a close code, never phx_close (which would make phoenix.js drop the channel).
+DRAIN = Disconnect(1012, "service restart")
 
 
 class Connection(Protocol):

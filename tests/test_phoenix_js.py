@@ -221,7 +221,7 @@ async def test_rejoins_after_server_restart(version, start_server, node_client):
         await client.wait_event("join", status="ok")
         await first.stop()
         close = await client.wait_event("close")
-        assert close["code"] == 1001, close  # "server shutting down": phoenix.js will reconnect
+        assert close["code"] == 1012, close  # drained ("service restart"): phoenix.js will reconnect
         second = await start_server(port=first.port)
         await client.wait_event("open", timeout=10)
         await client.wait_event("join", status="ok")

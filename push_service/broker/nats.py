@@ -215,9 +215,23 @@ class NatsPresenceStore(PresenceStore):
     @staticmethod
     async def _bucket(js, name: str, ttl: float) -> KeyValue:  # type: ignore[no-untyped-def]
         try:
-            return await js.key_value(name)
+            bucket = await js.key_value(name)
         except BucketNotFoundError:
             return await js.create_key_value(bucket=name, history=1, ttl=ttl or None)
+        if ttl:
+            # The bucket keeps the TTL of whoever created it: a node started since with another
+            # PUSH_NODE_TIMEOUT would see live nodes' heartbeats expire early (or dead ones late).
+            try:
+                config = (await js.stream_info(f"KV_{name}")).config
+                if config.max_age is None or abs(config.max_age - ttl) > 0.001:
+                    # As create_key_value: the duplicates window may not exceed max_age.
+                    await js.update_stream(config.evolve(max_age=ttl, duplicate_window=min(ttl, 120.0)))
+                    log.info("node heartbeat ttl changed", extra={"event": "presence_ttl_changed", "bucket": name,
+                                                                  "old": config.max_age, "new": ttl})
+            except NatsError as exc:  # e.g. not allowed to update streams: keep the bucket as it is
+                log.warning("cannot set the node heartbeat ttl", extra={
+                    "event": "presence_ttl_unchanged", "bucket": name, "error": f"{type(exc).__name__}: {exc}"})
+        return bucket
 
     @staticmethod
     def _prefix(topic: str) -> str:

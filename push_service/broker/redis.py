@@ -157,6 +157,9 @@ class RedisBroker(Broker):
         for start in range(0, len(topics), SUBSCRIBE_CHUNK):
             await pubsub.subscribe(*(CHANNEL_PREFIX + topic for topic in topics[start:start + SUBSCRIBE_CHUNK]))
         self._last_pong = time.monotonic()
+        # Idle pooled connections may still point at a Redis that went away (restarted): without
+        # this, the first publish after a reconnect would fail on one of them (a 503 while ready).
+        await self._client.connection_pool.disconnect(inuse_connections=False)
         tasks = [asyncio.create_task(self._send_commands(pubsub)), asyncio.create_task(self._ping(pubsub))]
         log.info("redis connected", extra={"event": "broker_up", "broker": redact_url(self._url),
                                            "topics": len(topics)})

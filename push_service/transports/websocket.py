@@ -103,6 +103,8 @@ def _refuse(node: Node, status: int, reason: str, message: str) -> web.Response:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     node: Node = request.app["node"]
+    if node.draining:
+        return _refuse(node, 503, "draining", "this node is shutting down; reconnect")
     if not node.origins.allows(request.headers.get("Origin")):
         return _refuse(node, 403, "origin", "origin not allowed")
     serializer = negotiate(request.query.get("vsn"))
