@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -37,6 +38,16 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     return app
 
 
+def tune_gc() -> None:
+    """Fewer, cheaper collections: startup objects are frozen out of every scan, and the young
+    generation is allowed to grow before a pass. A server holds many long-lived objects (sessions,
+    presence metas) that the default thresholds rescan over and over; measured on a crowd of 5,000
+    joining one presence topic, the collector took about three quarters of the CPU."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 async def serve(settings: Settings, announce: Callable[[int], None] | None = None, reuse_port: bool = False) -> None:
     """Run until SIGTERM/SIGINT; `announce` gets the bound port once listening."""
     app = create_app(settings)
@@ -44,6 +55,7 @@ async def serve(settings: Settings, announce: Callable[[int], None] | None = Non
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_port=reuse_port or None)
     await site.start()
+    tune_gc()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening", extra={"event": "listening", "host": settings.host, "port": port,
                                  "config": settings.redacted()})

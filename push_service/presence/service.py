@@ -100,7 +100,8 @@ class Presence:
             return "error", {"reason": "rate limited"}
         typing = payload["typing"]
         changes: dict[str, Any] = {"typing": typing}
-        if username is not None:
+        # The token's `info` is what the backend vouches for: a client cannot rename itself.
+        if username is not None and "username" not in session.identity.info:
             changes["username"] = username
         self.tracker.update(topic, session.id, changes)
         if typing:
