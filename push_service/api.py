@@ -14,6 +14,7 @@ import orjson
 from aiohttp import web
 
 from push_service.broker import BrokerUnavailable
+from push_service.history.position import Position
 from push_service.hub import Broadcast
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import Node, NodeDraining
@@ -191,6 +192,33 @@ async def presence_count(request: web.Request) -> web.StreamResponse:
                           "connections": sum(len(entries) for entries in metas.values())})
 
 
+async def history(request: web.Request) -> web.StreamResponse:
+    """What a backend (or a client's backend-side refetch) can read back: `since` a position, or the latest."""
+    require_bearer_key(request)
+    node: Node = request.app["node"]
+    topic = request.match_info["topic"]
+    if parse_topic(topic) is None:
+        raise ApiError(400, f"unknown topic family {topic!r} (room:lobby:<id>, room:topic:<id>, room:<id>, user:<id>)")
+    if not node.history_enabled:
+        raise ApiError(400, "history is off (PUSH_HISTORY_SIZE=0)")
+    try:
+        since = Position.parse(request.query["since"]) if "since" in request.query else None
+    except ValueError as exc:
+        raise ApiError(400, f"since: {exc}") from None
+    raw_limit = request.query.get("limit", str(node.settings.history_size))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= node.settings.history_size:
+        raise ApiError(400, f"limit must be a whole number from 1 to {node.settings.history_size} (PUSH_HISTORY_SIZE)")
+    try:
+        recovery = await node.history(topic, since, int(raw_limit))
+    except BrokerUnavailable:
+        raise ApiError(503, "broker unavailable") from None
+    assert recovery is not None
+    messages = [{"position": str(b.position), "event": b.event, "payload": orjson.Fragment(b.payload_json)}
+                for b in recovery.messages]
+    return json_response({"topic": topic, "position": str(recovery.position), "recovered": recovery.recovered,
+                          "messages": messages})
+
+
 async def health(request: web.Request) -> web.StreamResponse:
     return json_response({"status": "ok"})
 
@@ -221,6 +249,7 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_post("/api/batch", batch)
     app.router.add_get("/api/presence/{topic}", presence_state)
     app.router.add_get("/api/presence/{topic}/count", presence_count)
+    app.router.add_get("/api/history/{topic}", history)
     app.router.add_get("/api/health", health)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)

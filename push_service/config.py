@@ -57,6 +57,13 @@ def _port(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = _int(raw)
+    if value < 0:
+        raise ValueError("expected a whole number of at least 0")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     value = _int(raw)
     if value < 1:
@@ -218,6 +225,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_publish_bytes", "PUSH_MAX_PUBLISH_BYTES", _size, "largest HTTP publish body (default 1MiB)"),
     Option("max_topics_per_connection", "PUSH_MAX_TOPICS_PER_CONNECTION", _positive_int,
            "channels one socket may join at once (default 100)"),
+    Option("longpoll_window", "PUSH_LONGPOLL_WINDOW", _positive_duration,
+           "how long a long-poll GET waits for messages before answering 204; a session with no GET for "
+           "1.5 times this is closed (default 10s, as Phoenix)"),
     Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", _size,
            "unsent bytes a subscriber may queue before it is disconnected as a slow consumer (default 1MiB)"),
     Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", _choice("lobby", "thread"),
@@ -232,6 +242,12 @@ OPTIONS: tuple[Option, ...] = (
            "processes sharing the port with SO_REUSEPORT (default 1; more than 1 needs a redis or nats broker)"),
     Option("drain_seconds", "PUSH_DRAIN_SECONDS", _non_negative_duration,
            "on SIGTERM, spread closing the sockets (code 1012) over this long before exiting (default 10s)"),
+    Option("history_size", "PUSH_HISTORY_SIZE", _non_negative_int,
+           "broadcasts kept per topic for missed-message recovery (default 100; 0 turns history off)"),
+    Option("history_ttl", "PUSH_HISTORY_TTL", _positive_duration,
+           "how long a broadcast stays recoverable (default 300s)"),
+    Option("history_max_bytes", "PUSH_HISTORY_MAX_BYTES", _size,
+           "memory broker: all topics' history together (default 64MiB; least recently published topics go first)"),
     Option("presence_topics", "PUSH_PRESENCE_TOPICS", _presence_families,
            "topic families whose joins are tracked in presence, out of lobby, topic, community, user "
            "(default topic,community; none turns presence off)"),
@@ -264,12 +280,16 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     max_publish_bytes: int = 1024 * 1024
     max_topics_per_connection: int = 100
+    longpoll_window: float = 10.0
     send_buffer_bytes: int = 1024 * 1024
     api_message_topic: str = "lobby"
     broker: str = "memory"
     node_timeout: float = 15.0
     workers: int = 1
     drain_seconds: float = 10.0
+    history_size: int = 100
+    history_ttl: float = 300.0
+    history_max_bytes: int = 64 * 1024 * 1024
     presence_topics: tuple[str, ...] = ("topic", "community")
     presence_diff_interval: float = 0.05
     typing_timeout: float = 5.0

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from push_service.history.position import Position
 from push_service.protocol import Message, Serializer
 
 
@@ -34,15 +35,18 @@ class Broadcast:
     embed those bytes as they are, so no node parses or re-encodes a payload to deliver it.
     """
 
-    __slots__ = ("topic", "event", "payload_json", "published_at", "_encoded")
+    __slots__ = ("topic", "event", "payload_json", "published_at", "position", "_encoded")
 
-    def __init__(self, topic: str, event: str, payload_json: bytes, published_at: float | None = None) -> None:
+    def __init__(self, topic: str, event: str, payload_json: bytes, published_at: float | None = None,
+                 position: Position | None = None) -> None:
         self.topic = topic
         self.event = event
         self.payload_json = payload_json
         # time.time() when the publish request arrived, for the publish-to-write histogram;
         # None for what the service sends of its own accord (presence diffs).
         self.published_at = published_at
+        # Where it stands in the topic's history (sent as the frame's ref), when history is on.
+        self.position = position
         self._encoded: dict[Wire, bytes] = {}
 
     @classmethod
@@ -53,7 +57,8 @@ class Broadcast:
         try:
             return self._encoded[wire]
         except KeyError:
-            data = wire.frame(wire.serializer.encode_broadcast(self.topic, self.event, self.payload_json))
+            ref = None if self.position is None else str(self.position)
+            data = wire.frame(wire.serializer.encode_broadcast(self.topic, self.event, self.payload_json, ref))
             self._encoded[wire] = data
             return data
 

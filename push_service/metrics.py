@@ -48,6 +48,14 @@ class Metrics:
         self.typing_dropped = Counter(
             "push_typing_dropped_total", "user:typing updates dropped by the per-connection rate limit",
             registry=registry)
+        self.recoveries = Counter(
+            "push_recoveries_total", "Joins with `since`, by result (recovered or not)", ["result"],
+            registry=registry)
+        self.replayed = Counter(
+            "push_replayed_messages_total", "Missed broadcasts sent to recovering clients", registry=registry)
+        self.history_evictions = Counter(
+            "push_history_evictions_total", "Topics whose history was dropped to stay within PUSH_HISTORY_MAX_BYTES",
+            registry=registry)
         self.broker_up = Gauge(
             "push_broker_up", "1 while the broker is connected and publishes are accepted", registry=registry)
         self.broker_reconnects = Counter(

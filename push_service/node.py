@@ -8,12 +8,13 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from push_service.auth import Identity, PublishKeys, TokenVerifier
 from push_service.broker import Broker, BrokerUnavailable, create_broker
 from push_service.config import Settings
+from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast, Hub
 from push_service.metrics import Metrics
 from push_service.origin import OriginPolicy
@@ -35,7 +36,8 @@ class Node:
         self.hub = Hub(on_dispatched=self._dispatched)
         # Unique across nodes: presence entries are keyed by node and connection.
         self.id = secrets.token_hex(6)
-        self.broker = broker or create_broker(settings.broker, self.id, self._broker_state)
+        self.broker = broker or create_broker(settings, self.id, self._broker_state,
+                                              self.metrics.history_evictions.inc)
         self._broker_was_up = False
         self.tokens = TokenVerifier(settings)
         self.publish_keys = PublishKeys(settings.service_keys)
@@ -183,6 +185,39 @@ class Node:
                     session.disconnect(TOKEN_EXPIRED)
                 elif session.last_seen < idle_before:
                     session.disconnect(HEARTBEAT_TIMEOUT)
+
+    # --- history
+
+    @property
+    def history_enabled(self) -> bool:
+        return self.settings.history_size > 0
+
+    def recover(self, topic: str, since: Position | None, done: Callable[[Recovery | None], None]) -> None:
+        """Call `done` with the topic's position and what came after `since` (None: history unreadable),
+        at once when the broker answers synchronously (memory), else when it answers."""
+        try:
+            result = self.broker.recover(topic, since)
+        except BrokerUnavailable:
+            done(None)
+            return
+        if result is None or isinstance(result, Recovery):
+            done(result)
+            return
+
+        async def wait(pending: Awaitable[Recovery]) -> None:
+            try:
+                recovery: Recovery | None = await pending
+            except BrokerUnavailable:
+                recovery = None
+            done(recovery)
+
+        self._spawn(wait(result))
+
+    async def history(self, topic: str, since: Position | None, limit: int) -> Recovery | None:
+        result = self.broker.recover(topic, since, limit)
+        if result is None or isinstance(result, Recovery):
+            return result
+        return await result
 
     # --- publishing
 

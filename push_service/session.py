@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from push_service.auth import Identity
+from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast, Wire
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message, ProtocolError
@@ -37,6 +38,19 @@ SLOW_CONSUMER = Disconnect(1013, "slow consumer")
 DRAIN = Disconnect(1012, "service restart")
 
 
+_BAD_SINCE = object()
+
+
+def _since(payload: Any) -> Position | None | object:
+    """The join's `since` position, None without one, _BAD_SINCE when it is not a position."""
+    if not isinstance(payload, dict) or payload.get("since") is None:
+        return None
+    try:
+        return Position.parse(payload["since"])
+    except ValueError:
+        return _BAD_SINCE
+
+
 class Connection(Protocol):
     wire: Wire
     transport_name: str  # metrics label: "websocket" or "longpoll"
@@ -49,19 +63,20 @@ class Connection(Protocol):
 
 
 class Channel:
-    __slots__ = ("topic", "join_ref", "tracked", "joined", "reply_ref")
+    __slots__ = ("topic", "join_ref", "tracked", "joined", "reply_ref", "since")
 
-    def __init__(self, topic: Topic, join_ref: Any, tracked: bool, reply_ref: Any) -> None:
+    def __init__(self, topic: Topic, join_ref: Any, tracked: bool, reply_ref: Any, since: Position | None) -> None:
         self.topic = topic
         self.join_ref = join_ref
         self.tracked = tracked  # in presence
-        self.joined = False  # the ok reply was sent (it waits for the node's subscription)
+        self.joined = False  # the ok reply was sent (it waits for the subscription and any recovery)
         self.reply_ref = reply_ref  # the join push's ref, for that reply
+        self.since = since  # the last position the client saw, when it asks to recover
 
 
 class Session:
     __slots__ = ("id", "node", "identity", "conn", "channels", "last_seen", "_wire", "_send", "_buffer_limit",
-                 "_closing", "_disconnected")
+                 "_closing", "_disconnected", "_held")
 
     def __init__(self, node: Node, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -75,11 +90,17 @@ class Session:
         self._buffer_limit = node.settings.send_buffer_bytes
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
+        # topic -> broadcasts held while that topic's join recovers history (None: nothing held)
+        self._held: dict[str, list[Broadcast]] | None = None
 
     # --- output
 
     def deliver(self, broadcast: Broadcast) -> None:
         """Hub fan-out path: one write of bytes shared with every subscriber of the same wire."""
+        held = self._held
+        if held is not None and broadcast.topic in held:
+            held[broadcast.topic].append(broadcast)  # its join is recovering: sent after the replay
+            return
         self._write(broadcast.encoded(self._wire))
 
     def _write(self, data: bytes) -> None:
@@ -135,11 +156,15 @@ class Session:
         elif not may_join(self.identity, topic, self.node.settings.require_topics_claim):
             metrics.joins_refused.labels("unauthorized").inc()
             self._reply(join_ref, message, "error", {"reason": "unauthorized"})
+        elif (since := _since(message.payload)) is _BAD_SINCE:
+            metrics.joins_refused.labels("bad_since").inc()
+            self._reply(join_ref, message, "error", {"reason": "bad since: a position is <epoch>~<seq>, "
+                                                               "as received in a broadcast's ref"})
         else:
-            channel = Channel(topic, join_ref, self.node.presence.tracks(topic), message.ref)
+            channel = Channel(topic, join_ref, self.node.presence.tracks(topic), message.ref, since)
             self.channels[topic.name] = channel
             if self.node.subscribe(topic.name, self):
-                self._joined(channel)
+                self._subscribed(channel)
         if replaced is not None:
             # As Phoenix: the old join is closed, after the new join's reply.
             self._push(Message(replaced.join_ref, replaced.join_ref, message.topic, CLOSE, {}))
@@ -148,14 +173,50 @@ class Session:
         """The node's subscription to `topic` is in effect: finish a join that waited for it."""
         channel = self.channels.get(topic)
         if channel is not None and not channel.joined:
-            self._joined(channel)
+            self._subscribed(channel)
 
-    def _joined(self, channel: Channel) -> None:
+    def _subscribed(self, channel: Channel) -> None:
+        if not self.node.history_enabled:
+            self._joined(channel, {"recovered": False} if channel.since is not None else {})
+            return
+        # Live broadcasts are held until the reply and the replay are out: no gap, no duplicate.
+        if self._held is None:
+            self._held = {}
+        self._held[channel.topic.name] = []
+        self.node.recover(channel.topic.name, channel.since, lambda recovery: self._recovered(channel, recovery))
+
+    def _recovered(self, channel: Channel, recovery: Recovery | None) -> None:
+        name = channel.topic.name
+        held = self._held.pop(name, []) if self._held is not None else []
+        if not self._held:
+            self._held = None
+        if self.channels.get(name) is not channel or self._disconnected:
+            return  # left, replaced or gone while the history was read
+        response: dict[str, Any] = {}
+        if recovery is not None:
+            response["position"] = str(recovery.position)
+        replay = recovery is not None and recovery.recovered and channel.since is not None
+        if channel.since is not None:
+            response["recovered"] = replay
+            self.node.metrics.recoveries.labels("recovered" if replay else "not_recovered").inc()
+        self._joined(channel, response)
+        if replay:
+            assert recovery is not None
+            for broadcast in recovery.messages:
+                self._write(broadcast.encoded(self._wire))
+            self.node.metrics.replayed.inc(len(recovery.messages))
+        latest = recovery.position if recovery is not None else None
+        for broadcast in held:  # what came while reading, minus what the position already covers
+            position = broadcast.position
+            if latest is None or position is None or position.epoch != latest.epoch or position.seq > latest.seq:
+                self._write(broadcast.encoded(self._wire))
+
+    def _joined(self, channel: Channel, response: dict[str, Any]) -> None:
         channel.joined = True
         name = channel.topic.name
         self.node.metrics.joins.labels(channel.topic.family).inc()
         state = self.node.presence.join(self, name) if channel.tracked else None
-        self._push(Message.reply(channel.join_ref, channel.reply_ref, name, "ok", {}))
+        self._push(Message.reply(channel.join_ref, channel.reply_ref, name, "ok", response))
         if state is not None:
             # Taken after tracking, so it includes the joiner; the batched diff of this join comes
             # later and is idempotent for phoenix.js (merged by phx_ref).
@@ -185,6 +246,8 @@ class Session:
 
     def _drop_channel(self, channel: Channel) -> None:
         del self.channels[channel.topic.name]
+        if self._held is not None:
+            self._held.pop(channel.topic.name, None)
         self.node.unsubscribe(channel.topic.name, self)
         if channel.joined:
             if channel.tracked:

@@ -102,8 +102,10 @@ class ServerProcess:
 
 def server_env(**overrides: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PUSH_")}
+    # History off unless a test asks for it: frames are then exactly Phoenix's (ref null on broadcasts,
+    # empty join responses), which is what the protocol tests pin down. tests/test_history.py turns it on.
     env.update({"PUSH_SERVICE_KEY": PUBLISH_KEY, "PUSH_JWT_SECRET": JWT_SECRET, "PUSH_LOG_FORMAT": "json",
-                "PYTHONUNBUFFERED": "1"})
+                "PUSH_HISTORY_SIZE": "0", "PYTHONUNBUFFERED": "1"})
     env.update(overrides)
     return env
 

@@ -6,18 +6,21 @@ from collections.abc import Callable
 
 from push_service.broker.base import Broker, BrokerUnavailable
 from push_service.broker.memory import MemoryBroker
+from push_service.config import Settings
 
 
-def create_broker(url: str, node_id: str, on_state: Callable[[bool], None]) -> Broker:
+def create_broker(settings: Settings, node_id: str, on_state: Callable[[bool], None],
+                  on_evict: Callable[[], None]) -> Broker:
     """The broker PUSH_BROKER names; the redis and nats clients are optional extras."""
+    url = settings.broker
     if url == "memory":
-        return MemoryBroker()
+        return MemoryBroker(settings, on_evict)
     if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
         from push_service.broker.redis import RedisBroker
-        return RedisBroker(url, node_id, on_state)
+        return RedisBroker(url, node_id, on_state, settings)
     if url.startswith(("nats://", "tls://")):
         from push_service.broker.nats import NatsBroker
-        return NatsBroker(url, node_id, on_state)
+        return NatsBroker(url, node_id, on_state, settings)
     raise ValueError(f"unknown broker {url!r}")
 
 

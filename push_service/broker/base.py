@@ -8,8 +8,9 @@ replicated trackers travel over the same per-topic channel, as `Signal`s.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
+from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -48,6 +49,12 @@ class Broker(ABC):
 
     async def send_signal(self, topic: str, data: bytes) -> None:  # noqa: B027 - single-node: nobody to tell
         """Send a presence signal to the other nodes hearing `topic`."""
+
+    def recover(self, topic: str, since: Position | None,
+                limit: int | None = None) -> Recovery | Awaitable[Recovery] | None:
+        """The topic's current position and what came after `since` (None: history is off).
+        May answer at once or as an awaitable; raises BrokerUnavailable."""
+        return None
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
         """Where cluster-wide presence lives; None: presence is this node's alone."""

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.config import Settings
+from push_service.history.memory import MemoryHistory
+from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 
 
 class MemoryBroker(Broker):
     name = "memory"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings | None = None, on_evict: Callable[[], None] | None = None) -> None:
+        settings = settings or Settings()
         self._deliver: Deliver | None = None
+        self._history = (MemoryHistory(settings.history_size, settings.history_ttl, settings.history_max_bytes,
+                                       on_evict) if settings.history_size else None)
 
     async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
         self._deliver = deliver
@@ -21,8 +27,14 @@ class MemoryBroker(Broker):
         deliver = self._deliver
         if deliver is None:
             raise BrokerUnavailable("broker not started")
+        history = self._history
         for broadcast in broadcasts:
+            if history is not None:
+                history.append(broadcast)
             deliver(broadcast)
+
+    def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Recovery | None:
+        return None if self._history is None else self._history.recover(topic, since, limit)
 
     def subscribe(self, topic: str) -> bool:
         return True

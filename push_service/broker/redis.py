@@ -13,11 +13,12 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from push_service.broker import envelope
 from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
-from push_service.config import redact_url
+from push_service.config import Settings, redact_url
+from push_service.history.position import Position, Recovery, new_epoch
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -37,15 +38,47 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 SUBSCRIBE_CHUNK = 1000
 
 
+# Position, store and publish in one step, so every node sees one order and one numbering.
+# KEYS: the topic's meta hash (epoch e, last seq s), its history stream, its pub/sub channel.
+# ARGV: a new epoch (used if none), stream length, stream TTL, meta TTL, event, payload, published
+# at, and the envelope's two halves around the position.
+PUBLISH_SCRIPT = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', 'e', ARGV[5], 'p', ARGV[6], 't', ARGV[7])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+local position = epoch .. '~' .. seq
+redis.call('PUBLISH', KEYS[3], ARGV[8] .. position .. ARGV[9])
+return position
+"""
+
+
+def _history_keys(topic: str) -> tuple[str, str]:
+    # One hash tag per topic keeps a topic's keys in one slot (Redis Cluster).
+    return f"push:{{{topic}}}:meta", f"push:{{{topic}}}:history"
+
+
 class RedisBroker(Broker):
     name = "redis"
 
-    def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None,
+                 settings: Settings | None = None) -> None:
+        settings = settings or Settings()
+        self._history_size = settings.history_size
+        self._history_ttl = settings.history_ttl
+        # The counter outlives the stream, so a stream that expired never reuses a position.
+        self._meta_ttl = int(max(settings.history_ttl * 10, 86400))
         self.node_id = node_id
         self._url = url
         self._on_state = on_state or (lambda up: None)
         self._client = aioredis.from_url(url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT,
                                          health_check_interval=0)
+        self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
         self._topics: set[str] = set()       # what this node wants to hear
         self._unconfirmed: set[str] = set()  # subscribed, waiting for Redis's acknowledgement
         self._commands: list[tuple[str, str]] = []  # (un)subscribes waiting for the sender task
@@ -71,16 +104,59 @@ class RedisBroker(Broker):
         if not self._ready:
             raise BrokerUnavailable("redis unavailable")
         try:
-            if len(broadcasts) == 1:
-                broadcast = broadcasts[0]
-                await self._client.publish(CHANNEL_PREFIX + broadcast.topic, envelope.pack_broadcast(broadcast))
-            else:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for broadcast in broadcasts:
-                        pipe.publish(CHANNEL_PREFIX + broadcast.topic, envelope.pack_broadcast(broadcast))
-                    await pipe.execute()
+            # One pipeline keeps a batch in order; each script call is atomic on its own.
+            async with self._client.pipeline(transaction=False) as pipe:
+                for broadcast in broadcasts:
+                    channel = CHANNEL_PREFIX + broadcast.topic
+                    if self._history_size:
+                        head, tail = envelope.split_broadcast(broadcast)
+                        await self._publish_script(keys=[*_history_keys(broadcast.topic), channel], client=pipe, args=[
+                            new_epoch(), self._history_size, int(self._history_ttl) + 1, self._meta_ttl,
+                            broadcast.event, broadcast.payload_json, time.time(), head, tail])
+                    else:
+                        pipe.publish(channel, envelope.pack_broadcast(broadcast))
+                await pipe.execute()
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"redis publish failed: {type(exc).__name__}") from None
+
+    async def _recover(self, topic: str, since: Position | None, limit: int | None) -> Recovery:
+        meta, stream = _history_keys(topic)
+        count = min(limit or self._history_size, self._history_size)
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(meta, "e", new_epoch())  # a topic never published to gets its epoch now
+                pipe.expire(meta, self._meta_ttl, nx=True)
+                pipe.hmget(meta, "e", "s")
+                if since is None:
+                    pipe.xrevrange(stream, count=count)
+                else:
+                    pipe.xrange(stream, min=f"{since.seq + 1}-0", count=count + 1)
+                *_, (epoch, seq), entries = await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise BrokerUnavailable(f"redis history read failed: {type(exc).__name__}") from None
+        current = Position(epoch.decode(), int(seq or 0))
+        if since is None:
+            entries.reverse()
+        expired_before = time.time() - self._history_ttl
+        messages = [Broadcast(topic, fields[b"e"].decode(), fields[b"p"], None,
+                              Position(current.epoch, int(entry_id.split(b"-", 1)[0])))
+                    for entry_id, fields in entries if float(fields[b"t"]) >= expired_before]
+        if since is None:
+            return Recovery(current, True, messages)
+        if since.epoch != current.epoch or since.seq > current.seq:
+            return Recovery(current, False)
+        wanted = current.seq - since.seq
+        complete = len(messages) == wanted and (not messages or messages[0].position.seq == since.seq + 1)  # type: ignore[union-attr]
+        if limit is not None and wanted > limit:
+            return Recovery(current, False, messages[:limit])
+        return Recovery(current, complete, messages if complete else [])
+
+    def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
+        if not self._history_size:
+            return None
+        if not self._ready:
+            raise BrokerUnavailable("redis unavailable")
+        return self._recover(topic, since, limit)
 
     async def send_signal(self, topic: str, data: bytes) -> None:
         await self._client.publish(CHANNEL_PREFIX + topic, envelope.pack_signal(topic, self.node_id, data))

@@ -42,9 +42,10 @@ class Serializer:
     def encode(self, message: Message) -> bytes:
         raise NotImplementedError
 
-    def encode_broadcast(self, topic: str, event: str, payload_json: bytes) -> bytes:
-        """A fan-out frame (no join_ref, no ref) around an already-encoded payload, embedded as is."""
-        return self.encode(Message(None, None, topic, event, orjson.Fragment(payload_json)))
+    def encode_broadcast(self, topic: str, event: str, payload_json: bytes, ref: str | None = None) -> bytes:
+        """A fan-out frame (no join_ref; ref null, or the history position) around an already-encoded
+        payload, embedded as is."""
+        return self.encode(Message(None, ref, topic, event, orjson.Fragment(payload_json)))
 
     def __repr__(self) -> str:
         return f"<Serializer vsn={self.vsn}>"
