@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from push_service.broker import envelope
 from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
-from push_service.config import redact_url
+from push_service.config import Settings, redact_url
+from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -25,7 +27,9 @@ try:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
     from nats.errors import Error as NatsError
-    from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+    from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
+    from nats.js.client import JetStreamContext
+    from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
     from nats.js.kv import KeyValue
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("PUSH_BROKER=nats://... needs the nats extra: pip install 'push-service[nats]'") from exc
@@ -33,25 +37,36 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 log = logging.getLogger("push_service.broker")
 
 SUBJECT_PREFIX = "push.t."
+HISTORY_PREFIX = "push.h."
+HISTORY_STREAM = "PUSH_HISTORY"
 COMMAND_TIMEOUT = 2.0
 PRESENCE_BUCKET = "push_presence"
 NODES_BUCKET = "push_nodes"
 
 
-def subject_for(topic: str) -> str:
+def subject_for(topic: str, prefix: str = SUBJECT_PREFIX) -> str:
     """Topics may hold '.', '*', '>' or spaces, which mean something in a subject: encode them away."""
-    return SUBJECT_PREFIX + base64.urlsafe_b64encode(topic.encode()).decode().rstrip("=")
+    return prefix + base64.urlsafe_b64encode(topic.encode()).decode().rstrip("=")
 
 
 class NatsBroker(Broker):
     name = "nats"
 
-    def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None) -> None:
+    def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None,
+                 settings: Settings | None = None) -> None:
+        settings = settings or Settings()
+        # With history on, broadcasts go through a JetStream stream: the stream's sequence is the
+        # position, and every node hears each topic through an ordered consumer, in stream order.
+        self._history_size = settings.history_size
+        self._history_ttl = settings.history_ttl
+        self._js: JetStreamContext | None = None
+        self._epoch = ""
         self.node_id = node_id
         self._url = url
         self._on_state = on_state or (lambda up: None)
         self._nc: Client | None = None
-        self._subscriptions: dict[str, Subscription] = {}
+        self._subscriptions: dict[str, Subscription] = {}          # core: signals, and broadcasts without history
+        self._history_subscriptions: dict[str, Subscription] = {}  # JetStream: broadcasts with history
         self._to_subscribe: list[str] = []
         self._wake = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
@@ -84,16 +99,37 @@ class NatsBroker(Broker):
                                                            "error": f"{type(exc).__name__}: {exc}"})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        if self._history_size:
+            await self._ensure_history_stream()
         log.info("nats connected", extra={"event": "broker_up", "broker": redact_url(self._url)})
         self._set_ready(True)
         self._connected.set()
         await self._subscribe_loop()
+
+    async def _ensure_history_stream(self) -> None:
+        assert self._nc is not None
+        self._js = self._nc.jetstream(timeout=COMMAND_TIMEOUT)
+        config = StreamConfig(name=HISTORY_STREAM, subjects=[HISTORY_PREFIX + ">"], storage=StorageType.MEMORY,
+                              max_msgs_per_subject=self._history_size, max_age=self._history_ttl,
+                              discard=DiscardPolicy.OLD)
+        try:
+            info = await self._js.stream_info(HISTORY_STREAM)
+            info = await self._js.update_stream(config)
+        except NotFoundError:
+            info = await self._js.add_stream(config)
+        # A stream created anew (a NATS restart lost its memory) starts a new epoch.
+        self._epoch = hashlib.sha256(str(info.created).encode()).hexdigest()[:12]
 
     async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
         nc = self._nc
         if nc is None or not self._ready or not nc.is_connected:
             raise BrokerUnavailable("nats unavailable")
         try:
+            if self._js is not None:
+                for broadcast in broadcasts:  # one after the other: each ack fixes its position
+                    await self._js.publish(subject_for(broadcast.topic, HISTORY_PREFIX),
+                                           envelope.pack_broadcast(broadcast), timeout=COMMAND_TIMEOUT)
+                return
             for broadcast in broadcasts:
                 await nc.publish(subject_for(broadcast.topic), envelope.pack_broadcast(broadcast))
             # The PONG comes after the server has taken every message before it: accepted means sent.
@@ -118,10 +154,11 @@ class NatsBroker(Broker):
         if topic in self._to_subscribe:
             self._to_subscribe.remove(topic)
             return
-        subscription = self._subscriptions.pop(topic, None)
-        if subscription is not None:
-            task = asyncio.ensure_future(subscription.unsubscribe())
-            task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
+        for subscriptions in (self._subscriptions, self._history_subscriptions):
+            subscription = subscriptions.pop(topic, None)
+            if subscription is not None:
+                task = asyncio.ensure_future(subscription.unsubscribe())
+                task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
         return NatsPresenceStore(self._client, node_timeout)
@@ -157,6 +194,10 @@ class NatsBroker(Broker):
                 for topic in topics:
                     self._subscriptions[topic] = await self._nc.subscribe(
                         subject_for(topic), cb=self._on_message, pending_msgs_limit=0, pending_bytes_limit=0)
+                    if self._js is not None:
+                        self._history_subscriptions[topic] = await self._js.subscribe(
+                            subject_for(topic, HISTORY_PREFIX), cb=self._on_history_message, ordered_consumer=True,
+                            deliver_policy=DeliverPolicy.NEW, pending_msgs_limit=0, pending_bytes_limit=0)
                 # One round trip for the lot: after the PONG the server has every subscription.
                 await self._nc.flush(timeout=COMMAND_TIMEOUT)
             except (NatsError, OSError, asyncio.TimeoutError) as exc:
@@ -178,6 +219,68 @@ class NatsBroker(Broker):
             self._deliver(item)
         elif item[1] != self.node_id:
             self._signal(item[0], item[2])
+
+    async def _on_history_message(self, message: Msg) -> None:
+        assert self._deliver is not None
+        try:
+            item = envelope.unpack(message.data)
+        except envelope.EnvelopeError:
+            log.warning("foreign message on a push subject", extra={"event": "bad_envelope"})
+            return
+        if isinstance(item, Broadcast):
+            item.position = Position(self._epoch, message.metadata.sequence.stream)
+            self._deliver(item)
+
+    def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
+        if not self._history_size:
+            return None
+        if self._js is None or not self._ready:
+            raise BrokerUnavailable("nats unavailable")
+        return self._recover(self._js, topic, since, limit)
+
+    async def _recover(self, js: JetStreamContext, topic: str, since: Position | None,
+                       limit: int | None) -> Recovery:
+        subject = subject_for(topic, HISTORY_PREFIX)
+        try:
+            try:
+                last = (await js.get_last_msg(HISTORY_STREAM, subject)).seq or 0
+            except NotFoundError:
+                last = 0
+            current = Position(self._epoch, last)
+            if since is not None and (since.epoch != self._epoch or since.seq > last):
+                return Recovery(current, False)
+            if last == 0 or (since is not None and since.seq == last):
+                return Recovery(current, True)
+            # Positions are stream-wide, so a topic's are not consecutive: the recovery is known to be
+            # complete when the message at `since` itself is still kept (the stream drops oldest first).
+            start = since.seq if since is not None else 1
+            messages: list[Broadcast] = []
+            first_seq = None
+            subscription = await js.subscribe(subject, ordered_consumer=True,
+                                              deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                              config=ConsumerConfig(opt_start_seq=start))
+            try:
+                while True:
+                    message = await subscription.next_msg(timeout=COMMAND_TIMEOUT)
+                    seq = message.metadata.sequence.stream
+                    first_seq = seq if first_seq is None else first_seq
+                    if since is None or seq > since.seq:
+                        item = envelope.unpack(message.data)
+                        if isinstance(item, Broadcast):
+                            item.position = Position(self._epoch, seq)
+                            messages.append(item)
+                    if seq >= last:
+                        break
+            finally:
+                await subscription.unsubscribe()
+        except (NatsError, OSError, asyncio.TimeoutError, envelope.EnvelopeError) as exc:
+            raise BrokerUnavailable(f"nats history read failed: {type(exc).__name__}") from None
+        if since is None:
+            return Recovery(current, True, messages[-limit:] if limit else messages)
+        complete = first_seq == since.seq
+        if limit is not None and len(messages) > limit:
+            return Recovery(current, False, messages[:limit])
+        return Recovery(current, complete, messages if complete else [])
 
     async def _disconnected(self) -> None:
         if self._ready:
