@@ -11,6 +11,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Coroutine
 from typing import Any
 
 import orjson
@@ -91,18 +92,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         announce(settings.port)
         return _run_workers(settings)
     try:
-        asyncio.run(app.serve(settings, announce))
+        run(app.serve(settings, announce))
     except OSError as exc:
         print(f"push-service: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
 
 
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run the server on uvloop when it is installed (the `fast` extra), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def _worker(settings: Settings) -> None:
     from push_service import app, logs
 
     logs.setup(settings.log_level, settings.log_format)
-    asyncio.run(app.serve(settings, reuse_port=True))
+    run(app.serve(settings, reuse_port=True))
 
 
 def _run_workers(settings: Settings) -> int:
