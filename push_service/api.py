@@ -6,6 +6,8 @@ Every answer is JSON with an honest status code: 200 on success, never 200 with 
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +28,7 @@ log = logging.getLogger("push_service.api")
 NEW_MSG = "new_msg"
 # Client-side Phoenix control events: a broadcast of one of these would break clients' channels.
 RESERVED_EVENT_PREFIX = "phx_"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a caller's X-Request-Id is kept when it looks like one
 MAX_EVENT_BYTES = 255
 
 
@@ -258,21 +261,29 @@ def add_routes(app: web.Application, node: Node) -> None:
 
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """JSON errors for every failure, and one request counter labelled by route, not by raw path."""
+    """JSON errors for every failure, a request id on every answer, and one request counter
+    labelled by route, not by raw path."""
     request["started"] = time.time()  # wall clock: carried to other nodes with the broadcast
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    route = request.match_info.route.resource
+    label = route.canonical if route is not None else "unmatched"
     try:
         response = await handler(request)
     except ApiError as exc:
         response = json_response({"error": exc.message}, exc.status)
+        level = logging.WARNING if exc.status >= 500 else logging.INFO
+        log.log(level, "request refused", extra={"event": "http_refused", "request_id": request_id, "route": label,
+                                                 "method": request.method, "status": exc.status, "error": exc.message})
     except web.HTTPException as exc:  # 404, 405 from the router
         response = json_response({"error": exc.reason.lower()}, exc.status)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
     except Exception:
-        log.exception("unhandled error", extra={"event": "http_error", "path": request.path})
+        log.exception("unhandled error", extra={"event": "http_error", "request_id": request_id, "route": label})
         response = json_response({"error": "internal server error"}, 500)
+    if not response.prepared:  # an upgraded WebSocket has sent its headers already
+        response.headers["X-Request-Id"] = request_id
     node: Node = request.app["node"]
-    route = request.match_info.route.resource
-    label = route.canonical if route is not None else "unmatched"
     node.metrics.http_requests.labels(label, request.method, str(response.status)).inc()
     return response

@@ -7,6 +7,7 @@ session a `Connection` to write framed bytes to and to close.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,6 +20,9 @@ from push_service.topics import Topic, may_join, parse_topic
 
 if TYPE_CHECKING:
     from push_service.node import Node
+
+
+log = logging.getLogger("push_service.session")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +266,13 @@ class Session:
             return
         self._disconnected = self._closing = True
         self.node.metrics.disconnects.labels(disconnect.reason).inc()
+        fields = {"event": "disconnect", "reason": disconnect.reason, "code": disconnect.code,
+                  "connection": self.id, "sub": self.identity.sub, "topics": len(self.channels)}
         if disconnect is SLOW_CONSUMER:
             self.node.metrics.slow_consumers.inc()
+            log.warning("slow consumer dropped", extra=fields)
+        elif disconnect is not DRAIN and disconnect is not SHUTDOWN:  # those are logged once per node
+            log.info("connection closed by the server", extra=fields)
         self._drop_all_channels()
         self.conn.close(disconnect)
 
