@@ -19,7 +19,7 @@ from push_service.broker import BrokerUnavailable
 from push_service.history.position import Position
 from push_service.hub import Broadcast
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from push_service.node import Node, NodeDraining
+from push_service.node import NODE, Node, NodeDraining
 from push_service.presence.base import state_payload
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, parse_topic, topic_for
 
@@ -28,6 +28,7 @@ log = logging.getLogger("push_service.api")
 NEW_MSG = "new_msg"
 # Client-side Phoenix control events: a broadcast of one of these would break clients' channels.
 RESERVED_EVENT_PREFIX = "phx_"
+STARTED = web.RequestKey("started", float)  # time.time() when the request arrived
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a caller's X-Request-Id is kept when it looks like one
 MAX_EVENT_BYTES = 255
 
@@ -58,7 +59,7 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _check_bearer_key(request: web.Request, header: str) -> None:
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not node.publish_keys.check(key.strip()):
         raise ApiError(401, "invalid publish key")
@@ -74,7 +75,7 @@ def require_bearer_key(request: web.Request) -> None:
 
 async def read_authorized_object(request: web.Request) -> dict[str, Any]:
     """The JSON object body of a publish request, once the publish key is checked."""
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     header = request.headers.get("Authorization")
     if header is not None:
         _check_bearer_key(request, header)
@@ -124,7 +125,7 @@ def _broadcast_from(item: Any, where: str, started: float) -> Broadcast:
 
 
 async def _publish(request: web.Request, broadcasts: list[Broadcast], endpoint: str) -> web.Response:
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     try:
         delivered = await node.publish(broadcasts, endpoint)
     except NodeDraining:
@@ -148,14 +149,14 @@ def family_endpoint(family: str, field: str, endpoint: str, hint: str = "") -> H
         topic = topic_for(family, _id_field(body, field, hint))
         if parse_topic(topic) is None:
             raise ApiError(400, f"field {field!r} is too long: a topic is at most 255 bytes")
-        return await _publish(request, [Broadcast.of(topic, NEW_MSG, body, request["started"])], endpoint)
+        return await _publish(request, [Broadcast.of(topic, NEW_MSG, body, request[STARTED])], endpoint)
 
     return handler
 
 
 async def broadcast(request: web.Request) -> web.StreamResponse:
     body = await read_authorized_object(request)
-    return await _publish(request, [_broadcast_from(body, "body", request["started"])], "broadcast")
+    return await _publish(request, [_broadcast_from(body, "body", request[STARTED])], "broadcast")
 
 
 async def batch(request: web.Request) -> web.StreamResponse:
@@ -163,7 +164,7 @@ async def batch(request: web.Request) -> web.StreamResponse:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "field 'messages' must be a non-empty list of {topic, event, payload}")
-    started = request["started"]
+    started = request[STARTED]
     # Validate all before publishing any: a batch is taken whole or not at all.
     broadcasts = [_broadcast_from(item, f"messages[{index}]", started) for index, item in enumerate(messages)]
     return await _publish(request, broadcasts, "batch")
@@ -171,7 +172,7 @@ async def batch(request: web.Request) -> web.StreamResponse:
 
 def _presence_topic(request: web.Request) -> str:
     require_bearer_key(request)
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     name = request.match_info["topic"]
     topic = parse_topic(name)
     if topic is None:
@@ -183,13 +184,13 @@ def _presence_topic(request: web.Request) -> str:
 
 async def presence_state(request: web.Request) -> web.StreamResponse:
     topic = _presence_topic(request)
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     return json_response({"topic": topic, "presences": state_payload(node.presence.list(topic))})
 
 
 async def presence_count(request: web.Request) -> web.StreamResponse:
     topic = _presence_topic(request)
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     metas = node.presence.list(topic)
     return json_response({"topic": topic, "users": len(metas),
                           "connections": sum(len(entries) for entries in metas.values())})
@@ -198,7 +199,7 @@ async def presence_count(request: web.Request) -> web.StreamResponse:
 async def history(request: web.Request) -> web.StreamResponse:
     """What a backend (or a client's backend-side refetch) can read back: `since` a position, or the latest."""
     require_bearer_key(request)
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     topic = request.match_info["topic"]
     if parse_topic(topic) is None:
         raise ApiError(400, f"unknown topic family {topic!r} (room:lobby:<id>, room:topic:<id>, room:<id>, user:<id>)")
@@ -227,7 +228,7 @@ async def health(request: web.Request) -> web.StreamResponse:
 
 
 async def ready(request: web.Request) -> web.StreamResponse:
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     if node.ready:
         return json_response({"status": "ready"})
     error = "draining" if node.draining else "broker unavailable"
@@ -235,7 +236,7 @@ async def ready(request: web.Request) -> web.StreamResponse:
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     return web.Response(body=node.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
@@ -263,7 +264,7 @@ def add_routes(app: web.Application, node: Node) -> None:
 async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
     """JSON errors for every failure, a request id on every answer, and one request counter
     labelled by route, not by raw path."""
-    request["started"] = time.time()  # wall clock: carried to other nodes with the broadcast
+    request[STARTED] = time.time()  # wall clock: carried to other nodes with the broadcast
     given = request.headers.get("X-Request-Id", "")
     request_id = given if REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
     route = request.match_info.route.resource
@@ -284,6 +285,6 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = json_response({"error": "internal server error"}, 500)
     if not response.prepared:  # an upgraded WebSocket has sent its headers already
         response.headers["X-Request-Id"] = request_id
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     node.metrics.http_requests.labels(label, request.method, str(response.status)).inc()
     return response

@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from push_service import api
+from push_service import api, console
 from push_service.broker import Broker
 from push_service.config import Settings
-from push_service.node import Node
-from push_service.transports import websocket
+from push_service.node import NODE, Node
+from push_service.transports import longpoll, websocket
 
 log = logging.getLogger("push_service")
 
@@ -22,9 +22,11 @@ log = logging.getLogger("push_service")
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
     node = Node(settings, broker)
     app = web.Application(middlewares=[api.errors_and_metrics], handler_args={"access_log": None})
-    app["node"] = node
+    app[NODE] = node
     api.add_routes(app, node)
     app.router.add_get("/socket/websocket", websocket.handle)
+    longpoll.setup(app, node)
+    console.setup(app, node)
 
     async def start(_: web.Application) -> None:
         await node.start()
@@ -67,6 +69,6 @@ async def serve(settings: Settings, announce: Callable[[int], None] | None = Non
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping", extra={"event": "stopping"})
-    await app["node"].drain()
+    await app[NODE].drain()
     await runner.cleanup()
     log.info("stopped", extra={"event": "stopped"})

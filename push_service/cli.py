@@ -145,16 +145,19 @@ def _run_workers(settings: Settings) -> int:
     return 0 if stopping and all(code == 0 for code in codes) else max(1, *codes)
 
 
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(flag, "must be a JSON object")
+    return value
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    info: dict[str, Any] | None = None
-    if args.info:
-        try:
-            info = orjson.loads(args.info)
-        except orjson.JSONDecodeError:
-            raise ConfigError("--info", "must be a JSON object") from None
-        if not isinstance(info, dict):
-            raise ConfigError("--info", "must be a JSON object")
+    info = _json_object(args.info, "--info") if args.info else None
     try:
         ttl = parse_duration(args.ttl)
     except ValueError as exc:
@@ -174,12 +177,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    try:
-        data = orjson.loads(args.data)
-    except orjson.JSONDecodeError:
-        raise ConfigError("--data", "must be a JSON object") from None
-    if not isinstance(data, dict):
-        raise ConfigError("--data", "must be a JSON object")
+    data = _json_object(args.data, "--data")
     if args.topic:
         path, body = "/api/broadcast", {"topic": args.topic, "event": args.event, "payload": data}
     elif args.channel:

@@ -113,6 +113,10 @@ class Hub:
     def subscriber_count(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
 
+    def subscriber_counts(self) -> dict[str, int]:
+        """Topic -> local subscribers, for every topic with any."""
+        return {topic: len(subscribers) for topic, subscribers in self._topics.items()}
+
     @property
     def topic_count(self) -> int:
         return len(self._topics)

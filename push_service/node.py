@@ -11,6 +11,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
+from aiohttp import web
+
 from push_service.auth import Identity, PublishKeys, TokenVerifier
 from push_service.broker import Broker, BrokerUnavailable, create_broker
 from push_service.config import Settings
@@ -235,3 +237,7 @@ class Node:
         self.metrics.frames_delivered.inc(count)
         if broadcast.published_at is not None:
             self.metrics.publish_latency.observe(max(0.0, time.time() - broadcast.published_at))
+
+
+# Where the aiohttp application keeps its node.
+NODE = web.AppKey("node", Node)

@@ -545,14 +545,19 @@ async def test_dev_mode_banner_and_generated_keys_work():
         async with aiohttp.ClientSession() as http:
             async with http.ws_connect(ws_url.group(1)) as ws:
                 await ws.send_json(["1", "1", "room:lobby:42", "phx_join", {}])
-                assert await ws.receive_json(timeout=5) == [
-                    "1", "1", "room:lobby:42", "phx_reply", {"status": "ok", "response": {}}]
+                reply = await ws.receive_json(timeout=5)
+                # The defaults keep history: the reply carries the topic's position, broadcasts theirs.
+                position = reply[4]["response"]["position"]
+                assert reply == ["1", "1", "room:lobby:42", "phx_reply",
+                                 {"status": "ok", "response": {"position": position}}]
+                epoch, seq = position.split("~")
                 response = await http.post(publish_url, json={"channel_id": "42", "message": "hello"},
                                            headers={"Authorization": f"Bearer {key}"})
                 assert response.status == 200
                 assert (await response.json())["delivered"] == 1
                 assert await ws.receive_json(timeout=5) == [
-                    None, None, "room:lobby:42", "new_msg", {"channel_id": "42", "message": "hello"}]
+                    None, f"{epoch}~{int(seq) + 1}", "room:lobby:42", "new_msg",
+                    {"channel_id": "42", "message": "hello"}]
     finally:
         if process.returncode is None:
             process.terminate()

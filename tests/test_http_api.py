@@ -640,7 +640,7 @@ async def test_json_content_type_with_charset_is_accepted(api: Api) -> None:
 
 
 @pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("POST", "/api/nope"), ("GET", "/api"),
-                                              ("GET", "/socket/longpoll")])
+                                              ("GET", "/socket/nope")])
 async def test_unknown_path_is_404_json(api: Api, method: str, path: str) -> None:
     reply = await api.request(method, path)
     assert reply.status == 404

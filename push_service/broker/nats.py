@@ -209,6 +209,12 @@ class NatsBroker(Broker):
                     self._confirmed(topic)
 
     async def _on_message(self, message: Msg) -> None:
+        self._handle(message, None)
+
+    async def _on_history_message(self, message: Msg) -> None:
+        self._handle(message, Position(self._epoch, message.metadata.sequence.stream))
+
+    def _handle(self, message: Msg, position: Position | None) -> None:
         assert self._deliver is not None and self._signal is not None
         try:
             item = envelope.unpack(message.data)
@@ -216,20 +222,11 @@ class NatsBroker(Broker):
             log.warning("foreign message on a push subject", extra={"event": "bad_envelope"})
             return
         if isinstance(item, Broadcast):
+            if position is not None:
+                item.position = position
             self._deliver(item)
         elif item[1] != self.node_id:
             self._signal(item[0], item[2])
-
-    async def _on_history_message(self, message: Msg) -> None:
-        assert self._deliver is not None
-        try:
-            item = envelope.unpack(message.data)
-        except envelope.EnvelopeError:
-            log.warning("foreign message on a push subject", extra={"event": "bad_envelope"})
-            return
-        if isinstance(item, Broadcast):
-            item.position = Position(self._epoch, message.metadata.sequence.stream)
-            self._deliver(item)
 
     def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
         if not self._history_size:
@@ -253,7 +250,8 @@ class NatsBroker(Broker):
                 return Recovery(current, True)
             # Positions are stream-wide, so a topic's are not consecutive: the recovery is known to be
             # complete when the message at `since` itself is still kept (the stream drops oldest first).
-            start = since.seq if since is not None else 1
+            # JetStream sequences start at 1 (and refuse a start of 0): `~0` is a join before anything was kept.
+            start = max(since.seq, 1) if since is not None else 1
             messages: list[Broadcast] = []
             first_seq = None
             subscription = await js.subscribe(subject, ordered_consumer=True,
@@ -279,7 +277,8 @@ class NatsBroker(Broker):
             return Recovery(current, True, messages[-limit:] if limit else messages)
         complete = first_seq == since.seq
         if limit is not None and len(messages) > limit:
-            return Recovery(current, False, messages[:limit])
+            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
+            return Recovery(current, False, messages[:limit] if complete else [])
         return Recovery(current, complete, messages if complete else [])
 
     async def _disconnected(self) -> None:

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 
 from push_service.auth import AuthError
 from push_service.hub import Wire
-from push_service.node import Node
+from push_service.node import NODE, Node
 from push_service.protocol import V1, V2, negotiate
 from push_service.session import Disconnect
 
@@ -102,7 +102,7 @@ def _refuse(node: Node, status: int, reason: str, message: str) -> web.Response:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    node: Node = request.app["node"]
+    node: Node = request.app[NODE]
     if node.draining:
         return _refuse(node, 503, "draining", "this node is shutting down; reconnect")
     if not node.origins.allows(request.headers.get("Origin")):

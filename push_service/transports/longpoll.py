@@ -1,0 +1,389 @@
+"""The Phoenix long-poll transport: `/socket/longpoll`, for clients whose WebSocket cannot get through.
+
+Wire facts, as Phoenix (lib/phoenix/transports/long_poll.ex) and phoenix.js (longpoll.js) have them:
+
+* Every answer is HTTP 200 with the logical status in a JSON body:
+  `{"status": 410, "token": T, "messages": []}` opens a session, `{"status": 200, "token": T,
+  "messages": [<frame strings>]}` carries frames, `{"status": 204, ...}` ends an empty window,
+  `{"status": 403}` refuses, `{"status": 410}` answers a request for a session that is gone.
+* A GET without a session token connects (same JWT, `vsn` and origin rules as the WebSocket); a GET
+  with one waits up to the window (PUSH_LONGPOLL_WINDOW) for frames. A POST carries one text frame,
+  or `application/x-ndjson` lines (`[`/`{`: a text frame; anything else: a base64 binary frame).
+* The session token comes in `x-phoenix-longpoll-token` or as the query's `token`. phoenix.js
+  appends `token=<session>` after the user's params, so with a user param also named `token` the
+  query holds two: the last one wins, as in Plug.
+* A session that sees no GET for 1.5 windows is closed (phoenix.js sends no heartbeats over
+  long-poll: polling is its sign of life).
+
+A session lives in this process only. Its token is `lp.<random key>.<HMAC of the key>`, signed with
+a secret drawn at start-up, so it cannot be guessed, forged or replayed on another node or after a
+restart: there it is answered 410 ("session gone") and phoenix.js connects afresh.
+
+Frames are queued as JSON string literals: the shared Wire of each protocol version serializes a
+broadcast and quotes it once for every long-poll subscriber, and a poll's answer is a byte join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import secrets
+
+import orjson
+from aiohttp import web
+
+from push_service.auth import AuthError
+from push_service.hub import Wire
+from push_service.node import Node
+from push_service.protocol import V1, V2, negotiate
+from push_service.session import Disconnect, Session
+
+log = logging.getLogger("push_service.longpoll")
+
+PATH = "/socket/longpoll"
+TOKEN_PREFIX = "lp."
+SESSION_HEADER = "x-phoenix-longpoll-token"
+AUTH_TOKEN_HEADER = "x-phoenix-authtoken"  # phoenix.js >= 1.8 `authToken` over long-poll
+NDJSON = "application/x-ndjson"
+# A session with no GET for this many windows is closed (Phoenix: trunc(window_ms * 1.5)).
+INACTIVE_WINDOWS = 1.5
+# A POST body may hold this many PUSH_MAX_FRAME_BYTES (1MiB by default); each frame is checked too.
+BODY_FRAMES = 16
+ALLOW_METHODS = "get, post, options"
+ALLOW_HEADERS = ("accept", "content-type", AUTH_TOKEN_HEADER, SESSION_HEADER)
+JSON_UTF8 = "application/json; charset=utf-8"
+
+TOO_BIG = Disconnect(1009, "message too big")
+INVALID_FRAME = Disconnect(1007, "invalid message")
+
+
+def frame_json_string(payload: bytes) -> bytes:
+    """A serialized frame as the JSON string that goes into a poll answer's `messages`."""
+    return orjson.dumps(payload.decode("utf-8", "replace"))
+
+
+# One Wire per protocol version, shared by every long-poll session: a broadcast is serialized
+# and quoted once per version, whatever the number of long-poll subscribers.
+WIRES = {V1: Wire(V1, frame_json_string), V2: Wire(V2, frame_json_string)}
+
+_STATUS_200 = b'{"status":200}'
+_STATUS_403 = b'{"status":403}'
+_STATUS_410 = b'{"status":410}'
+_STATUS_413 = b'{"status":413}'
+# phoenix.js handles 200, 204, 410, 403 and 500 (anything else throws in its poll loop): a draining
+# node answers 500, which makes the client retry with backoff, most likely on another replica.
+_STATUS_500 = b'{"status":500}'
+
+
+def _with_messages(status: int, token: str, frames: list[bytes]) -> bytes:
+    return b"".join((b'{"status":', str(status).encode(), b',"token":', orjson.dumps(token),
+                     b',"messages":[', b",".join(frames), b"]}"))
+
+
+class LongPollConnection:
+    """A Session's view of one long-poll session: frames wait here until the client's next GET."""
+
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "_transport", "_frames",
+                 "_size", "_waiter")
+    transport_name = "longpoll"
+
+    def __init__(self, transport: LongPollTransport, key: str, token: str, wire: Wire, now: float) -> None:
+        self.key = key
+        self.token = token
+        self.wire = wire
+        self.session: Session | None = None
+        self.polling = 0  # GETs waiting right now
+        self.last_poll = now  # when the last GET started or ended
+        self.gone = False
+        self._transport = transport
+        self._frames: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def send(self, data: bytes) -> int:
+        if self.gone:
+            return 0
+        self._frames.append(data)
+        self._size += len(data)
+        self._wake()
+        return self._size
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Server-side close (token expiry, drain, slow consumer, ...): a waiting GET answers at once."""
+        self._transport.end(self)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> list[bytes]:
+        frames, self._frames, self._size = self._frames, [], 0
+        return frames
+
+    async def wait(self, timeout: float) -> None:
+        """Until a frame is queued or the session ends, at most `timeout` seconds. A newer GET takes
+        over the wake-up; an older one then waits out its window, as in Phoenix."""
+        if self._frames or self.gone:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+
+class LongPollTransport:
+    """The sessions of this node's long-poll clients, the request handler and one inactivity timer."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.window = node.settings.longpoll_window
+        self._secret = secrets.token_bytes(32)
+        self._conns: dict[str, LongPollConnection] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    # --- session tokens
+
+    def _sign(self, key: str) -> str:
+        digest = hmac.new(self._secret, key.encode(), hashlib.sha256).digest()[:18]
+        return base64.urlsafe_b64encode(digest).decode()
+
+    def _new_token(self) -> tuple[str, str]:
+        key = secrets.token_urlsafe(18)
+        return key, f"{TOKEN_PREFIX}{key}.{self._sign(key)}"
+
+    def resolve(self, token: str | None) -> LongPollConnection | bool:
+        """The live session a token names; False: not a session token at all (a new-session GET);
+        True: a session token that names nothing here (forged, another node's, expired: 410)."""
+        if token is None or not token.startswith(TOKEN_PREFIX):
+            return False
+        key, _, signature = token[len(TOKEN_PREFIX):].partition(".")
+        if not key or not hmac.compare_digest(self._sign(key).encode(), signature.encode()):
+            return True
+        conn = self._conns.get(key)
+        return conn if conn is not None and not conn.gone else True
+
+    # --- life cycle
+
+    async def start(self, _app: web.Application) -> None:
+        self._reaper = asyncio.create_task(self._reap(), name="push-longpoll-reaper")
+
+    async def stop(self, _app: web.Application) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    async def _reap(self) -> None:
+        """One timer for every long-poll session: a waiting GET is the client's sign of life (it
+        sends no heartbeats over long-poll); no GET for 1.5 windows ends the session."""
+        settings = self.node.settings
+        tick = min(1.0, self.window / 4, settings.heartbeat_timeout / 4)
+        while True:
+            await asyncio.sleep(tick)
+            now = self.node.now()
+            idle_before = now - self.window * INACTIVE_WINDOWS
+            for conn in list(self._conns.values()):
+                if conn.polling:
+                    if conn.session is not None:
+                        conn.session.last_seen = now
+                elif conn.last_poll < idle_before:
+                    log.debug("long-poll session inactive", extra={"event": "longpoll_inactive"})
+                    self.end(conn)
+
+    def end(self, conn: LongPollConnection) -> None:
+        """The session is over, whoever ended it: release it; requests for it now get 410."""
+        if conn.gone:
+            return
+        conn.gone = True
+        self._conns.pop(conn.key, None)
+        conn._wake()
+        if conn.session is not None:
+            conn.session.closed()
+
+    @property
+    def session_count(self) -> int:
+        return len(self._conns)
+
+    # --- HTTP
+
+    def _answer(self, request: web.Request, body: bytes, status: int = 200) -> web.Response:
+        response = web.Response(status=status, body=body)
+        response.headers["Content-Type"] = JSON_UTF8
+        response.headers["Cache-Control"] = "no-store"
+        self._cors(request, response)
+        return response
+
+    def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin is not None and self.node.settings.allowed_origins and self.node.origins.allows(origin):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        else:
+            # Phoenix answers * always: the Origin is checked on every request, and no cookie is used.
+            response.headers["Access-Control-Allow-Origin"] = "*"
+
+    def _refuse(self, request: web.Request, reason: str, body: bytes = _STATUS_403,
+                status: int = 200) -> web.Response:
+        self.node.metrics.connects_refused.labels(reason).inc()
+        log.info("connection refused", extra={"event": "connect_refused", "reason": reason,
+                                              "transport": LongPollConnection.transport_name})
+        return self._answer(request, body, status)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._dispatch(request)
+        except (asyncio.CancelledError, web.HTTPException):
+            raise
+        except Exception:
+            # phoenix.js understands {"status": 500} (it reconnects); a bare error would stall it.
+            log.exception("long-poll request failed", extra={"event": "http_error", "path": request.path})
+            return self._answer(request, _STATUS_500, 500)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        method = request.method
+        if method not in ("GET", "POST", "OPTIONS"):
+            response = web.Response(status=400, body=orjson.dumps({"error": "long-poll takes GET, POST or OPTIONS"}),
+                                    content_type="application/json")
+            self._cors(request, response)
+            return response
+        if not self.node.origins.allows(request.headers.get("Origin")):
+            return self._refuse(request, "origin")
+        if method == "OPTIONS":
+            return self._preflight(request)
+        token = request.headers.get(SESSION_HEADER)
+        if not token:
+            tokens = request.query.getall("token", ())
+            token = tokens[-1] if tokens else None  # last wins, as in Plug
+        found = self.resolve(token)
+        if method == "POST":
+            if isinstance(found, LongPollConnection):
+                return await self._publish(request, found)
+            return self._answer(request, _STATUS_410)
+        if isinstance(found, LongPollConnection):
+            return await self._poll(request, found)
+        if found:
+            return self._answer(request, _STATUS_410)
+        return self._connect(request, token)
+
+    def _preflight(self, request: web.Request) -> web.Response:
+        requested = [item.strip().lower() for item in
+                     request.headers.get("Access-Control-Request-Headers", "").split(",") if item.strip()]
+        allowed = list(ALLOW_HEADERS) + [item for item in requested if item not in ALLOW_HEADERS]
+        response = web.Response(status=200)
+        self._cors(request, response)
+        response.headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+        response.headers["Access-Control-Allow-Headers"] = ", ".join(allowed)
+        response.headers["Access-Control-Max-Age"] = "3600"
+        return response
+
+    def _connect(self, request: web.Request, query_token: str | None) -> web.Response:
+        node = self.node
+        if node.draining:
+            return self._refuse(request, "draining", _STATUS_500, 503)
+        serializer = negotiate(request.query.get("vsn"))
+        if serializer is None:
+            return self._refuse(request, "vsn")
+        try:
+            identity = node.tokens.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
+        except AuthError as exc:
+            return self._refuse(request, exc.reason)
+        key, token = self._new_token()
+        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now())
+        conn.session = node.open_session(identity, conn, LongPollConnection.transport_name)
+        self._conns[key] = conn
+        return self._answer(request, _with_messages(410, token, []))
+
+    async def _poll(self, request: web.Request, conn: LongPollConnection) -> web.Response:
+        session = conn.session
+        conn.polling += 1
+        conn.last_poll = session.last_seen = self.node.now()
+        try:
+            await conn.wait(self.window)
+        finally:
+            conn.polling -= 1
+            conn.last_poll = self.node.now()
+            if not conn.gone:
+                session.last_seen = conn.last_poll
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # The client went away while we waited: the frames stay for its next poll.
+            return self._answer(request, _STATUS_410)
+        frames = conn.take()
+        if frames:
+            return self._answer(request, _with_messages(200, conn.token, frames))
+        if conn.gone:
+            return self._answer(request, _STATUS_410)
+        return self._answer(request, _with_messages(204, conn.token, []))
+
+    async def _publish(self, request: web.Request, conn: LongPollConnection) -> web.Response:
+        session = conn.session
+        metrics = self.node.metrics
+        frame_limit = self.node.settings.max_frame_bytes
+        body = await self._read_body(request, frame_limit * BODY_FRAMES)
+        if body is None:
+            metrics.client_errors.labels("body_too_big").inc()
+            session.disconnect(TOO_BIG)
+            return self._answer(request, _STATUS_413)
+        if request.content_type == NDJSON:
+            lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
+            frames = [line for line in lines if line]
+        else:
+            frames = [body] if body else []
+            # a single body is a text frame, whatever it starts with
+        for raw in frames:
+            if conn.gone:
+                break
+            frame: str | bytes
+            if request.content_type != NDJSON or raw[:1] in (b"[", b"{"):
+                if len(raw) > frame_limit:
+                    metrics.client_errors.labels("frame_too_big").inc()
+                    session.disconnect(TOO_BIG)
+                    return self._answer(request, _STATUS_413)
+                try:
+                    frame = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    metrics.client_errors.labels("invalid_utf8").inc()
+                    session.disconnect(INVALID_FRAME)
+                    break
+            else:
+                try:
+                    frame = base64.b64decode(raw, validate=True)
+                except (binascii.Error, ValueError):
+                    metrics.client_errors.labels("invalid_base64").inc()
+                    session.disconnect(INVALID_FRAME)
+                    break
+                if len(frame) > frame_limit:
+                    metrics.client_errors.labels("frame_too_big").inc()
+                    session.disconnect(TOO_BIG)
+                    return self._answer(request, _STATUS_413)
+            session.receive(frame)
+        return self._answer(request, _STATUS_410 if conn.gone else _STATUS_200)
+
+    @staticmethod
+    async def _read_body(request: web.Request, limit: int) -> bytes | None:
+        """The whole body, or None when it is longer than `limit`."""
+        if request.content_length is not None and request.content_length > limit:
+            return None
+        body = bytearray()
+        while chunk := await request.content.read(65536):
+            body += chunk
+            if len(body) > limit:
+                return None
+        return bytes(body)
+
+
+def setup(app: web.Application, node: Node) -> LongPollTransport:
+    """Serve `/socket/longpoll` on `app`."""
+    transport = LongPollTransport(node)
+    app.router.add_route("*", PATH, transport.handle)
+    app.on_startup.append(transport.start)
+    app.on_cleanup.append(transport.stop)
+    return transport

@@ -1,0 +1,85 @@
+"""A small HTTP proxy for the long-poll tests: it blocks WebSockets and forwards everything else.
+
+It plays the network element that makes phoenix.js fall back to long-poll (a corporate proxy or
+load balancer that does not pass WebSocket upgrades), and the load balancer in front of several
+nodes (`upstream` can be switched to another node between two requests). It can also serve a few
+static files (the browser test's page and the phoenix.js bundle).
+
+    websocket="refuse": an upgrade to .../websocket is answered 403 (the client sees an error at once)
+    websocket="hang":   an upgrade is accepted by TCP and never answered (the client waits)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "Origin", "Authorization", "X-Phoenix-AuthToken",
+                             "X-Phoenix-Longpoll-Token", "Access-Control-Request-Method",
+                             "Access-Control-Request-Headers")
+DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "date", "server"}
+
+
+class Proxy:
+    def __init__(self, upstream: str, websocket: str = "refuse", static: dict[str, Path] | None = None) -> None:
+        assert websocket in ("refuse", "hang")
+        self.upstream = upstream  # e.g. http://127.0.0.1:4000; may be changed while running
+        self.websocket = websocket
+        self.static = static or {}
+        self.port = 0
+        self.websocket_attempts = 0
+        self.forwarded: list[tuple[str, str, int]] = []  # (method, path, upstream status)
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Proxy:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._http = aiohttp.ClientSession(auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+
+    async def __aenter__(self) -> Proxy:
+        return await self.start()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.path in self.static:
+            path = self.static[request.path]
+            content_type = "text/javascript" if path.suffix in (".js", ".mjs") else "text/html"
+            return web.Response(body=path.read_bytes(), content_type=content_type)
+        if request.path.endswith("/websocket"):
+            self.websocket_attempts += 1
+            if self.websocket == "hang":
+                await asyncio.sleep(3600)
+            return web.Response(status=403, text="WebSockets are blocked by this proxy")
+        assert self._http is not None
+        headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request.headers}
+        async with self._http.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                      data=await request.read(), allow_redirects=False) as upstream:
+            body = await upstream.read()
+            self.forwarded.append((request.method, request.path, upstream.status))
+            response = web.Response(status=upstream.status, body=body)
+            for name, value in upstream.headers.items():
+                if name.lower() not in DROPPED_RESPONSE_HEADERS:
+                    response.headers[name] = value
+            return response
