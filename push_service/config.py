@@ -142,14 +142,14 @@ def _presence_families(raw: str) -> tuple[str, ...]:
     return families
 
 
-BROKER_SCHEMES = ("redis://", "rediss://", "redis+sentinel://", "nats://", "tls://")
+BROKER_SCHEMES = ("redis://", "rediss://", "nats://", "tls://")
 
 
 def _broker(raw: str) -> str:
     value = raw.strip()
     if value == "memory" or value.startswith(BROKER_SCHEMES):
         return value
-    raise ValueError("expected memory, redis://host:6379/0, rediss://..., redis+sentinel://... or nats://host:4222")
+    raise ValueError("expected memory, redis://host:6379/0, rediss://... or nats://host:4222")
 
 
 def _algorithms(raw: str) -> tuple[str, ...]:
@@ -175,13 +175,21 @@ def _public_key(raw: str) -> str | None:
         return handle.read()
 
 
+_SECRET_QUERY = re.compile(r"((?:^|&)(?:password|token)=)[^&]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """A broker URL fit for logs: any password replaced."""
+    """A broker URL fit for logs: any password replaced, a user part without a password too (for NATS,
+    nats://<token>@host is token authentication), and a password or token in the query string
+    (redis-py reads redis://host/0?password=...)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":<redacted>@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if "@" in parts.netloc:
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        parts = parts._replace(netloc=f"{user}:<redacted>@{hosts}" if colon else f"<redacted>@{hosts}")
+    if parts.query:
+        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1<redacted>", parts.query))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,7 @@ OPTIONS: tuple[Option, ...] = (
            "where POST /api/message goes: lobby (room:lobby:<channel_id>, default) or thread "
            "(room:topic:<thread_id>)"),
     Option("broker", "PUSH_BROKER", _broker,
-           "memory (default, one node), redis://host:6379/0 (also rediss://, redis+sentinel://) or "
+           "memory (default, one node), redis://host:6379/0 (also rediss://) or "
            "nats://host:4222: how nodes share publishes and presence", secret=True),
     Option("node_timeout", "PUSH_NODE_TIMEOUT", _positive_duration,
            "a node that stops refreshing its heartbeat for this long drops out of cluster presence (default 15s)"),

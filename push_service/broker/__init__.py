@@ -15,7 +15,7 @@ def create_broker(settings: Settings, node_id: str, on_state: Callable[[bool], N
     url = settings.broker
     if url == "memory":
         return MemoryBroker(settings, on_evict)
-    if url.startswith(("redis://", "rediss://", "redis+sentinel://")):
+    if url.startswith(("redis://", "rediss://")):
         from push_service.broker.redis import RedisBroker
         return RedisBroker(url, node_id, on_state, settings)
     if url.startswith(("nats://", "tls://")):

@@ -148,7 +148,11 @@ class RedisBroker(Broker):
         wanted = current.seq - since.seq
         complete = len(messages) == wanted and (not messages or messages[0].position.seq == since.seq + 1)  # type: ignore[union-attr]
         if limit is not None and wanted > limit:
-            return Recovery(current, False, messages[:limit])
+            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
+            first = messages[:limit]
+            expected = list(range(since.seq + 1, since.seq + 1 + limit))
+            contiguous = [m.position.seq for m in first] == expected  # type: ignore[union-attr]
+            return Recovery(current, False, first if contiguous else [])
         return Recovery(current, complete, messages if complete else [])
 
     def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
@@ -211,6 +215,8 @@ class RedisBroker(Broker):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused, reset, timed out...
+                if self._ready:
+                    backoff = BACKOFF_FIRST  # it was up: this is a new outage, retry quickly first
                 if self._ready or backoff == BACKOFF_FIRST:
                     log.warning("redis unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
                                                             "error": f"{type(exc).__name__}: {exc}"})
