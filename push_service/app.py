@@ -40,6 +40,10 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     return app
 
 
+class ListenError(OSError):
+    """The listening socket could not be opened (address in use, not permitted...)."""
+
+
 def tune_gc() -> None:
     """Fewer, cheaper collections: startup objects are frozen out of every scan, and the young
     generation is allowed to grow before a pass. A server holds many long-lived objects (sessions,
@@ -56,7 +60,11 @@ async def serve(settings: Settings, announce: Callable[[int], None] | None = Non
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_port=reuse_port or None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
     tune_gc()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening", extra={"event": "listening", "host": settings.host, "port": port,

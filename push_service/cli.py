@@ -93,8 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _run_workers(settings)
     try:
         run(app.serve(settings, announce))
-    except OSError as exc:
-        print(f"push-service: cannot listen on {settings.host}:{settings.port}: {exc.strerror}", file=sys.stderr)
+    except app.ListenError as exc:
+        print(f"push-service: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -81,9 +81,10 @@ class Node:
                                     "seconds": self.settings.drain_seconds})
         steps = max(1, int(self.settings.drain_seconds / DRAIN_STEP))
         per_step = max(1, math.ceil(len(sessions) / steps))
-        for start in range(0, len(sessions), per_step):
-            if start:
-                await asyncio.sleep(DRAIN_STEP)
+        begun = self.now()
+        for step, start in enumerate(range(0, len(sessions), per_step)):
+            # Against the clock, not step by step: the loop is busy refusing reconnects meanwhile.
+            await asyncio.sleep(max(0.0, begun + step * DRAIN_STEP - self.now()))
             for session in sessions[start:start + per_step]:
                 session.disconnect(DRAIN)
         log.info("drained", extra={"event": "drain_done", "connections": len(sessions)})

@@ -71,6 +71,7 @@ class NatsBroker(Broker):
         self._wake = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
         self._ready = False
+        self._down_logged = False  # one broker_down line per outage
         self._connected = asyncio.Event()
         self._deliver: Deliver | None = None
         self._confirmed: Confirmed | None = None
@@ -84,7 +85,7 @@ class NatsBroker(Broker):
             await asyncio.wait_for(asyncio.shield(self._connected.wait()), 5.0)
 
     async def _connect_then_subscribe(self) -> None:
-        # nats-py reconnects by itself once connected, but gives up on a first connect: retry that here.
+        # nats-py retries a first connect itself; this loop covers a connect that still fails outright.
         backoff = 0.1
         while self._nc is None:
             try:
@@ -182,6 +183,7 @@ class NatsBroker(Broker):
     def _set_ready(self, ready: bool) -> None:
         if ready != self._ready:
             self._ready = ready
+            self._down_logged = False
             self._on_state(ready)
 
     async def _subscribe_loop(self) -> None:
@@ -285,6 +287,7 @@ class NatsBroker(Broker):
         if self._ready:
             log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url)})
         self._set_ready(False)
+        self._down_logged = True
 
     async def _reconnected(self) -> None:
         log.info("nats reconnected", extra={"event": "broker_up", "broker": redact_url(self._url)})
@@ -294,7 +297,13 @@ class NatsBroker(Broker):
             self._confirmed(topic)  # the node resyncs presence of every topic it serves
 
     async def _error(self, exc: Exception) -> None:
-        log.debug("nats client error", extra={"event": "broker_error", "error": f"{type(exc).__name__}: {exc}"})
+        # nats-py retries its first connect on its own (max_reconnect_attempts=-1), reporting only here.
+        if not self._ready and not self._down_logged:
+            self._down_logged = True
+            log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
+                                                   "error": f"{type(exc).__name__}: {exc}"})
+        else:
+            log.debug("nats client error", extra={"event": "broker_error", "error": f"{type(exc).__name__}: {exc}"})
 
 
 class NatsPresenceStore(PresenceStore):

@@ -97,7 +97,8 @@ class WebSocketConnection:
 
 def _refuse(node: Node, status: int, reason: str, message: str) -> web.Response:
     node.metrics.connects_refused.labels(reason).inc()
-    log.info("connection refused", extra={"event": "connect_refused", "reason": reason, "status": status})
+    if reason != "draining":  # every client retries during a drain: the metric counts those, not the log
+        log.info("connection refused", extra={"event": "connect_refused", "reason": reason, "status": status})
     return web.Response(status=status, body=orjson.dumps({"error": message}), content_type="application/json")
 
 
