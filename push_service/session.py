@@ -80,7 +80,7 @@ class Channel:
 
 class Session:
     __slots__ = ("id", "node", "identity", "conn", "channels", "last_seen", "_wire", "_send", "_buffer_limit",
-                 "_closing", "_disconnected", "_held")
+                 "_closing", "_disconnected", "_held", "_floors")
 
     def __init__(self, node: Node, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -96,6 +96,8 @@ class Session:
         self._disconnected = False
         # topic -> broadcasts held while that topic's join recovers history (None: nothing held)
         self._held: dict[str, list[Broadcast]] | None = None
+        # topic -> the position its replay went up to, until a live broadcast beyond it arrives (None: none)
+        self._floors: dict[str, Position] | None = None
 
     # --- output
 
@@ -105,7 +107,24 @@ class Session:
         if held is not None and broadcast.topic in held:
             held[broadcast.topic].append(broadcast)  # its join is recovering: sent after the replay
             return
+        floors = self._floors
+        if floors is not None and broadcast.topic in floors and self._replayed(broadcast, floors):
+            return
         self._write(broadcast.encoded(self._wire))
+
+    def _replayed(self, broadcast: Broadcast, floors: dict[str, Position]) -> bool:
+        """Whether the replay already sent this broadcast. With Redis or NATS the history read can answer
+        before this node hears the newest broadcasts live; the broker delivers a topic in order, so once
+        one beyond the replay arrives, every later one is beyond it too."""
+        floor, position = floors[broadcast.topic], broadcast.position
+        if position is None:
+            return False  # the service's own (presence diffs): never in history
+        if position.epoch == floor.epoch and position.seq <= floor.seq:
+            return True
+        del floors[broadcast.topic]
+        if not floors:
+            self._floors = None
+        return False
 
     def _write(self, data: bytes) -> None:
         if self._send(data) > self._buffer_limit and not self._closing:
@@ -181,6 +200,8 @@ class Session:
 
     def _subscribed(self, channel: Channel) -> None:
         if not self.node.history_enabled:
+            if channel.since is not None:
+                self.node.metrics.recoveries.labels("not_recovered").inc()
             self._joined(channel, {"recovered": False} if channel.since is not None else {})
             return
         # Live broadcasts are held until the reply and the replay are out: no gap, no duplicate.
@@ -210,10 +231,17 @@ class Session:
                 self._write(broadcast.encoded(self._wire))
             self.node.metrics.replayed.inc(len(recovery.messages))
         latest = recovery.position if recovery is not None else None
+        beyond = False
         for broadcast in held:  # what came while reading, minus what the position already covers
             position = broadcast.position
             if latest is None or position is None or position.epoch != latest.epoch or position.seq > latest.seq:
                 self._write(broadcast.encoded(self._wire))
+                beyond = beyond or position is not None
+        if latest is not None and not beyond:
+            # Live copies of what the position covers may still be on their way: drop them when they come.
+            if self._floors is None:
+                self._floors = {}
+            self._floors[name] = latest
 
     def _joined(self, channel: Channel, response: dict[str, Any]) -> None:
         channel.joined = True
@@ -252,6 +280,10 @@ class Session:
         del self.channels[channel.topic.name]
         if self._held is not None:
             self._held.pop(channel.topic.name, None)
+        if self._floors is not None:
+            self._floors.pop(channel.topic.name, None)
+            if not self._floors:
+                self._floors = None
         self.node.unsubscribe(channel.topic.name, self)
         if channel.joined:
             if channel.tracked:

@@ -69,7 +69,8 @@ class MemoryHistory:
         missed = [broadcast for broadcast in kept if broadcast.position.seq > since.seq]  # type: ignore[union-attr]
         complete = topic.seq - since.seq == len(missed)
         if limit is not None and len(missed) > limit:
-            return Recovery(current, False, missed[:limit])
+            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
+            return Recovery(current, False, missed[:limit] if complete else [])
         return Recovery(current, complete, missed if complete else [])
 
     def _expire(self, topic: _Topic) -> None:

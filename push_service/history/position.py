@@ -11,7 +11,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-_FORMAT = re.compile(r"([A-Za-z0-9_-]{1,32})~(\d{1,19})")
+_FORMAT = re.compile(r"([A-Za-z0-9_-]{1,32})~([0-9]{1,19})")  # ASCII digits only, as documented
 
 
 def new_epoch() -> str:
