@@ -33,7 +33,8 @@ import orjson
 import pytest
 
 from conftest import PUBLISH_KEY, ROOT, ServerProcess, make_token
-from test_history import JS_DIR, Position, history, pos, require_node, require_redis
+from brokers import require_redis
+from test_history import JS_DIR, Position, history, pos, require_node
 
 CHAOS_JS = JS_DIR / "chaos.mjs"
 CLIENTS = 200

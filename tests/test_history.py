@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 import re
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +34,7 @@ from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
+from brokers import require_nats, require_redis
 from push_service.auth import Identity
 from push_service.broker.memory import MemoryBroker
 from push_service.config import Settings
@@ -46,8 +45,6 @@ from push_service.node import Node
 from push_service.protocol import V2
 from push_service.transports.websocket import WIRES
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-NATS_URL = "nats://127.0.0.1:4222"
 TIMEOUT = 5.0  # for any one thing that should happen promptly
 JS_DIR = Path(__file__).resolve().parent / "js"
 RECOVER_JS = JS_DIR / "recover.mjs"
@@ -61,41 +58,6 @@ Event = dict[str, Any]
 # ===================================================================== shared helpers (also used by test_chaos.py)
 
 
-def broker_missing(message: str) -> None:
-    """Fail on CI (CI=true), where Redis and NATS must be there; skip on a developer's machine."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true: the recovery tests need it)", pytrace=False)
-    pytest.skip(message)
-
-
-def _greeting(port: int, send: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=2.0) as conn:
-        if send:
-            conn.sendall(send)
-        conn.settimeout(2.0)
-        return conn.recv(4096)
-
-
-def require_redis() -> str:
-    try:
-        answer = _greeting(6379, b"PING\r\n")
-    except OSError as exc:
-        broker_missing(f"Redis is not reachable at {REDIS_URL}: {exc}")
-    if not answer.startswith(b"+PONG"):
-        broker_missing(f"the server at {REDIS_URL} does not answer PING like Redis: {answer[:80]!r}")
-    return REDIS_URL
-
-
-def require_nats() -> str:
-    try:
-        info = _greeting(4222, b"")
-    except OSError as exc:
-        broker_missing(f"NATS is not reachable at {NATS_URL}: {exc}")
-    if not info.startswith(b"INFO "):
-        broker_missing(f"the server at {NATS_URL} does not greet like NATS: {info[:80]!r}")
-    if not orjson.loads(info[5:].split(b"\r\n", 1)[0]).get("jetstream"):
-        broker_missing(f"NATS at {NATS_URL} runs without JetStream (start it with -js)")
-    return NATS_URL
 
 
 def require_node() -> str:

@@ -732,15 +732,6 @@ async def test_info_claim_is_merged_into_metas(server):
         assert payload["joins"]["u1"]["metas"] == [meta]
 
 
-def test_typing_cannot_override_the_username_the_token_vouches_for():
-    presence, sent, _ = make_presence()
-    ann = FakeSession("n.1", "u1", {"username": "ann"})
-    presence.join(ann, TOPIC)
-    assert presence.typing(ann, TOPIC, {"typing": True, "username": "admin"}) == ("ok", {})
-    [meta] = payload_of(sent[-1])["joins"]["u1"]["metas"]
-    assert meta["username"] == "ann" and meta["typing"] is True
-
-
 @pytest.mark.parametrize("payload, reason", [
     ({}, "typing must be a boolean"),
     ({"typing": "true"}, "typing must be a boolean"),
