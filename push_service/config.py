@@ -7,6 +7,7 @@ the default and the help text all come from that one declaration.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -145,11 +146,19 @@ def _presence_families(raw: str) -> tuple[str, ...]:
 BROKER_SCHEMES = ("redis://", "rediss://", "nats://", "tls://")
 
 
+BROKER_CLIENTS = {"redis": ("redis", "redis"), "rediss": ("redis", "redis"), "nats": ("nats", "nats"),
+                  "tls": ("nats", "nats")}  # scheme -> (module to import, extra that installs it)
+
+
 def _broker(raw: str) -> str:
     value = raw.strip()
-    if value == "memory" or value.startswith(BROKER_SCHEMES):
-        return value
-    raise ValueError("expected memory, redis://host:6379/0, rediss://... or nats://host:4222")
+    if value != "memory" and not value.startswith(BROKER_SCHEMES):
+        raise ValueError("expected memory, redis://host:6379/0, rediss://... or nats://host:4222")
+    if value != "memory":
+        module, extra = BROKER_CLIENTS[value.split(":", 1)[0]]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"this broker needs its client: pip install 'push-service[{extra}]'")
+    return value
 
 
 def _algorithms(raw: str) -> tuple[str, ...]:

@@ -571,3 +571,16 @@ async def test_dev_mode_banner_and_generated_keys_work():
     for value in (key, secret, token):
         assert value not in logs
     assert '"dev_mode":true' in logs
+
+
+@pytest.mark.parametrize(("url", "extra"), [("redis://127.0.0.1:6379/0", "redis"), ("nats://127.0.0.1:4222", "nats")])
+def test_a_broker_without_its_client_names_the_extra(monkeypatch, url, extra):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("redis", "nats") else real(name, *args))
+    with pytest.raises(ConfigError) as error:
+        Settings.load({"PUSH_BROKER": url})
+    assert error.value.variable == "PUSH_BROKER"
+    assert f"pip install 'push-service[{extra}]'" in str(error.value)
