@@ -7,21 +7,19 @@ the default and the help text all come from that one declaration.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from push_service.topics import FAMILIES
-
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-ASYMMETRIC_ALGORITHMS = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-    "ES256", "ES384", "ES512", "EdDSA",
+from push_service import values
+from push_service.values import (  # noqa: F401 - parse_duration and redact_url are part of this module's API
+    ASYMMETRIC_ALGORITHMS,
+    HMAC_ALGORITHMS,
+    parse_duration,
+    redact_url,
 )
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -31,174 +29,6 @@ class ConfigError(ValueError):
     def __init__(self, variable: str, message: str) -> None:
         super().__init__(f"{variable}: {message}")
         self.variable = variable
-
-
-# --- value parsers: each takes the raw string and returns the typed value or raises ValueError
-
-
-def _str(raw: str) -> str:
-    return raw
-
-
-def _optional_str(raw: str) -> str | None:
-    return raw or None
-
-
-def _int(raw: str) -> int:
-    try:
-        return int(raw.strip())
-    except ValueError:
-        raise ValueError("expected a whole number") from None
-
-
-def _port(raw: str) -> int:
-    value = _int(raw)
-    if not 0 <= value <= 65535:
-        raise ValueError("expected a port number from 0 to 65535")
-    return value
-
-
-def _non_negative_int(raw: str) -> int:
-    value = _int(raw)
-    if value < 0:
-        raise ValueError("expected a whole number of at least 0")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    value = _int(raw)
-    if value < 1:
-        raise ValueError("expected a whole number of at least 1")
-    return value
-
-
-def _bool(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _list(raw: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in raw.split(",") if item.strip())
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(raw: str) -> float:
-    """'60', '60s', '500ms', '1m', '1h' -> seconds."""
-    match = _DURATION.match(raw)
-    if not match:
-        raise ValueError("expected a duration such as 60, 45s, 500ms, 5m or 1h")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-
-
-def _non_negative_duration(raw: str) -> float:
-    return parse_duration(raw)
-
-
-def _positive_duration(raw: str) -> float:
-    value = parse_duration(raw)
-    if value <= 0:
-        raise ValueError("expected a duration above zero")
-    return value
-
-
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|k|mb|mib|m|gb|gib|g)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {None: 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024,
-               "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
-               "g": 1024**3, "gb": 1000**3, "gib": 1024**3}
-
-
-def _size(raw: str) -> int:
-    match = _SIZE.match(raw)
-    if not match:
-        raise ValueError("expected a size in bytes such as 65536, 64KiB or 1MiB")
-    value = int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower() or None]
-    if value < 1:
-        raise ValueError("expected a size of at least 1 byte")
-    return value
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return value
-    return parse
-
-
-def _presence_families(raw: str) -> tuple[str, ...]:
-    families = tuple(item.lower() for item in _list(raw))
-    if families == ("none",):
-        return ()
-    unknown = [item for item in families if item not in FAMILIES]
-    if unknown or not families:
-        raise ValueError(f"expected a comma-separated list out of {', '.join(FAMILIES)}, or none")
-    return families
-
-
-BROKER_SCHEMES = ("redis://", "rediss://", "nats://", "tls://")
-
-
-BROKER_CLIENTS = {"redis": ("redis", "redis"), "rediss": ("redis", "redis"), "nats": ("nats", "nats"),
-                  "tls": ("nats", "nats")}  # scheme -> (module to import, extra that installs it)
-
-
-def _broker(raw: str) -> str:
-    value = raw.strip()
-    if value != "memory" and not value.startswith(BROKER_SCHEMES):
-        raise ValueError("expected memory, redis://host:6379/0, rediss://... or nats://host:4222")
-    if value != "memory":
-        module, extra = BROKER_CLIENTS[value.split(":", 1)[0]]
-        if importlib.util.find_spec(module) is None:
-            raise ValueError(f"this broker needs its client: pip install 'push-service[{extra}]'")
-    return value
-
-
-def _algorithms(raw: str) -> tuple[str, ...]:
-    known = {name.lower(): name for name in HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS}
-    names = []
-    for item in _list(raw):
-        if item.lower() not in known:
-            raise ValueError(
-                f"unknown algorithm {item!r}; allowed: {', '.join(HMAC_ALGORITHMS + ASYMMETRIC_ALGORITHMS)}"
-                " ('none' is never accepted)"
-            )
-        names.append(known[item.lower()])
-    return tuple(names)
-
-
-def _public_key(raw: str) -> str | None:
-    """PEM text, or a path to a PEM file (handy for mounted Kubernetes secrets)."""
-    if not raw:
-        return None
-    if "-----BEGIN" in raw:
-        return raw.replace("\\n", "\n")
-    with open(raw, encoding="utf-8") as handle:
-        return handle.read()
-
-
-_SECRET_QUERY = re.compile(r"((?:^|&)(?:password|token)=)[^&]*", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """A broker URL fit for logs: any password replaced, a user part without a password too (for NATS,
-    nats://<token>@host is token authentication), and a password or token in the query string
-    (redis-py reads redis://host/0?password=...)."""
-    parts = urlsplit(url)
-    if "@" in parts.netloc:
-        userinfo, _, hosts = parts.netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        parts = parts._replace(netloc=f"{user}:<redacted>@{hosts}" if colon else f"<redacted>@{hosts}")
-    if parts.query:
-        parts = parts._replace(query=_SECRET_QUERY.sub(r"\1<redacted>", parts.query))
-    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)
@@ -215,65 +45,65 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("host", "PUSH_HOST", _str, "address to listen on (default 127.0.0.1; the Docker image uses 0.0.0.0)"),
-    Option("port", "PUSH_PORT", _port, "port to listen on (default 4000; 0 picks a free port)"),
-    Option("env", "PUSH_ENV", _choice("development", "production"),
+    Option("host", "PUSH_HOST", values.text, "address to listen on (default 127.0.0.1; the Docker image uses 0.0.0.0)"),
+    Option("port", "PUSH_PORT", values.port, "port to listen on (default 4000; 0 picks a free port)"),
+    Option("env", "PUSH_ENV", values.choice("development", "production"),
            "development (default: missing keys are generated for this run) or production (missing keys are an error)"),
-    Option("service_keys", "PUSH_SERVICE_KEY", _list,
+    Option("service_keys", "PUSH_SERVICE_KEY", values.comma_list,
            "publish key(s) for the HTTP API, comma-separated to allow rotation", secret=True),
-    Option("jwt_secret", "PUSH_JWT_SECRET", _optional_str, "HMAC secret for client JWTs (HS256/384/512)", secret=True),
-    Option("jwt_public_key", "PUSH_JWT_PUBLIC_KEY", _public_key,
+    Option("jwt_secret", "PUSH_JWT_SECRET", values.optional_text, "HMAC secret for client JWTs (HS256/384/512)", secret=True),
+    Option("jwt_public_key", "PUSH_JWT_PUBLIC_KEY", values.public_key,
            "PEM public key (or a path to one) for client JWTs signed with RS*/PS*/ES*/EdDSA"),
-    Option("jwt_algorithms", "PUSH_JWT_ALGORITHMS", _algorithms,
+    Option("jwt_algorithms", "PUSH_JWT_ALGORITHMS", values.jwt_algorithms,
            "comma-separated JWT algorithms accepted (default: HS256 with a secret; RS256, ES256 or EdDSA "
            "to match the public key)"),
-    Option("jwt_audience", "PUSH_JWT_AUDIENCE", _optional_str, "required JWT 'aud' (unset: tokens must carry none)"),
-    Option("jwt_issuer", "PUSH_JWT_ISSUER", _optional_str, "required JWT 'iss' (unset: not checked)"),
-    Option("jwt_leeway", "PUSH_JWT_LEEWAY", _non_negative_duration,
+    Option("jwt_audience", "PUSH_JWT_AUDIENCE", values.optional_text, "required JWT 'aud' (unset: tokens must carry none)"),
+    Option("jwt_issuer", "PUSH_JWT_ISSUER", values.optional_text, "required JWT 'iss' (unset: not checked)"),
+    Option("jwt_leeway", "PUSH_JWT_LEEWAY", values.non_negative_duration,
            "clock skew allowed on exp/nbf/iat (default 0s)"),
-    Option("allowed_origins", "PUSH_ALLOWED_ORIGINS", _list,
+    Option("allowed_origins", "PUSH_ALLOWED_ORIGINS", values.comma_list,
            "comma-separated WebSocket origins, as Phoenix check_origin: https://example.com, //example.com:8080, "
            "//*.example.com (unset: any origin)"),
-    Option("require_topics_claim", "PUSH_REQUIRE_TOPICS_CLAIM", _bool,
+    Option("require_topics_claim", "PUSH_REQUIRE_TOPICS_CLAIM", values.boolean,
            "true: a token without a 'topics' claim may join no room topic (default false)"),
-    Option("heartbeat_timeout", "PUSH_HEARTBEAT_TIMEOUT", _positive_duration,
+    Option("heartbeat_timeout", "PUSH_HEARTBEAT_TIMEOUT", values.positive_duration,
            "close a socket that sends no frame for this long (default 60s)"),
-    Option("max_frame_bytes", "PUSH_MAX_FRAME_BYTES", _size, "largest client WebSocket message (default 64KiB)"),
-    Option("max_publish_bytes", "PUSH_MAX_PUBLISH_BYTES", _size, "largest HTTP publish body (default 1MiB)"),
-    Option("max_topics_per_connection", "PUSH_MAX_TOPICS_PER_CONNECTION", _positive_int,
+    Option("max_frame_bytes", "PUSH_MAX_FRAME_BYTES", values.size, "largest client WebSocket message (default 64KiB)"),
+    Option("max_publish_bytes", "PUSH_MAX_PUBLISH_BYTES", values.size, "largest HTTP publish body (default 1MiB)"),
+    Option("max_topics_per_connection", "PUSH_MAX_TOPICS_PER_CONNECTION", values.positive_int,
            "channels one socket may join at once (default 100)"),
-    Option("longpoll_window", "PUSH_LONGPOLL_WINDOW", _positive_duration,
+    Option("longpoll_window", "PUSH_LONGPOLL_WINDOW", values.positive_duration,
            "how long a long-poll GET waits for messages before answering 204; a session with no GET for "
            "1.5 times this is closed (default 10s, as Phoenix)"),
-    Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", _size,
+    Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", values.size,
            "unsent bytes a subscriber may queue before it is disconnected as a slow consumer (default 1MiB)"),
-    Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", _choice("lobby", "thread"),
+    Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", values.choice("lobby", "thread"),
            "where POST /api/message goes: lobby (room:lobby:<channel_id>, default) or thread "
            "(room:topic:<thread_id>)"),
-    Option("broker", "PUSH_BROKER", _broker,
+    Option("broker", "PUSH_BROKER", values.broker_url,
            "memory (default, one node), redis://host:6379/0 (also rediss://) or "
            "nats://host:4222: how nodes share publishes and presence", secret=True),
-    Option("node_timeout", "PUSH_NODE_TIMEOUT", _positive_duration,
+    Option("node_timeout", "PUSH_NODE_TIMEOUT", values.positive_duration,
            "a node that stops refreshing its heartbeat for this long drops out of cluster presence (default 15s)"),
-    Option("workers", "PUSH_WORKERS", _positive_int,
+    Option("workers", "PUSH_WORKERS", values.positive_int,
            "processes sharing the port with SO_REUSEPORT (default 1; more than 1 needs a redis or nats broker)"),
-    Option("drain_seconds", "PUSH_DRAIN_SECONDS", _non_negative_duration,
+    Option("drain_seconds", "PUSH_DRAIN_SECONDS", values.non_negative_duration,
            "on SIGTERM, spread closing the sockets (code 1012) over this long before exiting (default 10s)"),
-    Option("history_size", "PUSH_HISTORY_SIZE", _non_negative_int,
+    Option("history_size", "PUSH_HISTORY_SIZE", values.non_negative_int,
            "broadcasts kept per topic for missed-message recovery (default 100; 0 turns history off)"),
-    Option("history_ttl", "PUSH_HISTORY_TTL", _positive_duration,
+    Option("history_ttl", "PUSH_HISTORY_TTL", values.positive_duration,
            "how long a broadcast stays recoverable (default 300s)"),
-    Option("history_max_bytes", "PUSH_HISTORY_MAX_BYTES", _size,
+    Option("history_max_bytes", "PUSH_HISTORY_MAX_BYTES", values.size,
            "memory broker: all topics' history together (default 64MiB; least recently published topics go first)"),
-    Option("presence_topics", "PUSH_PRESENCE_TOPICS", _presence_families,
+    Option("presence_topics", "PUSH_PRESENCE_TOPICS", values.presence_families,
            "topic families whose joins are tracked in presence, out of lobby, topic, community, user "
            "(default topic,community; none turns presence off)"),
-    Option("presence_diff_interval", "PUSH_PRESENCE_DIFF_INTERVAL", _non_negative_duration,
+    Option("presence_diff_interval", "PUSH_PRESENCE_DIFF_INTERVAL", values.non_negative_duration,
            "presence diffs of one topic are batched over this window (default 50ms; 0 sends each at once)"),
-    Option("typing_timeout", "PUSH_TYPING_TIMEOUT", _positive_duration,
+    Option("typing_timeout", "PUSH_TYPING_TIMEOUT", values.positive_duration,
            "a typing: true not refreshed for this long clears itself (default 5s)"),
-    Option("log_level", "PUSH_LOG_LEVEL", _choice(*LOG_LEVELS), "debug, info (default), warning or error"),
-    Option("log_format", "PUSH_LOG_FORMAT", _choice("json", "text"), "json (default, one object a line) or text"),
+    Option("log_level", "PUSH_LOG_LEVEL", values.choice(*LOG_LEVELS), "debug, info (default), warning or error"),
+    Option("log_format", "PUSH_LOG_FORMAT", values.choice("json", "text"), "json (default, one object a line) or text"),
 )
 
 OPTIONS_BY_ENV = {option.env: option for option in OPTIONS}
