@@ -34,7 +34,8 @@ import pytest
 
 from conftest import PUBLISH_KEY, ROOT, ServerProcess, make_token
 from brokers import require_redis
-from test_history import JS_DIR, Position, history, pos, require_node
+from nodejs import JS_DIR, node_binary
+from test_history import Position, history, pos
 
 CHAOS_JS = JS_DIR / "chaos.mjs"
 CLIENTS = 200
@@ -103,7 +104,7 @@ class ChaosClients:
 
 
 async def start_clients(ports: list[int], topics: list[str], seed: int) -> ChaosClients:
-    node = require_node()
+    node = node_binary()
     config = {"version": "18", "ports": ports, "token": make_token("chaos"), "topics": topics,
               "clients": CLIENTS, "retryMs": [50, 300], "seed": seed}
     process = await asyncio.create_subprocess_exec(

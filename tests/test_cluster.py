@@ -32,11 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
 from brokers import broker_missing, require_nats, require_redis
+from nodejs import JS_DIR, NodeScript, node_binary, run_script
 
 NODE_TIMEOUT = 3.0   # PUSH_NODE_TIMEOUT of every node here
 TIMEOUT = 5.0        # for any one thing that should happen promptly
 RECOVERY = 15.0      # broker reconnects back off up to 5 s between attempts
-JS_DIR = Path(__file__).resolve().parent / "js"
 CLIENT = JS_DIR / "client.mjs"
 OK = {"status": "ok", "response": {}}
 
@@ -274,30 +274,8 @@ def is_message(seq: Any) -> Callable[[Frame], bool]:
     return lambda f: f[3] == "new_msg" and f[4].get("seq") == seq
 
 
-class JsClient:
+class JsClient(NodeScript):
     """tests/js/client.mjs (the official phoenix 1.8 client) running under Node."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.events: list[Event] = []
-
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = TIMEOUT) -> Event:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = await asyncio.wait_for(self.process.stdout.readline(), left)
-            except (TimeoutError, asyncio.TimeoutError):
-                break
-            if not line:
-                assert self.process.stderr is not None
-                stderr = await asyncio.wait_for(self.process.stderr.read(), TIMEOUT)
-                raise AssertionError(f"node client exited: {stderr.decode()}; events: {self.events}")
-            event = orjson.loads(line)
-            self.events.append(event)
-            if predicate(event):
-                return event
-        raise AssertionError(f"no matching event within {timeout}s; events so far: {self.events}")
 
     def messages(self, topic: str) -> list[Any]:
         return [e["payload"] for e in self.events if e["event"] == "message" and e["topic"] == topic]
@@ -305,24 +283,13 @@ class JsClient:
 
 @pytest.fixture
 def js_client() -> Callable[..., Any]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed: these tests need Node 20 and `npm ci --prefix tests/js`")
-    if not (JS_DIR / "node_modules").is_dir():
-        pytest.fail(f"{JS_DIR / 'node_modules'} is missing: run `npm ci --prefix tests/js` first")
+    node_binary()
 
     @asynccontextmanager
     async def start(server: ServerProcess, topic: str, sub: str = "u1") -> AsyncIterator[JsClient]:
-        process = await asyncio.create_subprocess_exec(
-            node, str(CLIENT), "18", f"ws://127.0.0.1:{server.port}/socket", "--token", make_token(sub),
-            "--topic", topic, "--retry-ms", "150", cwd=JS_DIR, stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            yield JsClient(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+        async with run_script(CLIENT, "18", f"ws://127.0.0.1:{server.port}/socket", "--token", make_token(sub),
+                              "--topic", topic, "--retry-ms", "150", kind=JsClient) as client:
+            yield client
 
     return start
 

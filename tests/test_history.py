@@ -19,12 +19,10 @@ import asyncio
 import itertools
 import random
 import re
-import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
 from brokers import require_nats, require_redis
+from nodejs import JS_DIR, NodeScript, node_binary, run_script
 from push_service.auth import Identity
 from push_service.broker.memory import MemoryBroker
 from push_service.config import Settings
@@ -46,7 +45,6 @@ from push_service.protocol import V2
 from push_service.transports.websocket import WIRES
 
 TIMEOUT = 5.0  # for any one thing that should happen promptly
-JS_DIR = Path(__file__).resolve().parent / "js"
 RECOVER_JS = JS_DIR / "recover.mjs"
 POSITION = re.compile(r"[A-Za-z0-9_-]{1,32}~[0-9]{1,19}")
 BAD_SINCE = "bad since: a position is <epoch>~<seq>, as received in a broadcast's ref"
@@ -58,15 +56,6 @@ Event = dict[str, Any]
 # ===================================================================== shared helpers (also used by test_chaos.py)
 
 
-
-
-def require_node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed: these tests need Node 20 and `npm ci --prefix tests/js`")
-    if not (JS_DIR / "node_modules").is_dir():
-        pytest.fail(f"{JS_DIR / 'node_modules'} is missing: run `npm ci --prefix tests/js` first")
-    return node
 
 
 def lobby() -> str:
@@ -1023,39 +1012,11 @@ async def test_nats_unrecoverable_since(case, start_server):
 # ===================================================================== 5. phoenix.js: the documented pattern
 
 
-class RecoverClient:
+class RecoverClient(NodeScript):
     """tests/js/recover.mjs under Node: every line it printed so far is in `events`."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.events: list[Event] = []
-
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = TIMEOUT) -> Event:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = await asyncio.wait_for(self.process.stdout.readline(), left)
-            except (TimeoutError, asyncio.TimeoutError):
-                break
-            if not line:
-                assert self.process.stderr is not None
-                stderr = await asyncio.wait_for(self.process.stderr.read(), TIMEOUT)
-                raise AssertionError(f"recover.mjs exited: {stderr.decode()}; events: {self.events}")
-            event = orjson.loads(line)
-            self.events.append(event)
-            if predicate(event):
-                return event
-        raise AssertionError(f"no matching event within {timeout}s; events so far: {self.events}")
-
-    async def wait_event(self, kind: str, timeout: float = TIMEOUT, **fields: Any) -> Event:
-        return await self.wait_for(
-            lambda e: e["event"] == kind and all(e.get(key) == value for key, value in fields.items()), timeout)
-
     async def command(self, command: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command.encode() + b"\n")
-        await self.process.stdin.drain()
+        await self.send_line(command.encode())
         await self.wait_event("done", command=command)
 
     async def message(self, n: int, timeout: float = TIMEOUT) -> Event:
@@ -1071,23 +1032,16 @@ class RecoverClient:
 @pytest.fixture
 def recover_client() -> Callable[..., Any]:
     """Factory: `async with recover_client([server, ...], topic) as client:` (phoenix 1.8 by default)."""
-    node = require_node()
+    node_binary()
 
     @asynccontextmanager
     async def start(servers: list[ServerProcess], topic: str, version: str = "18",
                     retry_ms: int = 100) -> AsyncIterator[RecoverClient]:
-        args = [str(RECOVER_JS), version, "--token", make_token("js"), "--topic", topic, "--retry-ms", str(retry_ms)]
+        args = [version, "--token", make_token("js"), "--topic", topic, "--retry-ms", str(retry_ms)]
         for server in servers:
             args += ["--url", f"ws://127.0.0.1:{server.port}/socket"]
-        process = await asyncio.create_subprocess_exec(
-            node, *args, cwd=JS_DIR, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        try:
-            yield RecoverClient(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+        async with run_script(RECOVER_JS, *args, kind=RecoverClient) as client:
+            yield client
 
     return start
 

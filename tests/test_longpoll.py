@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import shutil
 import signal
 import struct
 import time
@@ -23,7 +22,6 @@ import aiohttp
 import orjson
 import pytest
 
-from push_service.node import NODE
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -31,7 +29,9 @@ from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token
 from push_service.app import create_app
 from push_service.config import Settings
 from lp_proxy import Proxy
-from test_phoenix_js import JsClient
+from nodejs import NodeScript as JsClient
+from nodejs import node_binary, run_script
+from push_service.node import NODE
 
 JS_DIR = Path(__file__).resolve().parent / "js"
 LONGPOLL_CLIENT = JS_DIR / "longpoll.mjs"
@@ -473,31 +473,20 @@ async def test_a_session_token_is_bound_to_its_node(start_server, http):
 @pytest.fixture
 def lp_node_client() -> Callable[..., Any]:
     """Factory: `async with lp_node_client("18", socket_url, token=...) as client:` runs tests/js/longpoll.mjs."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed: these tests need Node 20 and `npm ci --prefix tests/js`")
-    if not (JS_DIR / "node_modules").is_dir():
-        pytest.fail(f"{JS_DIR / 'node_modules'} is missing: run `npm ci --prefix tests/js` first")
+    node_binary()
 
     @asynccontextmanager
     async def start(version: str, url: str, *, mode: str = "longpoll", topics: tuple[str, ...] = (TOPIC,),
                     token: str | None = None, auth_token: str | None = None,
                     fallback_ms: int | None = None) -> AsyncIterator[JsClient]:
-        args = [str(LONGPOLL_CLIENT), version, url, "--mode", mode, "--retry-ms", str(RETRY_MS)]
+        args = [version, url, "--mode", mode, "--retry-ms", str(RETRY_MS)]
         for topic in topics:
             args += ["--topic", topic]
         for flag, value in (("--token", token), ("--auth-token", auth_token), ("--fallback-ms", fallback_ms)):
             if value is not None:
                 args += [flag, str(value)]
-        process = await asyncio.create_subprocess_exec(
-            node, *args, cwd=JS_DIR, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        try:
-            yield JsClient(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+        async with run_script(LONGPOLL_CLIENT, *args) as client:
+            yield client
 
     return start
 

@@ -6,12 +6,8 @@ and reads what the client observes. Setup: `npm ci --prefix tests/js`.
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,83 +15,30 @@ import orjson
 import pytest
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
+from nodejs import JS_DIR, TIMEOUT, Event, node_binary, run_script
+from nodejs import NodeScript as JsClient
 
-JS_DIR = Path(__file__).resolve().parent / "js"
 CLIENT = JS_DIR / "client.mjs"
 # The aliases in tests/js/package.json: phoenix16 is phoenix@1.6.x, and so on.
 VERSIONS = [pytest.param("16", id="phoenix-1.6"), pytest.param("17", id="phoenix-1.7"),
             pytest.param("18", id="phoenix-1.8")]
-TIMEOUT = 5.0  # for any one thing the client should observe
 RETRY_MS = 150  # reconnectAfterMs / rejoinAfterMs, so that reconnects and rejoins are quick
 
 TOPIC = "room:lobby:42"
 LINEN_BODY = {"channel_id": "42", "thread_id": "7", "message_id": "m1", "is_thread": False, "is_reply": True,
               "message": '{"body":"hi"}'}
 
-Event = dict[str, Any]
-
-
-class JsClient:
-    """A running client.mjs: every line it printed so far is in `events`."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.events: list[Event] = []
-
-    async def _read(self, timeout: float) -> Event | None:
-        """The next event, or None when nothing comes within `timeout`."""
-        assert self.process.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
-            return None
-        if not line:
-            assert self.process.stderr is not None
-            stderr = await asyncio.wait_for(self.process.stderr.read(), TIMEOUT)
-            raise AssertionError(f"node client exited ({await self.process.wait()}): {stderr.decode()}\n"
-                                 f"events: {self.events}")
-        event = orjson.loads(line)
-        self.events.append(event)
-        return event
-
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = TIMEOUT) -> Event:
-        """The first event from now on that matches."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            event = await self._read(left)
-            if event is not None and predicate(event):
-                return event
-        raise AssertionError(f"no matching event within {timeout}s; events so far: {self.events}")
-
-    async def wait_event(self, kind: str, timeout: float = TIMEOUT, **fields: Any) -> Event:
-        return await self.wait_for(
-            lambda e: e["event"] == kind and all(e.get(key) == value for key, value in fields.items()), timeout)
-
-    async def collect(self, seconds: float) -> list[Event]:
-        """Everything printed during the next `seconds` (for tests where nothing must happen)."""
-        deadline = time.monotonic() + seconds
-        seen = []
-        while (left := deadline - time.monotonic()) > 0:
-            event = await self._read(left)
-            if event is not None:
-                seen.append(event)
-        return seen
-
 
 @pytest.fixture
 def node_client() -> Callable[..., Any]:
     """Factory: `async with node_client("18", server, topics=[...], token=...) as client:`."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed: these tests need Node 20 and `npm ci --prefix tests/js`")
-    if not (JS_DIR / "node_modules").is_dir():
-        pytest.fail(f"{JS_DIR / 'node_modules'} is missing: run `npm ci --prefix tests/js` first")
+    node_binary()
 
     @asynccontextmanager
     async def start(version: str, server: ServerProcess, *, topics: tuple[str, ...] = (TOPIC,),
                     token: str | None = None, auth_token: str | None = None, vsn: str | None = None,
                     heartbeat_ms: int | None = None, log_frames: bool = False) -> AsyncIterator[JsClient]:
-        args = [str(CLIENT), version, f"ws://127.0.0.1:{server.port}/socket", "--retry-ms", str(RETRY_MS)]
+        args = [version, f"ws://127.0.0.1:{server.port}/socket", "--retry-ms", str(RETRY_MS)]
         for topic in topics:
             args += ["--topic", topic]
         for flag, value in (("--token", token), ("--auth-token", auth_token), ("--vsn", vsn),
@@ -104,15 +47,8 @@ def node_client() -> Callable[..., Any]:
                 args += [flag, str(value)]
         if log_frames:
             args.append("--log-frames")
-        process = await asyncio.create_subprocess_exec(
-            node, *args, cwd=JS_DIR, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        try:
-            yield JsClient(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+        async with run_script(CLIENT, *args) as client:
+            yield client
 
     return start
 

@@ -7,13 +7,10 @@ commands it takes on stdin): it joins one topic, wires `new Presence(channel)` a
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,16 +18,14 @@ import orjson
 import pytest
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
+from nodejs import JS_DIR, TIMEOUT, Event, NodeScript, node_binary, run_script
 
-JS_DIR = Path(__file__).resolve().parent / "js"
 CLIENT = JS_DIR / "presence.mjs"
 VERSIONS = [pytest.param("16", id="phoenix-1.6"), pytest.param("17", id="phoenix-1.7"),
             pytest.param("18", id="phoenix-1.8")]
-TIMEOUT = 5.0  # for any one thing a client should observe
 RETRY_MS = 150  # reconnectAfterMs / rejoinAfterMs
 PROMPT = 2.0  # from a connection's end (as its own client sees it) to the others' onLeave
 
-Event = dict[str, Any]
 PresenceList = dict[str, list[dict[str, Any]]]  # key -> metas, as the client's presence.list() shows it
 
 _topic_ids = itertools.count(1)
@@ -51,40 +46,8 @@ def refs(metas: list[dict[str, Any]]) -> list[str]:
     return [meta["phx_ref"] for meta in metas]
 
 
-class PresenceClient:
-    """A running presence.mjs: every line it printed so far is in `events`."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.events: list[Event] = []
-
-    async def _read(self, timeout: float) -> Event | None:
-        assert self.process.stdout is not None
-        try:
-            line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
-            return None
-        if not line:
-            assert self.process.stderr is not None
-            stderr = await asyncio.wait_for(self.process.stderr.read(), TIMEOUT)
-            raise AssertionError(f"node client exited ({await self.process.wait()}): {stderr.decode()}\n"
-                                 f"events: {self.events}")
-        event = orjson.loads(line)
-        self.events.append(event)
-        return event
-
-    async def wait_for(self, predicate: Callable[[Event], bool], timeout: float = TIMEOUT) -> Event:
-        """The first event from now on that matches."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            event = await self._read(left)
-            if event is not None and predicate(event):
-                return event
-        raise AssertionError(f"no matching event within {timeout}s; events so far: {self.events}")
-
-    async def wait_event(self, kind: str, timeout: float = TIMEOUT, **fields: Any) -> Event:
-        return await self.wait_for(
-            lambda e: e["event"] == kind and all(e.get(key) == value for key, value in fields.items()), timeout)
+class PresenceClient(NodeScript):
+    """A running presence.mjs, with what presence tests ask of it."""
 
     async def wait_sync(self, predicate: Callable[[PresenceList], bool], timeout: float = TIMEOUT) -> PresenceList:
         """The presence list of the first onSync from now on whose list matches."""
@@ -95,9 +58,7 @@ class PresenceClient:
         assert await self.wait_event("joined") == {"event": "joined", "status": "ok", "response": {}}
 
     async def send(self, **command: Any) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(orjson.dumps(command) + b"\n")
-        await self.process.stdin.drain()
+        await self.send_line(orjson.dumps(command))
 
     async def command(self, cmd: str, **fields: Any) -> Event:
         """Send a command that pushes, and return its reply event."""
@@ -109,37 +70,24 @@ class PresenceClient:
         await self.send(cmd="list")
         return as_dict((await self.wait_event("list"))["list"])
 
-    def seen(self, kind: str) -> list[Event]:
-        return [e for e in self.events if e["event"] == kind]
 
 
 @pytest.fixture
 def presence_client() -> Callable[..., Any]:
     """Factory: `async with presence_client("18", server, topic, token=...) as client:`."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not installed: these tests need Node 20 and `npm ci --prefix tests/js`")
-    if not (JS_DIR / "node_modules").is_dir():
-        pytest.fail(f"{JS_DIR / 'node_modules'} is missing: run `npm ci --prefix tests/js` first")
+    node_binary()
 
     @asynccontextmanager
     async def start(version: str, server: ServerProcess, topic: str, *, token: str,
                     heartbeat_ms: int | None = None, log_frames: bool = False) -> AsyncIterator[PresenceClient]:
-        args = [str(CLIENT), version, f"ws://127.0.0.1:{server.port}/socket", "--topic", topic,
+        args = [version, f"ws://127.0.0.1:{server.port}/socket", "--topic", topic,
                 "--token", token, "--retry-ms", str(RETRY_MS)]
         if heartbeat_ms is not None:
             args += ["--heartbeat-ms", str(heartbeat_ms)]
         if log_frames:
             args.append("--log-frames")
-        process = await asyncio.create_subprocess_exec(
-            node, *args, cwd=JS_DIR, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        try:
-            yield PresenceClient(process)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            await process.wait()
+        async with run_script(CLIENT, *args, kind=PresenceClient) as client:
+            yield client
 
     return start
 
