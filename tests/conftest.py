@@ -7,9 +7,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 import orjson
@@ -27,6 +28,23 @@ def make_token(sub: str = "u1", *, secret: str = JWT_SECRET, algorithm: str = "H
     body: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl}
     body.update(claims)
     return jwt.encode(body, secret, algorithm=algorithm)
+
+
+T = TypeVar("T")
+
+
+async def until(check: Callable[[], Awaitable[T] | T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll `check` (sync or async) until it returns something truthy, for state that announces no event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout}s (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 class ServerProcess:

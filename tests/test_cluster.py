@@ -11,7 +11,6 @@ otherwise. Every node runs with PUSH_NODE_TIMEOUT=3 so that a dead node is notic
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import shutil
 import signal
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -30,7 +29,7 @@ import redis.asyncio as aioredis
 from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PUBLISH_KEY, ServerProcess, make_token
+from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from brokers import broker_missing, require_nats, require_redis
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 
@@ -40,7 +39,6 @@ RECOVERY = 15.0      # broker reconnects back off up to 5 s between attempts
 CLIENT = JS_DIR / "client.mjs"
 OK = {"status": "ok", "response": {}}
 
-T = TypeVar("T")
 Frame = list[Any]
 Event = dict[str, Any]
 
@@ -143,21 +141,6 @@ def url_of(kind: str, broker: BrokerProcess) -> str:
 
 
 # ===================================================================== waiting, HTTP
-
-
-async def until(check: Callable[[], Awaitable[T] | T], timeout: float, what: str, interval: float = 0.05) -> T:
-    """Poll `check` (sync or async) until it returns something truthy (for state that announces no event)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if inspect.isawaitable(last):
-            last = await last
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
 
 
 async def start_nodes(start_server: Callable[..., Any], count: int, broker: str, **env: str) -> list[ServerProcess]:

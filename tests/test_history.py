@@ -31,7 +31,7 @@ import pytest
 from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PUBLISH_KEY, ServerProcess, make_token
+from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from brokers import require_nats, require_redis
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 from push_service.auth import Identity
@@ -68,20 +68,6 @@ def pos(text: str) -> Position:
 
 def bounded(seconds: float = TIMEOUT) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=seconds)
-
-
-async def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll `check` (sync or async) until it returns something truthy, for state that announces no event."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout}s (last: {value!r})")
-        await asyncio.sleep(interval)
 
 
 async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str, payload: dict[str, Any],

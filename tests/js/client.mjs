@@ -21,6 +21,7 @@
 
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
+import { exitWithStdin, reportJoin } from "./report.mjs";
 
 const { positionals, values: opts } = parseArgs({
   allowPositionals: true,
@@ -84,15 +85,8 @@ socket.onMessage((msg) => {
 for (const topic of opts.topic) {
   const channel = socket.channel(topic, {});
   channel.on("new_msg", (payload) => emit({ event: "message", topic, name: "new_msg", payload }));
-  channel.onError(() => emit({ event: "channel_error", topic }));
-  channel.onClose(() => emit({ event: "channel_close", topic }));
-  channel.join()
-    .receive("ok", (response) => emit({ event: "join", topic, status: "ok", response }))
-    .receive("error", (response) => emit({ event: "join", topic, status: "error", response }))
-    .receive("timeout", () => emit({ event: "join", topic, status: "timeout" }));
+  reportJoin(channel, topic, emit);
 }
 socket.connect();
 
-// Never outlive the test that started us.
-process.stdin.on("end", () => process.exit(0));
-process.stdin.resume();
+exitWithStdin();  // never outlive the test that started us

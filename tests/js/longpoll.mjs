@@ -23,6 +23,7 @@
 
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
+import { exitWithStdin, reportJoin } from "./report.mjs";
 import FetchXMLHttpRequest from "./xhr.mjs";
 
 const { positionals, values: opts } = parseArgs({
@@ -79,15 +80,8 @@ for (const topic of opts.topic) {
     if (!name.startsWith("phx_") && !name.startsWith("presence_")) emit({ event: "message", topic, name, payload });
     return payload;
   };
-  channel.onError(() => emit({ event: "channel_error", topic }));
-  channel.onClose(() => emit({ event: "channel_close", topic }));
-  channel.join()
-    .receive("ok", (response) => emit({ event: "join", topic, status: "ok", response }))
-    .receive("error", (response) => emit({ event: "join", topic, status: "error", response }))
-    .receive("timeout", () => emit({ event: "join", topic, status: "timeout" }));
+  reportJoin(channel, topic, emit);
 }
 socket.connect();
 
-// Never outlive the test that started us.
-process.stdin.on("end", () => process.exit(0));
-process.stdin.resume();
+exitWithStdin();  // never outlive the test that started us
