@@ -40,6 +40,19 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     return app
 
 
+class Site(web.TCPSite):
+    """aiohttp's TCP site with our front door on the listening socket: a connection whose first
+    request is a WebSocket upgrade never enters aiohttp (see transports/websocket.py)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        assert self._runner.server is not None
+        listener = websocket.Listener(self._runner.app[NODE], self._runner.server)
+        self._server = await asyncio.get_running_loop().create_server(
+            listener, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
 class ListenError(OSError):
     """The listening socket could not be opened (address in use, not permitted...)."""
 
@@ -54,19 +67,24 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def serve(settings: Settings, announce: Callable[[int], None] | None = None, reuse_port: bool = False) -> None:
-    """Run until SIGTERM/SIGINT; `announce` gets the bound port once listening."""
-    app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=5.0)
+async def start(settings: Settings, reuse_port: bool = False) -> tuple[web.AppRunner, int]:
+    """The application, listening; returns its runner (cleanup() stops it) and the bound port."""
+    runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=4096, reuse_port=reuse_port or None)
+    site = Site(runner, settings.host, settings.port, backlog=4096, reuse_port=reuse_port or None)
     try:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
+    return runner, site.port
+
+
+async def serve(settings: Settings, announce: Callable[[int], None] | None = None, reuse_port: bool = False) -> None:
+    """Run until SIGTERM/SIGINT; `announce` gets the bound port once listening."""
+    runner, port = await start(settings, reuse_port)
+    app = runner.app
     tune_gc()
-    port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening", extra={"event": "listening", "host": settings.host, "port": port,
                                  "config": settings.redacted()})
     if announce is not None:

@@ -6,6 +6,7 @@ framing), however many subscribers it reaches; each delivery is one write of tho
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -63,19 +64,49 @@ class Broadcast:
             return data
 
     @property
+    def parts(self) -> tuple[Broadcast]:
+        return (self,)
+
+    @property
     def encode_count(self) -> int:
         """How many times this broadcast was serialized (once per distinct wire reached)."""
         return len(self._encoded)
 
 
+class Run:
+    """Consecutive broadcasts on one topic, delivered as one write: their frames, concatenated
+    once per wire, so a subscriber costs one syscall however many messages came together."""
+
+    __slots__ = ("topic", "parts", "_encoded")
+
+    def __init__(self, parts: list[Broadcast]) -> None:
+        self.topic = parts[0].topic
+        self.parts = parts
+        self._encoded: dict[Wire, bytes] = {}
+
+    def encoded(self, wire: Wire) -> bytes:
+        try:
+            return self._encoded[wire]
+        except KeyError:
+            data = self._encoded[wire] = b"".join([part.encoded(wire) for part in self.parts])
+            return data
+
+
 class Subscriber(Protocol):
-    def deliver(self, broadcast: Broadcast) -> None:
-        """Write the broadcast's bytes; must not (un)subscribe anything synchronously."""
+    def deliver(self, broadcast: Broadcast | Run) -> None:
+        """Write the bytes of a broadcast, or of a run of them (`.parts`); must not (un)subscribe
+        anything synchronously."""
 
 
 class Hub:
+    """Topic -> local subscribers. A dispatched broadcast is delivered at the end of the event loop's
+    current iteration, together with whatever else was dispatched meanwhile (concurrent publishes,
+    a batch, a burst read from the broker): consecutive broadcasts on the same topic go out as one
+    Run. Order is kept: per subscriber, everything arrives in dispatch order."""
+
     def __init__(self, on_dispatched: Callable[[Broadcast, int], None] | None = None) -> None:
         self._topics: dict[str, dict[Subscriber, None]] = {}
+        self._pending: list[Broadcast] = []
         self._on_dispatched = on_dispatched
 
     def subscribe(self, topic: str, subscriber: Subscriber) -> bool:
@@ -98,17 +129,32 @@ class Hub:
         del self._topics[topic]
         return True
 
-    def dispatch(self, broadcast: Broadcast) -> int:
-        """Deliver to every local subscriber of the topic, in subscription order; returns how many."""
-        subscribers = self._topics.get(broadcast.topic)
-        if not subscribers:
-            return 0
-        for subscriber in subscribers:
-            subscriber.deliver(broadcast)
-        count = len(subscribers)
-        if self._on_dispatched is not None:
-            self._on_dispatched(broadcast, count)
-        return count
+    def dispatch(self, broadcast: Broadcast) -> None:
+        """Deliver to every local subscriber of the topic (those subscribed when the loop gets to it)."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(broadcast)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        on_dispatched = self._on_dispatched
+        start, end = 0, len(pending)
+        while start < end:
+            first = pending[start]
+            topic = first.topic
+            stop = start + 1
+            while stop < end and pending[stop].topic == topic:
+                stop += 1
+            subscribers = self._topics.get(topic)
+            count = len(subscribers) if subscribers else 0
+            if count:
+                delivery = first if stop - start == 1 else Run(pending[start:stop])
+                for subscriber in subscribers:  # type: ignore[union-attr]
+                    subscriber.deliver(delivery)
+            if count and on_dispatched is not None:
+                for index in range(start, stop):
+                    on_dispatched(pending[index], count)
+            start = stop
 
     def subscriber_count(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))

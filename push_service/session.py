@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from push_service.auth import Identity
 from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast, Wire
+from push_service.hub import Broadcast, Run, Wire
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message, ProtocolError
 from push_service.topics import Topic, may_join, parse_topic
@@ -59,8 +59,8 @@ class Connection(Protocol):
     wire: Wire
     transport_name: str  # metrics label: "websocket" or "longpoll"
 
-    def send(self, data: bytes) -> int:
-        """Queue framed bytes; returns how many bytes are now waiting to be sent."""
+    def send(self, data: bytes) -> None:
+        """Queue framed bytes. Past PUSH_SEND_BUFFER_BYTES unsent, call the session's overflowed()."""
 
     def close(self, disconnect: Disconnect) -> None:
         """Close from the server side; the transport then calls Session.closed()."""
@@ -79,8 +79,8 @@ class Channel:
 
 
 class Session:
-    __slots__ = ("id", "node", "identity", "conn", "channels", "last_seen", "_wire", "_send", "_buffer_limit",
-                 "_closing", "_disconnected", "_held", "_floors")
+    __slots__ = ("id", "node", "identity", "conn", "channels", "last_seen", "_wire", "_write", "_closing",
+                 "_disconnected", "_held", "_floors")
 
     def __init__(self, node: Node, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -90,8 +90,7 @@ class Session:
         self.channels: dict[str, Channel] = {}
         self.last_seen = node.now()
         self._wire = conn.wire
-        self._send = conn.send
-        self._buffer_limit = node.settings.send_buffer_bytes
+        self._write = conn.send
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
         # topic -> broadcasts held while that topic's join recovers history (None: nothing held)
@@ -101,14 +100,17 @@ class Session:
 
     # --- output
 
-    def deliver(self, broadcast: Broadcast) -> None:
+    def deliver(self, broadcast: Broadcast | Run) -> None:
         """Hub fan-out path: one write of bytes shared with every subscriber of the same wire."""
         held = self._held
         if held is not None and broadcast.topic in held:
-            held[broadcast.topic].append(broadcast)  # its join is recovering: sent after the replay
+            held[broadcast.topic].extend(broadcast.parts)  # its join is recovering: sent after the replay
             return
-        floors = self._floors
-        if floors is not None and broadcast.topic in floors and self._replayed(broadcast, floors):
+        if self._floors is not None and broadcast.topic in self._floors:
+            for part in broadcast.parts:
+                floors = self._floors
+                if floors is None or part.topic not in floors or not self._replayed(part, floors):
+                    self._write(part.encoded(self._wire))
             return
         self._write(broadcast.encoded(self._wire))
 
@@ -126,8 +128,9 @@ class Session:
             self._floors = None
         return False
 
-    def _write(self, data: bytes) -> None:
-        if self._send(data) > self._buffer_limit and not self._closing:
+    def overflowed(self) -> None:
+        """The connection holds more unsent bytes than PUSH_SEND_BUFFER_BYTES: drop this slow consumer."""
+        if not self._closing:
             # Never unsubscribe synchronously: the hub may be iterating this topic's subscribers.
             self._closing = True
             asyncio.get_running_loop().call_soon(self.disconnect, SLOW_CONSUMER)

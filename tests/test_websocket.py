@@ -156,18 +156,32 @@ class RawWebSocket:
         self.loop = asyncio.get_running_loop()
 
     @classmethod
-    async def open(cls, server, token: str, vsn: str = "2.0.0", rcvbuf: int | None = None) -> RawWebSocket:
+    async def open(cls, server, token: str, vsn: str = "2.0.0", rcvbuf: int | None = None,
+                   before: bytes = b"", behind: bytes = b"") -> RawWebSocket:
+        """`before`: one HTTP request sent first on the same connection (its answer is read and
+        skipped); `behind`: bytes sent in the same write as the upgrade request, right behind it."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
         sock.setblocking(False)
         raw = cls(sock)
         await raw.loop.sock_connect(sock, ("127.0.0.1", server.port))
+        if before:
+            await raw.loop.sock_sendall(sock, before)
+            while b"\r\n\r\n" not in raw.buffer:
+                await raw._fill()
+            head, _, rest = bytes(raw.buffer).partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            while len(rest) < length:
+                await raw._fill()
+                rest = bytes(raw.buffer).partition(b"\r\n\r\n")[2]
+            raw.buffer = bytearray(rest[length:])
         key = base64.b64encode(os.urandom(16)).decode()
         await raw.loop.sock_sendall(sock, (
             f"GET /socket/websocket?vsn={vsn}&token={token} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
             f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+            "Sec-WebSocket-Version: 13\r\n\r\n").encode() + behind)
         while b"\r\n\r\n" not in raw.buffer:
             await raw._fill()
         head, _, rest = bytes(raw.buffer).partition(b"\r\n\r\n")
@@ -600,6 +614,96 @@ async def test_oversized_frame_closes_with_1009(start_server):
         assert (await publish(http, server, topic, {"still": "serving"}))["delivered"] == 1
         assert await receive(bystander) == [None, None, topic, "new_msg", {"still": "serving"}]
         await wait_for_metric(http, server, "push_connections", 1, transport="websocket")
+
+
+# --- the WebSocket layer itself (RFC 6455), below Phoenix
+
+
+async def test_upgrade_on_a_kept_alive_connection_and_frames_behind_the_head(server):
+    """The upgrade may be a connection's second request (aiohttp's client reuses pooled connections), and
+    a client may send its first frames in the same write as the request: both work, frames in order."""
+    join = client_frame(orjson.dumps(["1", "1", "room:lobby:7", "phx_join", {}]))
+    heartbeat = client_frame(orjson.dumps([None, "2", "phoenix", "heartbeat", {}]))
+    for before in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
+        raw = await RawWebSocket.open(server, make_token(), before=before, behind=join + heartbeat)
+        try:
+            assert await raw.receive_json() == ["1", "1", "room:lobby:7", "phx_reply", OK]
+            assert await raw.receive_json() == [None, "2", "phoenix", "phx_reply", OK]
+            async with aiohttp.ClientSession() as http:
+                assert (await publish(http, server, "room:lobby:7", {"n": 1}))["delivered"] == 1
+            assert await raw.receive_json() == [None, None, "room:lobby:7", "new_msg", {"n": 1}]
+        finally:
+            raw.close()
+    async with aiohttp.ClientSession() as http:
+        await wait_for_metric(http, server, "push_connections", 0, transport="websocket")
+        assert await metric(http, server, "push_http_requests_total", route="/socket/websocket", method="GET",
+                            status="101") == 2
+
+
+async def test_ping_fragments_and_close_handshake(server):
+    raw = await RawWebSocket.open(server, make_token())
+    try:
+        await raw.send(b"are you there", opcode=0x9)
+        assert await raw.next_frame() == (0xA, b"are you there")
+        # A text message in three fragments, with a ping between two of them.
+        text = orjson.dumps([None, "3", "phoenix", "heartbeat", {}])
+        first = client_frame(text[:5], 0x1)
+        await raw.loop.sock_sendall(raw.sock, bytes([first[0] & 0x7F]) + first[1:])  # FIN clear
+        middle = client_frame(text[5:9], 0x0)
+        await raw.loop.sock_sendall(raw.sock, bytes([middle[0] & 0x7F]) + middle[1:])
+        await raw.send(b"", opcode=0x9)
+        await raw.send(text[9:], opcode=0x0)
+        assert await raw.next_frame() == (0xA, b"")
+        assert await raw.receive_json() == [None, "3", "phoenix", "phx_reply", OK]
+        # The client closes: the server answers with the same code, then the connection ends.
+        await raw.send(struct.pack("!H", 4001) + b"bye", opcode=0x8)
+        assert await raw.next_frame() == (0x8, struct.pack("!H", 4001))
+        with pytest.raises(EOFError):
+            await raw.next_frame()
+    finally:
+        raw.close()
+
+
+@pytest.mark.parametrize("frame, code", [
+    (struct.pack("!BB", 0x81, 2) + b"{}", 1002),  # unmasked
+    (client_frame(b"[]", 0x1)[:1].replace(b"\x81", b"\xc1") + client_frame(b"[]", 0x1)[1:], 1002),  # RSV1
+    (client_frame(b"tail", 0x0), 1002),  # a continuation with nothing to continue
+    (client_frame(b"x", 0x3), 1002),  # a reserved opcode
+    (client_frame(b"x" * 126, 0x9), 1002),  # a control frame over 125 bytes
+    (client_frame(b"\x03", 0x8), 1002),  # a close frame with a one-byte body
+    (client_frame(struct.pack("!H", 999), 0x8), 1002),  # an invalid close code
+], ids=["unmasked", "rsv1", "stray-continuation", "reserved-opcode", "long-ping", "short-close", "bad-close-code"])
+async def test_protocol_violations_close_with_1002_and_are_counted(server, frame, code):
+    raw = await RawWebSocket.open(server, make_token())
+    try:
+        await raw.loop.sock_sendall(raw.sock, frame)
+        opcode, payload = await raw.next_frame()
+        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, code)
+    finally:
+        raw.close()
+    async with aiohttp.ClientSession() as http:
+        await wait_for_metric(http, server, "push_client_errors_total", 1, reason="websocket_error")
+        await wait_for_metric(http, server, "push_connections", 0, transport="websocket")
+
+
+async def test_malformed_upgrades_go_to_the_http_layer(server):
+    """A request head the front door does not take whole (bad key, wrong version, HTTP/1.0) is answered
+    by aiohttp: 400, never an upgrade, never a hang."""
+    token = make_token()
+    for head in (
+        f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+        f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(head.encode())
+            status_line = await asyncio.wait_for(reader.readline(), RECEIVE_TIMEOUT)
+            assert status_line.startswith(b"HTTP/1.1 400 "), (head, status_line)
+        finally:
+            writer.close()
 
 
 # --- server-side timeouts

@@ -14,8 +14,8 @@ from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
-# Called on this node for each broadcast the broker delivers; returns local subscribers reached.
-Deliver = Callable[[Broadcast], int]
+# Called on this node for each broadcast the broker delivers (the hub sends it out this loop iteration).
+Deliver = Callable[[Broadcast], None]
 # Called when a subscription that `subscribe` could not make effective at once is in place.
 Confirmed = Callable[[str], None]
 # Called with (topic, data) for presence signals from other nodes.

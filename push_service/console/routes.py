@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from push_service.api import ApiError, json_response, require_bearer_key
-from push_service.hub import Broadcast, Wire
+from push_service.hub import Broadcast, Run, Wire
 from push_service.node import Node
 from push_service.protocol import V2
 from push_service.topics import parse_topic
@@ -127,11 +127,12 @@ class TopicWatcher:
         self.ready = False
         self._signal = asyncio.Event()
 
-    def deliver(self, broadcast: Broadcast) -> None:
-        if len(self.frames) >= WATCH_QUEUE:
-            self.dropped += 1
-        else:
-            self.frames.append(broadcast.encoded(WATCH_WIRE))
+    def deliver(self, broadcast: Broadcast | Run) -> None:
+        for part in broadcast.parts:
+            if len(self.frames) >= WATCH_QUEUE:
+                self.dropped += 1
+            else:
+                self.frames.append(part.encoded(WATCH_WIRE))
         self._signal.set()
 
     def subscribed(self, topic: str) -> None:

@@ -51,7 +51,7 @@ class TypingBudget:
 
 class Presence:
     def __init__(self, settings: Settings, metrics: Metrics, node_id: str,
-                 dispatch: Callable[[Broadcast], int]) -> None:
+                 dispatch: Callable[[Broadcast], None]) -> None:
         self.families = frozenset(settings.presence_topics)
         self._typing_timeout = settings.typing_timeout
         self._node_timeout = settings.node_timeout

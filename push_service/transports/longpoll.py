@@ -104,13 +104,14 @@ class LongPollConnection:
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes) -> None:
         if self.gone:
-            return 0
+            return
         self._frames.append(data)
         self._size += len(data)
         self._wake()
-        return self._size
+        if self._size > self._transport.node.settings.send_buffer_bytes and self.session is not None:
+            self.session.overflowed()  # nobody has polled for a while and the frames pile up
 
     def close(self, disconnect: Disconnect) -> None:
         """Server-side close (token expiry, drain, slow consumer, ...): a waiting GET answers at once."""

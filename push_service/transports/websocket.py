@@ -1,8 +1,13 @@
 """The Phoenix WebSocket transport: `GET /socket/websocket?vsn=2.0.0&token=<JWT>`.
 
-Authentication happens before the upgrade, so a refused client gets HTTP 403 exactly as
-Phoenix answers when `connect/3` fails. After the upgrade, outgoing frames are framed by
-us once and written straight to the socket's transport: the same bytes for every subscriber.
+A socket costs what its connection state costs and nothing more: no aiohttp request, no
+handler task, no timer. The listening socket's protocol is a `FrontDoor` that looks at the
+first request of each connection. A well-formed upgrade to the socket path is checked
+(drain, origin, vsn, token: refused with HTTP 403/503 exactly as Phoenix refuses a failed
+`connect/3`), answered 101 by us, and the connection's protocol becomes a
+`WebSocketProtocol`; everything else is handed to aiohttp untouched. Outgoing frames are
+framed once per broadcast and written straight to the transport: the same bytes for every
+subscriber. A slow reader is noticed by the transport's own flow control (`pause_writing`).
 """
 
 from __future__ import annotations
@@ -11,39 +16,50 @@ import asyncio
 import base64
 import binascii
 import logging
-import struct
+import secrets
+from collections.abc import Callable
+from typing import cast
+from urllib.parse import unquote_plus
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
-from push_service.auth import AuthError
+from push_service.api import REQUEST_ID
+from push_service.auth import AuthError, Identity
 from push_service.hub import Wire
 from push_service.node import NODE, Node
-from push_service.protocol import V1, V2, negotiate
+from push_service.protocol import V1, V2, Serializer, negotiate
 from push_service.session import Disconnect
+from push_service.transports.frames import (
+    BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key, close_code, frame, frame_close,
+    frame_text,
+)
 
 log = logging.getLogger("push_service.websocket")
 
+PATH = "/socket/websocket"
 # phoenix.js >= 1.8 `authToken`: a Sec-WebSocket-Protocol entry beside "phoenix".
 AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
 SUBPROTOCOL = "phoenix"
-# Wait this long for the client's close frame, then drop the TCP connection.
+# Wait this long for a server-closed socket to flush, then drop the TCP connection.
 CLOSE_TIMEOUT = 5.0
+# A connection must have sent its first request head within this time.
+HANDSHAKE_TIMEOUT = 10.0
+# A longer head is not ours to judge: aiohttp answers it (431/400).
+MAX_HEAD_BYTES = 16384
+
+# One Wire per protocol version, shared by every socket, so a broadcast is framed once per version.
+WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
 
 
-def frame_text(payload: bytes) -> bytes:
-    """An unmasked, final WebSocket text frame (RFC 6455 5.2), as a server sends it."""
-    size = len(payload)
-    if size < 126:
-        return struct.pack("!BB", 0x81, size) + payload
-    if size < 65536:
-        return struct.pack("!BBH", 0x81, 126, size) + payload
-    return struct.pack("!BBQ", 0x81, 127, size) + payload
+class Refusal(Exception):
+    """An upgrade that is answered with an HTTP error instead of 101."""
 
-
-def frame_close(code: int, reason: str) -> bytes:
-    body = struct.pack("!H", code) + reason.encode()[:120]
-    return struct.pack("!BB", 0x88, len(body)) + body
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason  # metrics label
+        self.message = message
 
 
 def token_from_subprotocols(header: str | None) -> str | None:
@@ -61,89 +77,331 @@ def token_from_subprotocols(header: str | None) -> str | None:
     return None
 
 
-# One Wire per protocol version, shared by every socket, so a broadcast is framed once per version.
-WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
+def admit(node: Node, origin: str | None, vsn: str | None, subprotocols: str | None,
+          query_token: str | None) -> tuple[Identity, Serializer]:
+    """Who connects, speaking which version; Refusal (counted and logged) when they may not."""
+    try:
+        if node.draining:
+            raise Refusal(503, "draining", "this node is shutting down; reconnect")
+        if not node.origins.allows(origin):
+            raise Refusal(403, "origin", "origin not allowed")
+        serializer = negotiate(vsn)
+        if serializer is None:
+            raise Refusal(403, "vsn", "unsupported vsn; use 1.0.0 or 2.0.0")
+        try:
+            token = token_from_subprotocols(subprotocols)
+            identity = node.tokens.verify(query_token if token is None else token)
+        except AuthError as exc:
+            raise Refusal(403, exc.reason, f"token refused: {exc.reason}") from None
+    except Refusal as refusal:
+        refused(node, refusal)
+        raise
+    return identity, serializer
 
 
-class WebSocketConnection:
-    """A Session's view of one upgraded socket."""
+def refused(node: Node, refusal: Refusal) -> None:
+    node.metrics.connects_refused.labels(refusal.reason).inc()
+    if refusal.reason != "draining":  # every client retries during a drain: the metric counts those, not the log
+        log.info("connection refused", extra={"event": "connect_refused", "reason": refusal.reason,
+                                              "status": refusal.status})
 
-    __slots__ = ("wire", "session", "_ws", "_transport", "_write", "_buffered")
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """The socket path as aiohttp sees it: requests the front door did not take. A well-formed upgrade
+    here is not its connection's first request (aiohttp's client, for one, upgrades pooled keep-alive
+    connections): the connection is taken over from aiohttp all the same, and this handler waits
+    until the socket closes."""
+    node: Node = request.app[NODE]
+    try:
+        identity, serializer = admit(node, request.headers.get("Origin"), request.query.get("vsn"),
+                                     request.headers.get("Sec-WebSocket-Protocol"), request.query.get("token"))
+    except Refusal as refusal:
+        return web.json_response({"error": refusal.message}, status=refusal.status, dumps=_dumps)
+    transport, http = request.transport, request.protocol
+    if not is_upgrade(request.headers.get) or transport is None:
+        refusal = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
+        refused(node, refusal)
+        return web.json_response({"error": refusal.message}, status=refusal.status, dumps=_dumps)
+    # What the client sent behind its request head, which aiohttp's parser kept aside.
+    rest, http._message_tail = http._message_tail, b""
+    lost = asyncio.get_running_loop().create_future()
+    open_socket(node, transport, request.headers.get, identity, serializer, rest, lost)
+    transport.resume_reading()  # in case aiohttp paused it while the tail grew
+    await lost
+    # aiohttp still thinks it owns the connection: tell it the connection is gone (its answer to this
+    # request is never written; 101 is what the request metric should say).
+    http.connection_lost(None)
+    return web.Response(status=101)
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+# --- the connection after the upgrade
+
+
+class WebSocketProtocol(asyncio.Protocol):
+    """One upgraded socket: frames in to its Session, framed bytes out. It is also the Session's
+    Connection, so a socket is this object, its transport and its session."""
+
+    __slots__ = ("wire", "session", "_node", "_transport", "_write", "_reader", "_closing", "_lost")
     transport_name = "websocket"
 
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.Transport, wire: Wire) -> None:
+    def __init__(self, node: Node, transport: asyncio.Transport, wire: Wire, identity: Identity,
+                 lost: asyncio.Future[None] | None = None) -> None:
         self.wire = wire
-        self._ws = ws
+        self._lost = lost
+        self._node = node
         self._transport = transport
         self._write = transport.write
-        self._buffered = transport.get_write_buffer_size
+        self._reader = FrameReader(node.settings.max_frame_bytes)
+        self._closing = False
+        # Past this much unsent data the transport calls pause_writing: a slow consumer.
+        transport.set_write_buffer_limits(high=node.settings.send_buffer_bytes)
+        self.session = node.open_session(identity, self, self.transport_name)
 
-    def send(self, data: bytes) -> int:
-        if self._transport.is_closing():
-            return 0
-        self._write(data)
-        return self._buffered()
+    # --- Connection, for the session
+
+    def send(self, data: bytes) -> None:
+        if not self._closing:
+            self._write(data)
 
     def close(self, disconnect: Disconnect) -> None:
-        transport = self._transport
-        if transport.is_closing():
+        self._close(frame_close(disconnect.code, disconnect.reason))
+
+    # --- asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
             return
-        # Our own close frame, then a graceful close that flushes what is queued; a peer that
-        # does not read (a slow consumer) is cut off after CLOSE_TIMEOUT.
-        transport.write(frame_close(disconnect.code, disconnect.reason))
+        try:
+            messages = self._reader.feed(data)
+        except FrameError as exc:
+            self._fail(exc)
+            return
+        try:
+            for opcode, payload in messages:
+                if self._closing:
+                    return
+                if opcode == TEXT:
+                    try:
+                        text = payload.decode()
+                    except UnicodeDecodeError:
+                        self._fail(FrameError(1007, "text frame is not UTF-8"))
+                        return
+                    self.session.receive(text)
+                elif opcode == BINARY:
+                    self.session.receive(payload)
+                elif opcode == PING:
+                    self._write(frame(PONG, payload))
+                elif opcode == CLOSE:
+                    code = close_code(payload)
+                    self._close(frame_close(1000 if code == 1005 else code))
+        except FrameError as exc:
+            self._fail(exc)
+        except Exception:  # a bug of ours must not take the process down with it: this socket only
+            log.exception("socket failed", extra={"event": "socket_error", "connection": self.session.id})
+            self._close(frame_close(1011, "internal error"))
+
+    def pause_writing(self) -> None:
+        self.session.overflowed()
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.session.closed()
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
+    # --- closing
+
+    def _fail(self, error: FrameError) -> None:
+        self._node.metrics.client_errors.labels("frame_too_big" if error.code == 1009 else "websocket_error").inc()
+        self._close(frame_close(error.code, error.reason))
+
+    def _close(self, close_frame: bytes) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        transport = self._transport
+        transport.write(close_frame)
+        # A graceful close flushes what is queued; a peer that does not read is cut off later.
         transport.close()
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
 
-def _refuse(node: Node, status: int, reason: str, message: str) -> web.Response:
-    node.metrics.connects_refused.labels(reason).inc()
-    if reason != "draining":  # every client retries during a drain: the metric counts those, not the log
-        log.info("connection refused", extra={"event": "connect_refused", "reason": reason, "status": status})
-    return web.Response(status=status, body=orjson.dumps({"error": message}), content_type="application/json")
+# --- the first request of every connection
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    node: Node = request.app[NODE]
-    if node.draining:
-        return _refuse(node, 503, "draining", "this node is shutting down; reconnect")
-    if not node.origins.allows(request.headers.get("Origin")):
-        return _refuse(node, 403, "origin", "origin not allowed")
-    serializer = negotiate(request.query.get("vsn"))
-    if serializer is None:
-        return _refuse(node, 403, "vsn", "unsupported vsn; use 1.0.0 or 2.0.0")
+class Upgrade:
+    """A well-formed WebSocket upgrade request head for the socket path."""
+
+    __slots__ = ("query", "headers")
+
+    def __init__(self, query: dict[str, str], headers: dict[str, str]) -> None:
+        self.query = query
+        self.headers = headers  # lower-case names; repeated headers joined with ", "
+
+
+_PREFIX = f"GET {PATH}".encode()
+
+
+def parse_upgrade(head: bytes) -> Upgrade | None:
+    """The upgrade in a request head (without its final blank line); None when it is anything else
+    or not strictly well-formed, for aiohttp to answer."""
     try:
-        token = token_from_subprotocols(request.headers.get("Sec-WebSocket-Protocol"))
-        if token is None:
-            token = request.query.get("token")
-        identity = node.tokens.verify(token)
-    except AuthError as exc:
-        return _refuse(node, 403, exc.reason, f"token refused: {exc.reason}")
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if not text.replace("\r\n", "").isprintable():
+        return None  # control characters (NUL, DEL, a bare LF...): not ours to parse
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or parts[2] != "HTTP/1.1":
+        return None
+    path, _, query = parts[1].partition("?")
+    if path != PATH:
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or line[0] in " \t":
+            return None
+        name, value = name.lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+        return None
+    return Upgrade(_parse_query(query), headers) if is_upgrade(headers.get) else None
 
-    ws = web.WebSocketResponse(
-        protocols=(SUBPROTOCOL,),
-        max_msg_size=node.settings.max_frame_bytes,
-        autoping=True,
-        compress=False,
-        timeout=CLOSE_TIMEOUT,
-    )
-    if not ws.can_prepare(request).ok:
-        return _refuse(node, 400, "not_websocket", "expected a WebSocket upgrade request")
-    await ws.prepare(request)
-    transport = request.transport
-    if transport is None:  # the peer vanished during the handshake
-        return ws
-    conn = WebSocketConnection(ws, transport, WIRES[serializer])
-    session = node.open_session(identity, conn, WebSocketConnection.transport_name)
+
+def is_upgrade(header: Callable[[str], str | None]) -> bool:
+    """Whether the headers (looked up by lower-case name) ask for a WebSocket version 13 upgrade."""
+    return ("websocket" in _tokens(header("upgrade")) and "upgrade" in _tokens(header("connection"))
+            and header("sec-websocket-version") == "13" and _valid_key(header("sec-websocket-key")))
+
+
+def _tokens(value: str | None) -> list[str]:
+    return [token.strip().lower() for token in value.split(",")] if value else []
+
+
+def _valid_key(key: str | None) -> bool:
     try:
-        async for message in ws:
-            if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
-                session.receive(message.data)
-            elif message.type is WSMsgType.ERROR:
-                # aiohttp has already closed the socket (1009 for an oversized message, 1002 otherwise).
-                # The error carries the code: ws.close_code is the client's answer to our close by now.
-                reason = "frame_too_big" if getattr(message.data, "code", None) == 1009 else "websocket_error"
-                node.metrics.client_errors.labels(reason).inc()
-                break
-    finally:
-        session.closed()
-    return ws
+        return key is not None and len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+def _parse_query(query: str) -> dict[str, str]:
+    """First value of each name, decoded as aiohttp's request.query decodes it."""
+    values: dict[str, str] = {}
+    for pair in query.split("&") if query else ():
+        name, _, value = pair.partition("=")
+        if "%" in pair or "+" in pair:
+            name, value = unquote_plus(name), unquote_plus(value)
+        values.setdefault(name, value)
+    return values
+
+
+class Listener:
+    """The protocol factory of the listening socket."""
+
+    def __init__(self, node: Node, http: Callable[[], asyncio.Protocol]) -> None:
+        self.node = node
+        self.http = http  # aiohttp's own protocol factory
+        self._upgraded = node.metrics.http_requests.labels(PATH, "GET", "101")
+
+    def __call__(self) -> FrontDoor:
+        return FrontDoor(self)
+
+    def upgrade(self, transport: asyncio.Transport, upgrade: Upgrade, rest: bytes) -> None:
+        node, headers = self.node, upgrade.headers
+        try:
+            identity, serializer = admit(node, headers.get("origin"), upgrade.query.get("vsn"),
+                                         headers.get("sec-websocket-protocol"), upgrade.query.get("token"))
+        except Refusal as refusal:
+            node.metrics.http_requests.labels(PATH, "GET", str(refusal.status)).inc()
+            transport.write(_error_response(refusal, headers.get("x-request-id", "")))
+            transport.close()
+            return
+        self._upgraded.inc()
+        open_socket(node, transport, headers.get, identity, serializer, rest)
+
+
+def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str], str | None], identity: Identity,
+                serializer: Serializer, rest: bytes, lost: asyncio.Future[None] | None = None) -> None:
+    """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head."""
+    offered = _tokens(header("sec-websocket-protocol"))
+    transport.write(b"".join((
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
+        b"Sec-WebSocket-Accept: ", accept_key(header("sec-websocket-key") or "").encode(), b"\r\n",
+        b"Sec-WebSocket-Protocol: phoenix\r\n" if SUBPROTOCOL in offered else b"",
+        b"\r\n")))
+    protocol = WebSocketProtocol(node, transport, WIRES[serializer], identity, lost)
+    transport.set_protocol(protocol)
+    if rest:  # frames the client sent right behind its request
+        protocol.data_received(rest)
+
+
+_PHRASES = {400: "Bad Request", 403: "Forbidden", 503: "Service Unavailable"}
+
+
+def _error_response(refusal: Refusal, given_id: str) -> bytes:
+    body = orjson.dumps({"error": refusal.message})
+    request_id = given_id if REQUEST_ID.fullmatch(given_id) else secrets.token_hex(8)
+    return (f"HTTP/1.1 {refusal.status} {_PHRASES[refusal.status]}\r\n"
+            f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"X-Request-Id: {request_id}\r\nConnection: close\r\n\r\n").encode() + body
+
+
+class FrontDoor(asyncio.Protocol):
+    """Reads a connection's first request head: an upgrade to the socket path is ours, anything else
+    goes to aiohttp with the bytes read so far."""
+
+    __slots__ = ("_listener", "_transport", "_head", "_timer")
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        head = self._head + data if self._head else data
+        if not head.startswith(_PREFIX):
+            if _PREFIX.startswith(head):
+                self._head = head  # too short to tell yet
+            else:
+                self._hand_over(head)
+            return
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEAD_BYTES:
+                self._hand_over(head)
+            else:
+                self._head = head
+            return
+        upgrade = parse_upgrade(head[:end])
+        if upgrade is None:
+            self._hand_over(head)
+            return
+        self._timer.cancel()
+        self._listener.upgrade(self._transport, upgrade, head[end + 4:])
+
+    def _hand_over(self, data: bytes) -> None:
+        self._timer.cancel()
+        protocol = self._listener.http()
+        self._transport.set_protocol(protocol)
+        protocol.connection_made(self._transport)
+        protocol.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self._timer.cancel()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
