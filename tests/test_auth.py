@@ -13,8 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from push_service.auth import AuthError, Identity, PublishKeys, TokenVerifier, accepted_algorithms, mint_token
-from push_service.config import Settings
+from push_service.auth import (AuthError, Identity, PublishKeys, TokenVerifier, _identity_from, accepted_algorithms,
+                               mint_token)
+from push_service.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Settings
 from push_service.origin import AllowedOrigin, OriginPolicy
 from push_service.topics import (
     COMMUNITY,
@@ -337,6 +338,255 @@ def test_mint_token_with_a_private_key(ec_key):
 def test_mint_token_without_a_key():
     with pytest.raises(ValueError):
         mint_token(Settings(), "42", ttl=60)
+
+
+# --- parity with PyJWT's own decode
+
+
+_PYJWT_REASONS = (
+    (jwt.ExpiredSignatureError, "expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid"),
+    (jwt.InvalidAudienceError, "bad_audience"),
+    (jwt.InvalidIssuerError, "bad_issuer"),
+    (jwt.MissingRequiredClaimError, "missing_claim"),
+    (jwt.InvalidSignatureError, "bad_signature"),
+    (jwt.DecodeError, "malformed"),
+    (jwt.InvalidTokenError, "invalid"),
+)
+
+
+def pyjwt_verdict(settings: Settings, token):
+    """What TokenVerifier answered when it called jwt.decode (before it parsed tokens itself):
+    an Identity, the AuthError reason, or the type of any other exception."""
+    public_key = None
+    if settings.jwt_public_key:
+        public_key = serialization.load_pem_public_key(settings.jwt_public_key.encode())
+    algorithms = accepted_algorithms(settings, public_key)
+
+    def key_for(algorithm):
+        if algorithm in HMAC_ALGORITHMS:
+            return settings.jwt_secret
+        return public_key if algorithm in ASYMMETRIC_ALGORITHMS else None
+
+    if not token:
+        return "missing"
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        return "malformed"
+    algorithm = header.get("alg")
+    if algorithm not in algorithms or key_for(algorithm) is None:
+        return "bad_algorithm"
+    try:
+        body = jwt.decode(token, key_for(algorithm), algorithms=[algorithm], audience=settings.jwt_audience,
+                          issuer=settings.jwt_issuer, leeway=settings.jwt_leeway,
+                          options={"require": ["exp", "sub"]})
+    except jwt.InvalidTokenError as exc:
+        return next(reason for kind, reason in _PYJWT_REASONS if isinstance(exc, kind))
+    except Exception as exc:  # noqa: BLE001 - e.g. InvalidKeyError: compared by type
+        return type(exc)
+    try:
+        return _identity_from(body)
+    except AuthError as exc:
+        return exc.reason
+
+
+def our_verdict(check: TokenVerifier, token):
+    try:
+        return check.verify(token)
+    except AuthError as exc:
+        return exc.reason
+    except Exception as exc:  # noqa: BLE001
+        return type(exc)
+
+
+def raw_signed(header: bytes, body: bytes, key: bytes = SECRET.encode(), digest=hashlib.sha256) -> str:
+    """A JWT from exact header and payload bytes, HMAC-signed with any key."""
+    signing_input = f"{b64url(header)}.{b64url(body)}"
+    return f"{signing_input}.{b64url(hmac.new(key, signing_input.encode(), digest).digest())}"
+
+
+def parity_tokens(rsa_key, ec_key, ed_key) -> dict[str, str | None]:
+    now = int(time.time())
+    other_rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    good = hs(claims("u1", topics=["room:lobby:*"], info={"username": "ada"}))
+    header, payload, signature = good.split(".")
+    hs256 = b'{"alg":"HS256","typ":"JWT"}'
+    body = json.dumps(claims()).encode()
+    none_header = b64url(b'{"alg":"none","typ":"JWT"}')
+    capital_none_header = b64url(b'{"alg":"None"}')
+    # The last signature character with its unused low bits set: same bytes, non-canonical base64.
+    loose_signature = signature[:-1] + "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(signature[-1]) | 1]
+    tokens: dict[str, str | None] = {
+        "none": None, "empty": "",
+        "valid": good,
+        "valid_plain": hs(claims("u2")),
+        "valid_hs512": hs(claims(), algorithm="HS512"),
+        "expired": hs(claims(ttl=-60)),
+        "expired_within_leeway": hs(claims(ttl=-5)),
+        "exp_now": hs(claims(ttl=0)),
+        "nbf_future": hs(claims(nbf=now + 60)),
+        "nbf_within_leeway": hs(claims(nbf=now + 5)),
+        "nbf_past": hs(claims(nbf=now - 5)),
+        "nbf_string": hs(claims(nbf="soon")),
+        "iat_future": hs(claims(iat=now + 60)),
+        "iat_within_leeway": hs(claims(iat=now + 5)),
+        "iat_string": hs(claims(iat="now")),
+        "iat_null": raw_signed(hs256, json.dumps({**claims(), "iat": None}).encode()),
+        "missing_exp": hs({key: value for key, value in claims().items() if key != "exp"}),
+        "exp_null": raw_signed(hs256, json.dumps({**claims(), "exp": None}).encode()),
+        "missing_sub": hs(claims(sub=None)),
+        "sub_null": raw_signed(hs256, json.dumps({**claims(), "sub": None}).encode()),
+        "sub_int": hs({**claims(), "sub": 42}),
+        "sub_empty": hs(claims(sub="")),
+        "exp_string_number": hs({**claims(), "exp": str(now + 3600)}),
+        "exp_string": hs({**claims(), "exp": "tomorrow"}),
+        "exp_float": hs({**claims(), "exp": now + 3600.5}),
+        "exp_float_expired": hs({**claims(), "exp": now - 0.5}),
+        "exp_true": hs({**claims(), "exp": True}),
+        "exp_list": hs({**claims(), "exp": [now + 3600]}),
+        "exp_nan": raw_signed(hs256, b'{"sub":"u1","exp":NaN}'),
+        "exp_infinity": raw_signed(hs256, b'{"sub":"u1","exp":1e400}'),
+        "exp_huge": raw_signed(hs256, b'{"sub":"u1","exp":100000000000000000000000000000}'),
+        "info_huge_int": raw_signed(hs256, b'{"sub":"u1","exp":%d,"info":{"n":123456789012345678901234567890}}'
+                                    % (now + 60)),
+        "jti_int": hs(claims(jti=7)),
+        "aud_right": hs(claims(aud="push")),
+        "aud_list": hs(claims(aud=["other", "push"])),
+        "aud_wrong": hs(claims(aud="other")),
+        "aud_wrong_list": hs(claims(aud=["other", "more"])),
+        "aud_empty_list": hs(claims(aud=[])),
+        "aud_empty_string": hs(claims(aud="")),
+        "aud_number": hs(claims(aud=5)),
+        "aud_list_with_number": hs(claims(aud=["push", 5])),
+        "aud_object": hs(claims(aud={"push": True})),
+        "iss_right": hs(claims(iss="backend")),
+        "iss_wrong": hs(claims(iss="someone-else")),
+        "iss_number": raw_signed(hs256, json.dumps({**claims(), "iss": 5}).encode()),
+        "aud_and_iss": hs(claims(aud="push", iss="backend")),
+        "aud_list_and_iss": hs(claims(aud=["push"], iss="backend")),
+        "wrong_secret": hs(claims(), secret="another-secret-" + "x" * 64),
+        "tampered_payload": f"{header}.{b64url(json.dumps(claims('admin')).encode())}.{signature}",
+        "tampered_signature": f"{header}.{payload}.{b64url(b'x' * 32)}",
+        "empty_signature": f"{header}.{payload}.",
+        "alg_none": f"{none_header}.{b64url(body)}.",
+        "alg_none_signed": f"{none_header}.{b64url(body)}.{b64url(b'x')}",
+        "alg_None": f"{capital_none_header}.{b64url(body)}.",
+        "alg_missing": raw_signed(b'{"typ":"JWT"}', body),
+        "alg_empty": raw_signed(b'{"alg":""}', body),
+        "alg_list": raw_signed(b'{"alg":["HS256"]}', body),
+        "key_confusion": hand_signed({"alg": "HS256", "typ": "JWT"}, claims(), public_pem(rsa_key).encode()),
+        "rs256": jwt.encode(claims("7", topics=["user:7"]), private_pem(rsa_key), algorithm="RS256"),
+        "rs256_expired": jwt.encode(claims(ttl=-60), private_pem(rsa_key), algorithm="RS256"),
+        "rs256_other_key": jwt.encode(claims(), private_pem(other_rsa), algorithm="RS256"),
+        "rs512": jwt.encode(claims(), private_pem(rsa_key), algorithm="RS512"),
+        "ps256": jwt.encode(claims(), private_pem(rsa_key), algorithm="PS256"),
+        "es256": jwt.encode(claims("8", aud="push", iss="backend"), private_pem(ec_key), algorithm="ES256"),
+        "es256_short_signature": jwt.encode(claims(), private_pem(ec_key), algorithm="ES256")[:-8],
+        "eddsa": jwt.encode(claims("9"), private_pem(ed_key), algorithm="EdDSA"),
+        "two_segments": f"{header}.{payload}",
+        "four_segments": f"{good}.{signature}",
+        "one_segment": header,
+        "dots_only": "..",
+        "four_dots": "....",
+        "bad_base64_header": f"!!{header}.{payload}.{signature}",
+        "bad_base64_payload": f"{header}.{payload[:-1]}*.{signature}",
+        "bad_base64_signature": f"{header}.{payload}.{signature}!",
+        "base64_length_1_mod_4": f"{header}.{payload}.{signature}" + "A" * ((1 - len(signature)) % 4),
+        "padded_signature": f"{header}.{payload}.{signature}" + "=" * (-len(signature) % 4),
+        "over_padded_signature": f"{header}.{payload}.{signature}===",
+        "padding_on_a_wrong_length": f"{header}.{payload}.{signature}" + "=" * (-len(signature) % 4 + 1),
+        "padded_payload": f"{header}.{payload}" + "=" * (-len(payload) % 4) + f".{signature}",
+        "junk_inside_payload": f"{header}.{payload[:8]}!!!!{payload[8:]}.{signature}",
+        "newlines_inside_payload": f"{header}.{payload[:8]}\n\n\n\n{payload[8:]}.{signature}",
+        "padding_inside_signature": f"{header}.{payload}.{signature[:4]}===={signature[4:]}",
+        "non_canonical_signature": f"{header}.{payload}.{loose_signature}",
+        "standard_alphabet": good.replace("-", "+").replace("_", "/"),
+        "non_ascii": f"{header}.{payload}.{signature}é",
+        "header_not_json": raw_signed(b"HS256", body),
+        "header_array": raw_signed(b'["HS256"]', body),
+        "header_kid_int": raw_signed(b'{"alg":"HS256","kid":1}', body),
+        "header_kid_string": raw_signed(b'{"alg":"HS256","kid":"k1"}', body),
+        "header_crit_unknown": raw_signed(b'{"alg":"HS256","crit":["exp"],"exp":1}', body),
+        "header_crit_empty": raw_signed(b'{"alg":"HS256","crit":[]}', body),
+        "header_crit_b64_absent": raw_signed(b'{"alg":"HS256","crit":["b64"]}', body),
+        "header_b64_true": raw_signed(b'{"alg":"HS256","b64":true,"crit":["b64"]}', body),
+        "header_b64_false": raw_signed(b'{"alg":"HS256","b64":false,"crit":["b64"]}', body),
+        "header_b64_false_no_crit": raw_signed(b'{"alg":"HS256","b64":false}', body),
+        "header_b64_false_detached": raw_signed(b'{"alg":"HS256","b64":false,"crit":["b64"]}', b""),
+        "header_b64_false_no_crit_detached": raw_signed(b'{"alg":"HS256","b64":false}', b""),
+        "header_nan": raw_signed(b'{"alg":"HS256","x":NaN}', body),
+        "payload_not_json": raw_signed(hs256, b"not json"),
+        "payload_array": raw_signed(hs256, b'["u1"]'),
+        "payload_null": raw_signed(hs256, b"null"),
+        "payload_empty": raw_signed(hs256, b""),
+        "payload_bom": raw_signed(hs256, b"\xef\xbb\xbf" + body),
+        "payload_utf16": raw_signed(hs256, json.dumps(claims()).encode("utf-16")),
+        "payload_invalid_utf8": raw_signed(hs256, b'{"sub":"\xff","exp":%d}' % (now + 60)),
+        "payload_lone_surrogate": raw_signed(hs256, b'{"sub":"u1","exp":%d,"info":{"x":"\\ud800"}}' % (now + 60)),
+        "payload_duplicate_keys": raw_signed(hs256, b'{"sub":"a","sub":"b","exp":%d}' % (now + 60)),
+        "payload_deep": raw_signed(hs256, b'{"sub":"u1","exp":%d,"info":{"x":%s}}'
+                                   % (now + 60, b"[" * 5000 + b"]" * 5000)),
+    }
+    return tokens
+
+
+def test_parity_with_pyjwt(rsa_key, ec_key, ed_key):
+    """Every token, under every configuration, gets the verdict jwt.decode gave it (identity, or reason)."""
+    rsa_pem, ec_pem, ed_pem = public_pem(rsa_key), public_pem(ec_key), public_pem(ed_key)
+    configurations = {
+        "hs256": Settings(jwt_secret=SECRET),
+        "hs256_aud_iss": Settings(jwt_secret=SECRET, jwt_audience="push", jwt_issuer="backend"),
+        "hs256_leeway": Settings(jwt_secret=SECRET, jwt_leeway=30.0),
+        "hs_all": Settings(jwt_secret=SECRET, jwt_algorithms=("HS256", "HS384", "HS512")),
+        "rs256": Settings(jwt_public_key=rsa_pem),
+        "rs256_ps256": Settings(jwt_public_key=rsa_pem, jwt_algorithms=("RS256", "PS256")),
+        "hs256_rs256": Settings(jwt_secret=SECRET, jwt_public_key=rsa_pem, jwt_algorithms=("HS256", "RS256")),
+        "es256_aud_iss": Settings(jwt_public_key=ec_pem, jwt_audience="push", jwt_issuer="backend"),
+        "eddsa_leeway": Settings(jwt_public_key=ed_pem, jwt_leeway=30.0),
+        "pem_as_secret": Settings(jwt_secret=rsa_pem),  # PyJWT refuses the key itself, on every token
+        "nothing": Settings(),
+    }
+    tokens = parity_tokens(rsa_key, ec_key, ed_key)
+    verdicts: dict[tuple[str, str], object] = {}
+    for config_name, settings in configurations.items():
+        shared = TokenVerifier(settings)  # its header cache warm, unlike a fresh verifier's
+        for token_name, token in tokens.items():
+            expected = pyjwt_verdict(settings, token)
+            assert our_verdict(TokenVerifier(settings), token) == expected, (config_name, token_name)
+            assert our_verdict(shared, token) == expected, (config_name, token_name, "shared")
+            verdicts[config_name, token_name] = expected
+    # The matrix means something only if it reaches every verdict; a few pinned down by name.
+    outcomes = {verdict if isinstance(verdict, (str, type)) else "accepted" for verdict in verdicts.values()}
+    assert outcomes >= {"accepted", "missing", "malformed", "bad_algorithm", "bad_signature", "expired",
+                        "not_yet_valid", "missing_claim", "bad_audience", "bad_issuer", "invalid", "bad_claims",
+                        jwt.InvalidKeyError}
+    assert verdicts["hs256", "expired"] == "expired"
+    assert verdicts["hs256_leeway", "expired_within_leeway"].sub == "u1"
+    assert verdicts["hs256", "exp_string"] == "malformed"
+    assert isinstance(verdicts["hs256", "exp_float"], Identity)
+    assert verdicts["hs256", "iat_future"] == "not_yet_valid"
+    assert verdicts["hs256", "aud_right"] == "bad_audience"
+    assert verdicts["hs256_aud_iss", "aud_list_and_iss"].sub == "u1"
+    assert verdicts["hs256_aud_iss", "aud_right"] == "missing_claim"  # no iss
+    assert verdicts["rs256", "key_confusion"] == "bad_algorithm"
+    assert verdicts["hs256_rs256", "key_confusion"] == "bad_signature"
+    assert verdicts["hs256", "alg_none"] == "bad_algorithm"
+    assert verdicts["hs256", "four_segments"] == verdicts["hs256", "two_segments"] == "malformed"
+    assert verdicts["hs256", "padded_signature"].sub == "u1"
+    assert verdicts["hs256", "payload_bom"].sub == "u1"
+    assert verdicts["hs256", "info_huge_int"].info == {"n": 123456789012345678901234567890}
+    assert verdicts["es256_aud_iss", "es256"].sub == "8"
+    assert verdicts["eddsa_leeway", "eddsa"].sub == "9"
+
+
+def test_header_cache_is_bounded():
+    check = verifier()
+    for index in range(500):
+        header = {"alg": "HS256", "kid": f"key-{index}"}
+        assert check.verify(jwt.encode(claims(), SECRET, algorithm="HS256", headers=header)).sub == "u1"
+    assert len(check._headers) <= 64
 
 
 # --- publish keys
