@@ -145,7 +145,7 @@ class WebSocketProtocol(asyncio.Protocol):
     """One upgraded socket: frames in to its Session, framed bytes out. It is also the Session's
     Connection, so a socket is this object, its transport and its session."""
 
-    __slots__ = ("wire", "session", "_node", "_transport", "_write", "_reader", "_closing", "_lost")
+    __slots__ = ("wire", "session", "_node", "_transport", "_write", "_reader", "_closing", "_lost", "_out")
     transport_name = "websocket"
 
     def __init__(self, node: Node, transport: asyncio.Transport, wire: Wire, identity: Identity,
@@ -157,6 +157,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._write = transport.write
         self._reader = FrameReader(node.settings.max_frame_bytes)
         self._closing = False
+        # While a read is handled, what it answers waits here and goes out in one write at its end
+        # (a join's reply and presence_state, the 101 and the reply to a join sent behind it).
+        self._out: list[bytes] | None = None
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=node.settings.send_buffer_bytes)
         self.session = node.open_session(identity, self, self.transport_name)
@@ -165,16 +168,36 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         if not self._closing:
-            self._write(data)
+            if self._out is None:
+                self._write(data)
+            else:
+                self._out.append(data)
 
     def close(self, disconnect: Disconnect) -> None:
         self._close(frame_close(disconnect.code, disconnect.reason))
 
     # --- asyncio.Protocol
 
+    def start(self, response: bytes, rest: bytes) -> None:
+        """Send the upgrade's response, then handle `rest` (frames sent right behind the request)."""
+        self._handle([response], rest)
+
     def data_received(self, data: bytes) -> None:
-        if self._closing:
-            return
+        if not self._closing:
+            self._handle([], data)
+
+    def _handle(self, out: list[bytes], data: bytes) -> None:
+        self._out = out
+        try:
+            if data:
+                self._receive(data)
+        finally:
+            if self._out is out:  # else _close has written it
+                self._out = None
+                if out:
+                    self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _receive(self, data: bytes) -> None:
         try:
             messages = self._reader.feed(data)
         except FrameError as exc:
@@ -194,7 +217,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 elif opcode == BINARY:
                     self.session.receive(payload)
                 elif opcode == PING:
-                    self._write(frame(PONG, payload))
+                    self.send(frame(PONG, payload))
                 elif opcode == CLOSE:
                     code = close_code(payload)
                     self._close(frame_close(1000 if code == 1005 else code))
@@ -226,8 +249,8 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._closing:
             return
         self._closing = True
-        transport = self._transport
-        transport.write(close_frame)
+        transport, out, self._out = self._transport, self._out, None
+        transport.write(b"".join(out) + close_frame if out else close_frame)
         # A graceful close flushes what is queued; a peer that does not read is cut off later.
         transport.close()
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
@@ -334,15 +357,14 @@ def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str]
                 serializer: Serializer, rest: bytes, lost: asyncio.Future[None] | None = None) -> None:
     """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head."""
     offered = _tokens(header("sec-websocket-protocol"))
-    transport.write(b"".join((
+    response = b"".join((
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"Sec-WebSocket-Accept: ", accept_key(header("sec-websocket-key") or "").encode(), b"\r\n",
         b"Sec-WebSocket-Protocol: phoenix\r\n" if SUBPROTOCOL in offered else b"",
-        b"\r\n")))
+        b"\r\n"))
     protocol = WebSocketProtocol(node, transport, WIRES[serializer], identity, lost)
     transport.set_protocol(protocol)
-    if rest:  # frames the client sent right behind its request
-        protocol.data_received(rest)
+    protocol.start(response, rest)
 
 
 _PHRASES = {400: "Bad Request", 403: "Forbidden", 503: "Service Unavailable"}
