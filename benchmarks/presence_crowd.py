@@ -1,6 +1,6 @@
 """Presence under a crowd: N clients join one presence topic as fast as they can.
 
-Starts its own server process on a free loopback port (as benchmarks/fanout.py does), opens N
+Starts its own server process on a free loopback port (benchmarks/common.py), opens N
 minimal raw WebSocket clients that each join `room:topic:crowd` under their own user id and only
 count frames (headers are parsed, payloads skipped, so the load generator stays cheap), and waits
 until every client has seen the full room: the server's `push_presences` gauge reaches N and the
@@ -30,7 +30,7 @@ import jwt
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fanout import KEY, ROOT, SECRET, cpu_seconds, masked_text_frame  # noqa: E402
+from common import SECRET, cpu_seconds, masked_text_frame, start_server  # noqa: E402
 
 TOPIC = "room:topic:crowd"
 CONNECTS_IN_FLIGHT = 100  # the server's listen backlog is finite: more in flight only adds SYN retries
@@ -214,30 +214,6 @@ async def gauge(http: aiohttp.ClientSession, port: int, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-async def start_server(env_overrides: dict[str, str]) -> tuple[asyncio.subprocess.Process, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
-    env.update(PUSH_SERVICE_KEY=KEY, PUSH_JWT_SECRET=SECRET, PUSH_LOG_LEVEL="warning", **env_overrides)
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "push_service", "serve", "--port", "0", "--log-level", "info",
-        env=env, cwd=ROOT, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL)
-    assert server.stderr is not None
-    port = 0
-    while not port:
-        line = await asyncio.wait_for(server.stderr.readline(), 15)
-        if not line:
-            raise RuntimeError("server exited before listening")
-        entry = orjson.loads(line)
-        if entry.get("event") == "listening":
-            port = entry["port"]
-
-    async def drain(stream: asyncio.StreamReader) -> None:  # a full stderr pipe would stall the server
-        while await stream.readline():
-            pass
-
-    asyncio.get_running_loop().create_task(drain(server.stderr))
-    return server, port
 
 
 async def run(clients: int, verify: int, time_limit: float, quiet: float, env: dict[str, str]) -> dict[str, Any]:

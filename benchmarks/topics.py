@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from fanout import KEY, cpu_seconds, start_server, stop_server, token
+from common import KEY, cpu_seconds, start_server, stop_server, token
 
 
 def rss_bytes(pid: int) -> int:
