@@ -130,7 +130,10 @@ class Hub:
         return True
 
     def dispatch(self, broadcast: Broadcast) -> None:
-        """Deliver to every local subscriber of the topic (those subscribed when the loop gets to it)."""
+        """Deliver to every local subscriber of the topic (those subscribed when the loop gets to it).
+        A topic with none right now is skipped at once: one joining meanwhile has not had its reply."""
+        if broadcast.topic not in self._topics:
+            return
         if not self._pending:
             asyncio.get_running_loop().call_soon(self.flush)
         self._pending.append(broadcast)

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The *_created series double the scrape size and no dashboard of ours reads them.
 disable_created_metrics()
+
+
+class Children:
+    """A labelled metric's children, each looked up once: `labels()` checks its arguments and takes a
+    lock on every call, a cost the HTTP path would pay per request. The labels are as bounded as the
+    metric's own series (the cache holds the same children the metric does)."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: MetricWrapperBase) -> None:
+        self._metric = metric
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def __call__(self, *values: object) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*(str(value) for value in values))
+        return child
 
 
 class Metrics:
@@ -63,6 +84,9 @@ class Metrics:
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)
+        # Per-request counters, by their labels: `http_request_count(route, method, status).inc()`.
+        self.http_request_count = Children(self.http_requests)
+        self.published_count = Children(self.published)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -229,9 +229,10 @@ class Node:
         if self.draining:
             # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
             raise NodeDraining("node is draining")
-        local = sum(self.hub.subscriber_count(broadcast.topic) for broadcast in broadcasts)
+        count = self.hub.subscriber_count
+        local = sum([count(broadcast.topic) for broadcast in broadcasts])
         await self.broker.publish(broadcasts)
-        self.metrics.published.labels(endpoint).inc(len(broadcasts))
+        self.metrics.published_count(endpoint).inc(len(broadcasts))
         return local
 
     def _dispatched(self, broadcast: Broadcast, count: int) -> None:

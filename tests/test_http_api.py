@@ -9,6 +9,7 @@ document too, and the bad requests marked `spec_accepts=False` must be refused b
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -613,6 +614,41 @@ async def test_chunked_body_over_max_publish_bytes_is_413(start_server: Any, cli
         assert reply.status == 413
         assert reply.error == "body is larger than 1024 bytes (PUSH_MAX_PUBLISH_BYTES)"
         await api.assert_nothing_more(sub, "room:lobby:1")
+
+
+async def test_body_arriving_in_pieces_is_read_whole(api: Api) -> None:
+    """The body is read until its end, not just what the first read finds buffered."""
+    payload = {"seq": 1, "pad": "x" * 3000}
+    body = orjson.dumps({"topic": "room:lobby:1", "event": "e", "payload": payload})
+    parts = urlsplit(api.server.http_url)
+    async with api.subscriber("room:lobby:1") as sub:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            writer.write(f"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Authorization: Bearer {PUBLISH_KEY}\r\nContent-Length: {len(body)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + body[:100])
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the server has read the first piece by now
+            writer.write(body[100:])
+            answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert await sub.next() == [None, None, "room:lobby:1", "e", payload]
+
+
+async def test_request_id_is_kept_when_sane_else_generated_fresh(api: Api) -> None:
+    reply = await api.get("/healthz", headers={"X-Request-Id": "backend.req-42_a"})
+    assert reply.headers["X-Request-Id"] == "backend.req-42_a"
+    generated = set()
+    for given in (None, "", "has space", "x" * 65, None, None):
+        reply = await api.post("/api/broadcast", {"topic": "room:1", "event": "e"}, key=PUBLISH_KEY,
+                               headers={} if given is None else {"X-Request-Id": given})
+        assert reply.status == 200
+        request_id = reply.headers["X-Request-Id"]
+        assert len(request_id) == 16 and set(request_id) <= set("0123456789abcdef"), request_id
+        generated.add(request_id)
+    assert len(generated) == 6  # a fresh one each time
 
 
 @pytest.mark.parametrize(("data", "content_type"), [

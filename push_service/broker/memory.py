@@ -28,9 +28,12 @@ class MemoryBroker(Broker):
         if deliver is None:
             raise BrokerUnavailable("broker not started")
         history = self._history
+        if history is None:
+            for broadcast in broadcasts:
+                deliver(broadcast)
+            return
         for broadcast in broadcasts:
-            if history is not None:
-                history.append(broadcast)
+            history.append(broadcast)
             deliver(broadcast)
 
     def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Recovery | None:
