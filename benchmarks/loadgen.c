@@ -49,6 +49,7 @@ static struct {
     int port;
     const char *sub_path, *pub_path, *tokens_file, *key;
     long conns, rooms, inflight_connects;
+    long topics_per_conn;   /* push: connection i joins rooms (i*J + j) % R, j < J (default 1) */
     long messages;          /* 0 = unlimited (then --seconds bounds it) */
     double seconds;         /* 0 = unlimited (then --messages bounds it) */
     double rate;            /* messages/s, 0 = max rate */
@@ -58,20 +59,26 @@ static struct {
     long latency_samples;
     uint64_t seed;
 } cfg = {
-    .host = "127.0.0.1", .rooms = 1, .inflight_connects = 200, .http_conns = 4, .max_inflight = 16,
+    .host = "127.0.0.1", .rooms = 1, .topics_per_conn = 1, .inflight_connects = 200, .http_conns = 4, .max_inflight = 16,
     .frame_bytes = 200, .room_serial = 0, .heartbeat = -1, .drain_timeout = 10, .connect_timeout = 300,
     .latency_samples = 4000000, .seed = 0x9e3779b97f4a7c15ULL,
 };
 
 /* ---------- state ---------- */
+/* What one connection knows about one of its rooms (--topics-per-conn: several per connection). */
 typedef struct {
-    int fd;
-    uint8_t state, retries;
     uint32_t room;
+    uint32_t nwords;
     uint32_t *last_seq;         /* per publisher connection: the highest seq seen from it; a lower,
                                    new seq from the same connection is out of order */
     uint64_t *bits;             /* received-seq bitmap, exact dup/loss accounting */
-    uint32_t nwords;
+} Slot;
+
+typedef struct {
+    int fd;
+    uint8_t state, retries;
+    uint16_t join_oks;          /* push: ok replies received so far (joined at --topics-per-conn) */
+    Slot first;                 /* slot 0 lives here; slots 1..J-1 in xslots */
     char *pend;                 /* partial frame carried to the next read */
     uint32_t npend, cappend;
     double last_send;           /* for Phoenix heartbeats */
@@ -99,6 +106,8 @@ typedef struct {
 } Http;
 
 static Sub *subs;
+static Slot *xslots;                     /* slot j >= 1 of connection i: xslots[i*(J-1) + j-1] */
+static char *connect_req; static size_t connect_req_cap;  /* upgrade request + J join frames */
 static Room *rooms;
 static Msg *msgs; static size_t nmsgs, capmsgs;
 static uint32_t *inflight; static size_t ninflight, capinflight;
@@ -168,6 +177,18 @@ static void expand(char *dst, size_t cap, const char *tpl, long room, const char
 }
 
 /* ---------- subscribers ---------- */
+static inline Slot *sub_slot(long i, long j) {
+    return j == 0 ? &subs[i].first : &xslots[(size_t)i * (size_t)(cfg.topics_per_conn - 1) + (size_t)(j - 1)];
+}
+/* Connection i's slot for room r, or NULL if it is not in r. Slot j holds room (i*J + j) % R. */
+static inline Slot *slot_of_room(long i, uint32_t r) {
+    if (cfg.topics_per_conn == 1) return subs[i].first.room == r ? &subs[i].first : NULL;
+    uint64_t base = ((uint64_t)i * (uint64_t)cfg.topics_per_conn) % (uint64_t)cfg.rooms;
+    uint64_t j = ((uint64_t)r + (uint64_t)cfg.rooms - base) % (uint64_t)cfg.rooms;
+    if (j >= (uint64_t)cfg.topics_per_conn) return NULL;
+    Slot *sl = sub_slot(i, (long)j);
+    return sl->room == r ? sl : NULL;
+}
 static int sub_send(Sub *s, const void *buf, size_t len) {
     /* Tiny control frames on an almost empty socket: a short write means trouble, count it. */
     ssize_t n = send(s->fd, buf, len, MSG_NOSIGNAL);
@@ -192,13 +213,13 @@ static void sub_close(long i, int during_connect) {
     Sub *s = &subs[i];
     if (s->fd >= 0) { close(s->fd); s->fd = -1; }
     if (s->state == S_OPEN) {
-        Room *r = &rooms[s->room];
-        r->live--;
+        for (long j = 0; j < cfg.topics_per_conn; j++) rooms[sub_slot(i, j)->room].live--;
         for (size_t k = 0; k < ninflight;) {
             Msg *m = &msgs[inflight[k]];
+            Slot *sl = slot_of_room(i, m->room);
             uint32_t w = (m->seq) >> 6;
-            int have = w < s->nwords && (s->bits[w] >> (m->seq & 63) & 1);
-            if (m->room == s->room && !have && --m->remaining == 0) { complete_msg(inflight[k]); continue; }
+            int have = sl && w < sl->nwords && (sl->bits[w] >> (m->seq & 63) & 1);
+            if (sl && !have && --m->remaining == 0) { complete_msg(inflight[k]); continue; }
             k++;
         }
     } else if (during_connect && s->state != S_DEAD && s->state != S_IDLE) {
@@ -215,7 +236,7 @@ static void start_connect(long i) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) die("socket: %s (raise the fd limit?)", strerror(errno));
     int one = 1; setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    s->fd = fd; s->state = S_CONNECTING; s->npend = 0;
+    s->fd = fd; s->state = S_CONNECTING; s->npend = 0; s->join_oks = 0;
     st.pending_connects++;
     struct sockaddr_in *to = nsub_addrs ? &sub_addrs[i % nsub_addrs] : &addr;
     if (connect(fd, (struct sockaddr *)to, sizeof *to) < 0 && errno != EINPROGRESS) {
@@ -235,17 +256,21 @@ static void sub_on_connected(long i) {
         static int warned; if (!warned++) fprintf(stderr, "loadgen: connect: %s\n", strerror(err));
         sub_close(i, 1); return;
     }
-    char path[4096], req[8192];
-    expand(path, sizeof path, cfg.sub_path, s->room, ntokens ? tokens[i % ntokens] : NULL);
-    int n = snprintf(req, sizeof req,
+    char path[4096], *req = connect_req;
+    expand(path, sizeof path, cfg.sub_path, s->first.room, ntokens ? tokens[i % ntokens] : NULL);
+    int n = snprintf(req, 8192,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
                      path, cfg.host, cfg.port);
     if (cfg.target == T_PUSH) {
-        char join[160];
-        int jl = snprintf(join, sizeof join, "[\"1\",\"1\",\"room:lobby:r%u\",\"phx_join\",{}]", s->room);
-        req[n++] = (char)0x81; req[n++] = (char)(0x80 | jl); memset(req + n, 0, 4); n += 4;
-        memcpy(req + n, join, jl); n += jl;
+        /* One phx_join per room, a distinct ref each; joined once all of them are answered ok. */
+        for (long j = 0; j < cfg.topics_per_conn; j++) {
+            char join[160];
+            int jl = snprintf(join, sizeof join, "[\"%ld\",\"%ld\",\"room:lobby:r%u\",\"phx_join\",{}]",
+                              j + 1, j + 1, sub_slot(i, j)->room);
+            req[n++] = (char)0x81; req[n++] = (char)(0x80 | jl); memset(req + n, 0, 4); n += 4;
+            memcpy(req + n, join, jl); n += jl;
+        }
     }
     if (sub_send(s, req, n) < 0) { sub_close(i, 1); return; }
     s->state = S_HANDSHAKE;
@@ -255,7 +280,7 @@ static void sub_on_connected(long i) {
 static void sub_joined(long i) {
     Sub *s = &subs[i];
     s->state = S_OPEN;
-    rooms[s->room].live++;
+    for (long j = 0; j < cfg.topics_per_conn; j++) rooms[sub_slot(i, j)->room].live++;
     st.joined++; st.pending_connects--;
     st.t_last_event = now_s();
 }
@@ -292,19 +317,29 @@ static void on_data_frame(long i, const char *p, size_t len, long long t_read) {
     const char *tq = rest ? memmem(q, rest, "\"t\":", 4) : NULL;
     long long t = 0;
     if (tq) for (tq += 4; tq < end && *tq >= '0' && *tq <= '9'; tq++) t = t * 10 + (*tq - '0');
-    Room *r = &rooms[s->room];
+    Slot *sl = &s->first;
+    if (cfg.topics_per_conn > 1) {
+        /* Several rooms on this connection: the topic names the slot. Push frames start
+           [null,null,"room:lobby:r<k>", ...; look only in the first bytes. */
+        const char *tp = memmem(p, len < 64 ? len : 64, "\"room:lobby:r", 13);
+        uint64_t k = 0;
+        if (tp) for (tp += 13; tp < end && *tp >= '0' && *tp <= '9'; tp++) k = k * 10 + (uint64_t)(*tp - '0');
+        sl = tp && k < (uint64_t)cfg.rooms ? slot_of_room(i, (uint32_t)k) : NULL;
+        if (!sl) { st.unknown_frames++; return; }
+    }
+    Room *r = &rooms[sl->room];
     if (seq == 0 || seq > r->nids) { st.unknown_frames++; return; }
     uint32_t w = (uint32_t)(seq >> 6);
-    if (w >= s->nwords) {
-        uint32_t nw = s->nwords ? s->nwords : 4;
+    if (w >= sl->nwords) {
+        uint32_t nw = sl->nwords ? sl->nwords : 4;
         while (nw <= w) nw *= 2;
-        s->bits = xrealloc(s->bits, nw * sizeof(uint64_t));
-        memset(s->bits + s->nwords, 0, (nw - s->nwords) * sizeof(uint64_t));
-        s->nwords = nw;
+        sl->bits = xrealloc(sl->bits, nw * sizeof(uint64_t));
+        memset(sl->bits + sl->nwords, 0, (nw - sl->nwords) * sizeof(uint64_t));
+        sl->nwords = nw;
     }
     uint64_t bit = 1ULL << (seq & 63);
-    if (s->bits[w] & bit) { st.duplicates++; return; }
-    s->bits[w] |= bit;
+    if (sl->bits[w] & bit) { st.duplicates++; return; }
+    sl->bits[w] |= bit;
     st.received++;
     st.frame_bytes += (long long)len;
     /* Order is promised per publisher connection (its requests are sequential); two connections'
@@ -313,7 +348,7 @@ static void on_data_frame(long i, const char *p, size_t len, long long t_read) {
     if (rest > 5 && !memcmp(q, ",\"p\":", 5))
         for (const char *pq = q + 5; pq < end && *pq >= '0' && *pq <= '9'; pq++) pub = pub * 10 + (*pq - '0');
     if (pub >= cfg.http_conns) pub = 0;
-    if (seq < s->last_seq[pub]) st.out_of_order++; else s->last_seq[pub] = (uint32_t)seq;
+    if (seq < sl->last_seq[pub]) st.out_of_order++; else sl->last_seq[pub] = (uint32_t)seq;
     Msg *m = &msgs[r->ids[seq - 1]];
     if (m->remaining > 0 && --m->remaining == 0) complete_msg(r->ids[seq - 1]);
     if (t) record_latency((t_read - t) / 1e6);
@@ -367,9 +402,10 @@ static void sub_on_readable(long i) {
         if (opcode == 1 || opcode == 2) {
             if (s->state == S_OPEN) on_data_frame(i, payload, len, t_read);
             else if (s->state == S_JOINING) {
-                /* The first frame after the upgrade must be an ok reply to phx_join. */
-                if (memmem(payload, len, "phx_reply", 9) && memmem(payload, len, "\"ok\"", 4)) sub_joined(i);
-                else {
+                /* The first J frames after the upgrade must be ok replies to the J phx_joins. */
+                if (memmem(payload, len, "phx_reply", 9) && memmem(payload, len, "\"ok\"", 4)) {
+                    if (++s->join_oks >= cfg.topics_per_conn) sub_joined(i);
+                } else {
                     static int warned;
                     if (!warned++) fprintf(stderr, "loadgen: join failed: %.*s\n", (int)(len < 300 ? len : 300), payload);
                     sub_close(i, 1); return;
@@ -643,7 +679,7 @@ static void print_result(double t_end, double cpu) {
         p99 = st.lat[(size_t)((st.nlat - 1) * 0.99)];
     }
     long lost = st.expected - st.received;
-    printf("{\"phase\":\"result\",\"target\":\"%s\",\"conns\":%ld,\"rooms\":%ld,\"published\":%ld,\"requests\":%ld,"
+    printf("{\"phase\":\"result\",\"target\":\"%s\",\"conns\":%ld,\"rooms\":%ld,\"topics_per_conn\":%ld,\"published\":%ld,\"requests\":%ld,"
            "\"http_errors\":%ld,\"non_2xx\":%ld,\"first_bad_status\":%ld,\"http_reconnects\":%ld,"
            "\"frames_expected\":%ld,\"frames_received\":%ld,\"lost\":%ld,\"out_of_order\":%ld,\"duplicates\":%ld,"
            "\"other_frames\":%ld,\"unknown_frames\":%ld,\"server_closes\":%ld,\"disconnects\":%ld,"
@@ -651,7 +687,7 @@ static void print_result(double t_end, double cpu) {
            "\"requests_per_s\":%.1f,\"messages_per_s\":%.1f,\"avg_frame_bytes\":%.1f,"
            "\"latency_ms\":{\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f,\"mean\":%.3f,\"samples\":%ld,\"seen\":%lld},"
            "\"cpu_s\":%.4f,\"cpu_pct\":%.1f}\n",
-           cfg.target == T_PUSH ? "push" : cfg.target == T_NCHAN ? "nchan" : "ws", cfg.conns, cfg.rooms,
+           cfg.target == T_PUSH ? "push" : cfg.target == T_NCHAN ? "nchan" : "ws", cfg.conns, cfg.rooms, cfg.topics_per_conn,
            st.published, st.requests, st.http_errors, st.non2xx, st.first_bad_status, st.http_reconnects,
            st.expected, st.received, lost, st.out_of_order, st.duplicates, st.other_frames, st.unknown_frames,
            st.server_closes, st.disconnects, st.write_errors, st.pings, st.stalled ? "true" : "false", elapsed,
@@ -733,6 +769,9 @@ static void usage(void) {
          "connections:\n"
          "  --conns N             subscribers (default 0)\n"
          "  --rooms R             rooms, connection i is in room i % R (default 1)\n"
+         "  --topics-per-conn J   push: connection i joins the J rooms (i*J + j) % R, j = 0..J-1, one\n"
+         "                        phx_join each, and counts as joined once all J replied ok (default 1;\n"
+         "                        the server's PUSH_MAX_TOPICS_PER_CONNECTION must allow J)\n"
          "  --inflight-connects C connections being set up at once (default 200)\n"
          "  --connect-timeout S   give up on the connect phase after S seconds (default 300)\n"
          "  --heartbeat S         push: Phoenix heartbeat every S seconds per socket (default 30)\n"
@@ -745,8 +784,8 @@ static void usage(void) {
          "  --max-inflight W      max rate: at most W messages published but not yet received by all\n"
          "                        their subscribers (default 16)\n"
          "  --batch B             push: POST B messages per request to /api/batch\n"
-         "  --no-room-serial      allow several publishes to one room in flight at once (then the\n"
-         "                        per publisher connection; slower: no concurrent publishes to a room)\n"
+         "  --room-serial         at most one publish per room in flight, so order is checked per\n"
+         "                        room (default: per publisher connection; rooms take concurrent publishes)\n"
          "  --frame-bytes F       pad messages so the delivered frame is about F bytes (default 200)\n"
          "  --drain-timeout S     after publishing, wait at most S seconds without progress (default 10)\n"
          "  --latency-samples N   reservoir size for latency percentiles (default 4000000)\n"
@@ -778,6 +817,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--key")) cfg.key = VAL();
         else if (!strcmp(a, "--conns")) cfg.conns = atol(VAL());
         else if (!strcmp(a, "--rooms")) cfg.rooms = atol(VAL());
+        else if (!strcmp(a, "--topics-per-conn")) cfg.topics_per_conn = atol(VAL());
         else if (!strcmp(a, "--inflight-connects")) cfg.inflight_connects = atol(VAL());
         else if (!strcmp(a, "--connect-timeout")) cfg.connect_timeout = atof(VAL());
         else if (!strcmp(a, "--heartbeat")) cfg.heartbeat = atof(VAL());
@@ -797,6 +837,9 @@ int main(int argc, char **argv) {
     if (cfg.port <= 0 || cfg.port > 65535) die("--port is required");
     if (cfg.rooms < 1 || cfg.http_conns < 1 || cfg.max_inflight < 1 || cfg.conns < 0) die("bad counts");
     if (cfg.batch > 0 && cfg.target != T_PUSH) die("--batch is push only");
+    if (cfg.topics_per_conn < 1 || cfg.topics_per_conn > 1000) die("--topics-per-conn must be 1..1000");
+    if (cfg.topics_per_conn > 1 && cfg.target != T_PUSH) die("--topics-per-conn is push only");
+    if (cfg.topics_per_conn > cfg.rooms) die("--topics-per-conn must not exceed --rooms (a room would be joined twice)");
     if (cfg.batch > 10000) die("--batch too large (max 10000)");
     if (!cfg.messages && cfg.seconds <= 0) cfg.seconds = 5;
     if (cfg.heartbeat < 0) cfg.heartbeat = cfg.target == T_PUSH ? 30 : 0;
@@ -844,10 +887,24 @@ int main(int argc, char **argv) {
     https = calloc((size_t)cfg.http_conns, sizeof(Http));
     st.lat = malloc((size_t)cfg.latency_samples * sizeof(float) + 4);
     if (!rbuf || !subs || !rooms || !https || !st.lat) die("out of memory");
-    for (long i = 0; i < cfg.conns; i++) {
-        subs[i].fd = -1; subs[i].room = (uint32_t)(i % cfg.rooms);
-        subs[i].last_seq = calloc((size_t)cfg.http_conns, sizeof(uint32_t));
+    long J = cfg.topics_per_conn;
+    if (J > 1 && cfg.conns) {
+        xslots = calloc((size_t)cfg.conns * (size_t)(J - 1), sizeof(Slot));
+        if (!xslots) die("out of memory");
     }
+    uint32_t *seqs = calloc((size_t)(cfg.conns ? cfg.conns : 1) * (size_t)J * (size_t)cfg.http_conns, sizeof(uint32_t));
+    if (!seqs) die("out of memory");
+    for (long i = 0; i < cfg.conns; i++) {
+        subs[i].fd = -1;
+        for (long j = 0; j < J; j++) {
+            Slot *sl = sub_slot(i, j);
+            sl->room = (uint32_t)(((uint64_t)i * (uint64_t)J + (uint64_t)j) % (uint64_t)cfg.rooms);
+            sl->last_seq = seqs + ((size_t)i * (size_t)J + (size_t)j) * (size_t)cfg.http_conns;
+        }
+    }
+    connect_req_cap = 8192 + (size_t)J * 160;
+    connect_req = malloc(connect_req_cap);
+    if (!connect_req) die("out of memory");
     ep = epoll_create1(EPOLL_CLOEXEC);
     ep_set(EPOLL_CTL_ADD, 0, EPOLLIN, EV_STDIN, 0);
 

@@ -434,13 +434,13 @@ class Loadgen:
 class Scenario:
     name: str
     title: str
-    kind: str  # publish | connect | idle | publish-only
+    kind: str  # publish | connect | idle | publish-only | growth | scaleout | topics
     targets: tuple[str, ...] = ALL_TARGETS
     options: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
     columns: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    label: str = ""  # growth/scaleout: several rows per target
+    env: dict[str, str] = field(default_factory=dict)  # extra server environment (push)
+    label: str = ""  # growth/scaleout/topics: several rows per target
 
 
 FANOUT_COLS = ("deliveries/s", "us/delivery", "server CPU%", "loadgen CPU%", "p50 ms", "p99 ms", "max ms",
@@ -490,6 +490,14 @@ def scenarios() -> list[Scenario]:
                  quick=dict(sizes=(100, 200, 400), deliveries=10000, seconds=1),
                  columns=("subscribers", "deliveries/s", "us/delivery", "server CPU%", "loadgen CPU%",
                           "p50 ms", "p99 ms", "lost", "closes", "other load%")),
+        Scenario("topics", "push only: cost per publish at 10 / 1,000 / 100,000 topics, one subscriber each, "
+                 "random topic per message, max rate", "topics", targets=("push",),
+                 # (connections, topics per connection): topics = product, each joined by exactly one socket
+                 options=dict(steps=((10, 1), (1000, 1), (1000, 100)), seconds=5, http_conns=16, max_inflight=64),
+                 quick=dict(steps=((10, 1), (100, 1), (200, 10)), seconds=1),
+                 env={"PUSH_MAX_TOPICS_PER_CONNECTION": "100"},
+                 columns=("topics", "conns x J", "publishes/s", "us/publish", "us/delivery", "p50 ms", "p99 ms",
+                          "lost", "ooo", "closes", "non-2xx", "server CPU%", "loadgen CPU%", "other load%")),
         Scenario("scaleout", "push only: 2 nodes over Redis vs 1 node, subscribers split evenly, publish to A",
                  "scaleout", targets=("push",), options=dict(conns=10000, messages=300, seconds=20, rate=20,
                                                              latency_seconds=10, **fanout),
@@ -528,7 +536,8 @@ def run_publish(server: Server, target: str, tokens: Path, options: dict[str, An
     """Connect, then one measured publish phase; server CPU/RSS read right around it."""
     loadgen = Loadgen(target, server.port, tokens, **options)
     try:
-        connected = loadgen.expect("connected", connect_timeout(options.get("conns", 0)))
+        joins = options.get("conns", 0) * (options.get("topics_per_conn") or 1)
+        connected = loadgen.expect("connected", connect_timeout(joins))
         if connected["conns"] < options.get("conns", 0):
             print(f"  warning: only {connected['conns']} of {options['conns']} joined", file=sys.stderr)
         time.sleep(0.3)  # let the server settle after the connect burst
@@ -671,6 +680,8 @@ class Runner:
             return self.run_growth(target, options)
         if scenario.kind == "scaleout":
             return self.run_scaleout(options)
+        if scenario.kind == "topics":
+            return self.run_topics(target, options, scenario.env)
         raise ValueError(scenario.kind)
 
     def run_growth(self, target: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -682,6 +693,26 @@ class Runner:
             tokens = self.token_file(size)
             out = self.with_server(target, lambda s: run_publish(s, target, tokens, step))
             out["row"] = {"subscribers": size, **fanout_row(out["connected"], out["result"], out["server"])}
+            steps.append(out)
+        return {"steps": steps, "rows": [s["row"] for s in steps]}
+
+    def run_topics(self, target: str, options: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+        """Same publish load (single messages, random topic) over more and more topics, one subscriber each."""
+        options = dict(options)
+        steps_spec = options.pop("steps")
+        steps = []
+        for conns, per_conn in steps_spec:
+            topics = conns * per_conn
+            step = dict(options, conns=conns, rooms=topics, topics_per_conn=per_conn if per_conn > 1 else None)
+            tokens = self.token_file(conns)
+            out = self.with_server(target, lambda s: run_publish(s, target, tokens, step), env)
+            result, cost = out["result"], out["server"]
+            published = result["published"]
+            row = fanout_row(out["connected"], result, cost)
+            out["row"] = {"topics": topics, "conns x J": f"{conns:,} x {per_conn}",
+                          "publishes/s": round(result["messages_per_s"]),
+                          "us/publish": round(cost["cpu_s"] * 1e6 / published, 2) if published else None,
+                          "non-2xx": result["http_errors"], **row}
             steps.append(out)
         return {"steps": steps, "rows": [s["row"] for s in steps]}
 
@@ -741,7 +772,7 @@ def fmt(value: Any) -> str:
 
 def table(scenario: Scenario, rows: dict[str, Any]) -> str:
     lines = [f"== {scenario.name}: {scenario.title}"]
-    multi = scenario.kind in ("growth", "scaleout")
+    multi = scenario.kind in ("growth", "scaleout", "topics")
     columns = ["target", *scenario.columns]
     body: list[list[str]] = []
     nchan = rows.get("nchan", {}).get("row") if isinstance(rows.get("nchan"), dict) else None
