@@ -68,6 +68,8 @@ OPTIONS: tuple[Option, ...] = (
            "true: a token without a 'topics' claim may join no room topic (default false)"),
     Option("heartbeat_timeout", "PUSH_HEARTBEAT_TIMEOUT", values.positive_duration,
            "close a socket that sends no frame for this long (default 60s)"),
+    Option("handshake_timeout", "PUSH_HANDSHAKE_TIMEOUT", values.positive_duration,
+           "close a new connection that has not sent its first request head within this time (default 10s)"),
     Option("max_frame_bytes", "PUSH_MAX_FRAME_BYTES", values.size, "largest client WebSocket message (default 64KiB)"),
     Option("max_publish_bytes", "PUSH_MAX_PUBLISH_BYTES", values.size, "largest HTTP publish body (default 1MiB)"),
     Option("max_topics_per_connection", "PUSH_MAX_TOPICS_PER_CONNECTION", values.positive_int,
@@ -124,6 +126,7 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     require_topics_claim: bool = False
     heartbeat_timeout: float = 60.0
+    handshake_timeout: float = 10.0
     max_frame_bytes: int = 64 * 1024
     max_publish_bytes: int = 1024 * 1024
     max_topics_per_connection: int = 100

@@ -706,6 +706,31 @@ async def test_malformed_upgrades_go_to_the_http_layer(server):
             writer.close()
 
 
+async def test_a_connection_that_does_not_finish_its_request_head_is_cut(start_server):
+    server = await start_server(PUSH_HANDSHAKE_TIMEOUT="0.5")
+    token = make_token()
+    silent = await asyncio.open_connection("127.0.0.1", server.port)
+    partial = await asyncio.open_connection("127.0.0.1", server.port)
+    huge = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        partial[1].write(f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\n".encode())
+        # A head longer than the front door reads is aiohttp's to refuse.
+        huge[1].write(f"GET /socket/websocket?token={token} HTTP/1.1\r\nX-Pad: {'x' * 20000}\r\n\r\n".encode())
+        status_line = await asyncio.wait_for(huge[0].readline(), RECEIVE_TIMEOUT)
+        assert status_line.split(b" ")[1] in (b"400", b"431"), status_line
+        async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+            await joined(ws, "room:lobby:1")  # others are served meanwhile
+            started = time.monotonic()
+            for reader, _ in (silent, partial):
+                assert await asyncio.wait_for(reader.read(), RECEIVE_TIMEOUT) == b""  # closed, no answer
+            assert time.monotonic() - started < 3
+            await ws.send_json([None, "2", "phoenix", "heartbeat", {}])
+            assert await receive(ws) == [None, "2", "phoenix", "phx_reply", OK]
+    finally:
+        for _, writer in (silent, partial, huge):
+            writer.close()
+
+
 # --- server-side timeouts
 
 

@@ -43,8 +43,6 @@ AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
 SUBPROTOCOL = "phoenix"
 # Wait this long for a server-closed socket to flush, then drop the TCP connection.
 CLOSE_TIMEOUT = 5.0
-# A connection must have sent its first request head within this time.
-HANDSHAKE_TIMEOUT = 10.0
 # A longer head is not ours to judge: aiohttp answers it (431/400).
 MAX_HEAD_BYTES = 16384
 
@@ -390,7 +388,10 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, transport.abort)
+        # A connection that does not finish its first request head in time is cut (aiohttp's own
+        # keep-alive timeout applies once it has the connection).
+        self._timer = asyncio.get_running_loop().call_later(self._listener.node.settings.handshake_timeout,
+                                                            transport.abort)
 
     def data_received(self, data: bytes) -> None:
         head = self._head + data if self._head else data
