@@ -79,13 +79,18 @@ async def joined_node(wires: list[Wire]) -> tuple[Node, list[Conn]]:
     return node, conns
 
 
+async def dispatched(node: Node, conns: list[Conn], broadcasts: list[Broadcast]) -> None:
+    for broadcast in broadcasts:
+        node.hub.dispatch(broadcast)
+    await until(lambda: all(conn.writes for conn in conns), TIMEOUT, "every subscriber written to")
+
+
 async def test_a_broadcast_is_framed_once_per_wire_and_every_subscriber_gets_the_same_bytes():
     v1, v2 = CountingWire(V1), CountingWire(V2)
     node, conns = await joined_node([v1, v2])
     try:
         v1.built = v2.built = 0
-        node.hub.dispatch(Broadcast.of(TOPIC, "new_msg", {"text": "hello"}))
-        await until(lambda: all(conn.writes for conn in conns), TIMEOUT, "every subscriber written to")
+        await dispatched(node, conns, [Broadcast.of(TOPIC, "new_msg", {"text": "hello"})])
         assert (v1.built, v2.built) == (1, 1)  # not 500 each
         for wire in (v1, v2):
             written = {id(conn.writes[0]) for conn in conns if conn.wire is wire}
@@ -99,9 +104,8 @@ async def test_a_burst_on_one_topic_is_one_write_per_subscriber():
     node, conns = await joined_node([wire])
     try:
         wire.built = 0
-        for seq in range(10):  # as a batch publish, or ten concurrent publishes, arrive together
-            node.hub.dispatch(Broadcast.of(TOPIC, "new_msg", {"seq": seq}))
-        await until(lambda: all(conn.writes for conn in conns), TIMEOUT, "every subscriber written to")
+        # As a batch publish, or ten concurrent publishes, arrive: in one turn of the event loop.
+        await dispatched(node, conns, [Broadcast.of(TOPIC, "new_msg", {"seq": seq}) for seq in range(10)])
         assert wire.built == 10
         assert all(len(conn.writes) == 1 for conn in conns)  # ten frames, one write: not ten
         assert len({id(conn.writes[0]) for conn in conns}) == 1
@@ -115,8 +119,7 @@ async def test_the_per_delivery_path_does_no_json_and_few_calls():
     wire = CountingWire(V2)
     node, conns = await joined_node([wire])
     try:
-        node.hub.dispatch(Broadcast.of(TOPIC, "new_msg", {"text": "warm"}))
-        await until(lambda: all(conn.writes for conn in conns), TIMEOUT, "the first broadcast")
+        await dispatched(node, conns, [Broadcast.of(TOPIC, "new_msg", {"text": "warm"})])
         broadcast = Broadcast.of(TOPIC, "new_msg", {"text": "counted"})
         broadcast.encoded(wire)  # encoding is per broadcast: counted by the tests above, not here
         calls: dict[str, int] = {}
