@@ -120,6 +120,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         refusal = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
         refused(node, refusal)
         return web.json_response({"error": refusal.message}, status=refusal.status, dumps=_dumps)
+    http.keep_alive(False)  # no keep-alive timer of aiohttp's may close the socket later
     # What the client sent behind its request head, which aiohttp's parser kept aside.
     rest, http._message_tail = http._message_tail, b""
     lost = asyncio.get_running_loop().create_future()
