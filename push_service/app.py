@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from push_service import api, console
+from push_service import api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.node import NODE, Node
@@ -41,16 +41,22 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
 
 
 class Site(web.TCPSite):
-    """aiohttp's TCP site with our front door on the listening socket: a connection whose first
-    request is a WebSocket upgrade never enters aiohttp (see transports/websocket.py)."""
+    """aiohttp's TCP site with our front door on the listening socket: a connection whose first request
+    is a WebSocket upgrade or a publish never enters aiohttp (see frontdoor.py)."""
+
+    __slots__ = ("_listener",)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
         assert self._runner.server is not None
-        listener = websocket.Listener(self._runner.app[NODE], self._runner.server)
+        self._listener = frontdoor.Listener(self._runner.app[NODE], self._runner.server)
         self._server = await asyncio.get_running_loop().create_server(
-            listener, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port)
+            self._listener, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+    async def stop(self) -> None:
+        await super().stop()
+        self._listener.close()
 
 
 class ListenError(OSError):

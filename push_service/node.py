@@ -224,15 +224,23 @@ class Node:
 
     # --- publishing
 
-    async def publish(self, broadcasts: Sequence[Broadcast], endpoint: str) -> int:
-        """Publish to every node; returns this node's subscribers of those topics."""
+    def publish(self, broadcasts: Sequence[Broadcast], endpoint: str) -> int | Awaitable[int]:
+        """Publish to every node; this node's subscribers of those topics, at once when the broker takes
+        the publish at once (memory), else awaitable."""
         if self.draining:
             # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
             raise NodeDraining("node is draining")
         count = self.hub.subscriber_count
         local = sum([count(broadcast.topic) for broadcast in broadcasts])
-        await self.broker.publish(broadcasts)
-        self.metrics.published_count(endpoint).inc(len(broadcasts))
+        pending = self.broker.publish(broadcasts)
+        if pending is None:
+            self.metrics.published_count(endpoint).inc(len(broadcasts))
+            return local
+        return self._published(pending, endpoint, len(broadcasts), local)
+
+    async def _published(self, pending: Awaitable[None], endpoint: str, count: int, local: int) -> int:
+        await pending
+        self.metrics.published_count(endpoint).inc(count)
         return local
 
     def _dispatched(self, broadcast: Broadcast, count: int) -> None:

@@ -36,8 +36,9 @@ class Broker(ABC):
         """Connect, and from now on pass every broadcast (from any node) to `deliver`."""
 
     @abstractmethod
-    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
-        """Publish in order to every node (this one included). Raises BrokerUnavailable."""
+    def publish(self, broadcasts: Sequence[Broadcast]) -> Awaitable[None] | None:
+        """Publish in order to every node (this one included): None when done at once (memory), else an
+        awaitable. Raises BrokerUnavailable (or the awaitable does)."""
 
     @abstractmethod
     def subscribe(self, topic: str) -> bool:

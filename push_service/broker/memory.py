@@ -23,7 +23,7 @@ class MemoryBroker(Broker):
     async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
         self._deliver = deliver
 
-    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
+    def publish(self, broadcasts: Sequence[Broadcast]) -> None:
         deliver = self._deliver
         if deliver is None:
             raise BrokerUnavailable("broker not started")

@@ -1,13 +1,12 @@
 """The Phoenix WebSocket transport: `GET /socket/websocket?vsn=2.0.0&token=<JWT>`.
 
-A socket costs what its connection state costs and nothing more: no aiohttp request, no
-handler task, no timer. The listening socket's protocol is a `FrontDoor` that looks at the
-first request of each connection. A well-formed upgrade to the socket path is checked
-(drain, origin, vsn, token: refused with HTTP 403/503 exactly as Phoenix refuses a failed
-`connect/3`), answered 101 by us, and the connection's protocol becomes a
-`WebSocketProtocol`; everything else is handed to aiohttp untouched. Outgoing frames are
-framed once per broadcast and written straight to the transport: the same bytes for every
-subscriber. A slow reader is noticed by the transport's own flow control (`pause_writing`).
+A socket costs what its connection state costs and nothing more: no aiohttp request, no handler
+task, no timer. The front door (frontdoor.py) hands over a connection whose first request is an
+upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly as Phoenix
+refuses a failed `connect/3`), answered 101, and the connection's protocol becomes a
+`WebSocketProtocol`. Outgoing frames are framed once per broadcast and written straight to the
+transport: the same bytes for every subscriber. A slow reader is noticed by the transport's own
+flow control (`pause_writing`).
 """
 
 from __future__ import annotations
@@ -16,16 +15,13 @@ import asyncio
 import base64
 import binascii
 import logging
-import secrets
 from collections.abc import Callable
-from typing import cast
-from urllib.parse import unquote_plus
 
 import orjson
 from aiohttp import web
 
-from push_service.api import REQUEST_ID
 from push_service.auth import AuthError, Identity
+from push_service.http1 import Request, json_answer, parse_query, request_id, tokens
 from push_service.hub import Wire
 from push_service.node import NODE, Node
 from push_service.protocol import V1, V2, Serializer, negotiate
@@ -43,8 +39,6 @@ AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
 SUBPROTOCOL = "phoenix"
 # Wait this long for a server-closed socket to flush, then drop the TCP connection.
 CLOSE_TIMEOUT = 5.0
-# A longer head is not ours to judge: aiohttp answers it (431/400).
-MAX_HEAD_BYTES = 16384
 
 # One Wire per protocol version, shared by every socket, so a broadcast is framed once per version.
 WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
@@ -255,58 +249,13 @@ class WebSocketProtocol(asyncio.Protocol):
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
 
 
-# --- the first request of every connection
-
-
-class Upgrade:
-    """A well-formed WebSocket upgrade request head for the socket path."""
-
-    __slots__ = ("query", "headers")
-
-    def __init__(self, query: dict[str, str], headers: dict[str, str]) -> None:
-        self.query = query
-        self.headers = headers  # lower-case names; repeated headers joined with ", "
-
-
-_PREFIX = f"GET {PATH}".encode()
-
-
-def parse_upgrade(head: bytes) -> Upgrade | None:
-    """The upgrade in a request head (without its final blank line); None when it is anything else
-    or not strictly well-formed, for aiohttp to answer."""
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if not text.replace("\r\n", "").isprintable():
-        return None  # control characters (NUL, DEL, a bare LF...): not ours to parse
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1":
-        return None
-    path, _, query = parts[1].partition("?")
-    if path != PATH:
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or line[0] in " \t":
-            return None
-        name, value = name.lower(), value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
-        return None
-    return Upgrade(_parse_query(query), headers) if is_upgrade(headers.get) else None
+# --- the upgrade, as the front door hands it over
 
 
 def is_upgrade(header: Callable[[str], str | None]) -> bool:
     """Whether the headers (looked up by lower-case name) ask for a WebSocket version 13 upgrade."""
-    return ("websocket" in _tokens(header("upgrade")) and "upgrade" in _tokens(header("connection"))
+    return ("websocket" in tokens(header("upgrade")) and "upgrade" in tokens(header("connection"))
             and header("sec-websocket-version") == "13" and _valid_key(header("sec-websocket-key")))
-
-
-def _tokens(value: str | None) -> list[str]:
-    return [token.strip().lower() for token in value.split(",")] if value else []
 
 
 def _valid_key(key: str | None) -> bool:
@@ -316,116 +265,36 @@ def _valid_key(key: str | None) -> bool:
         return False
 
 
-def _parse_query(query: str) -> dict[str, str]:
-    """First value of each name, decoded as aiohttp's request.query decodes it."""
-    values: dict[str, str] = {}
-    for pair in query.split("&") if query else ():
-        name, _, value = pair.partition("=")
-        if "%" in pair or "+" in pair:
-            name, value = unquote_plus(name), unquote_plus(value)
-        values.setdefault(name, value)
-    return values
+def takes(request: Request) -> bool:
+    """Whether a connection's first request is an upgrade the front door should hand to `accept`."""
+    return (request.method == "GET" and request.path == PATH and is_upgrade(request.headers.get)
+            and request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers)
 
 
-class Listener:
-    """The protocol factory of the listening socket."""
-
-    def __init__(self, node: Node, http: Callable[[], asyncio.Protocol]) -> None:
-        self.node = node
-        self.http = http  # aiohttp's own protocol factory
-        self._upgraded = node.metrics.http_requests.labels(PATH, "GET", "101")
-
-    def __call__(self) -> FrontDoor:
-        return FrontDoor(self)
-
-    def upgrade(self, transport: asyncio.Transport, upgrade: Upgrade, rest: bytes) -> None:
-        node, headers = self.node, upgrade.headers
-        try:
-            identity, serializer = admit(node, headers.get("origin"), upgrade.query.get("vsn"),
-                                         headers.get("sec-websocket-protocol"), upgrade.query.get("token"))
-        except Refusal as refusal:
-            node.metrics.http_requests.labels(PATH, "GET", str(refusal.status)).inc()
-            transport.write(_error_response(refusal, headers.get("x-request-id", "")))
-            transport.close()
-            return
-        self._upgraded.inc()
-        open_socket(node, transport, headers.get, identity, serializer, rest)
+def accept(node: Node, transport: asyncio.Transport, request: Request, rest: bytes) -> None:
+    """Answer an upgrade the front door took: 101 and a WebSocketProtocol, or the refusal and a close."""
+    headers, query = request.headers, parse_query(request.query)
+    try:
+        identity, serializer = admit(node, headers.get("origin"), query.get("vsn"),
+                                     headers.get("sec-websocket-protocol"), query.get("token"))
+    except Refusal as refusal:
+        node.metrics.http_request_count(PATH, "GET", refusal.status).inc()
+        body = orjson.dumps({"error": refusal.message})
+        transport.write(json_answer(refusal.status, body, request_id(headers.get("x-request-id")), close=True))
+        transport.close()
+        return
+    node.metrics.http_request_count(PATH, "GET", 101).inc()
+    open_socket(node, transport, headers.get, identity, serializer, rest)
 
 
 def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str], str | None], identity: Identity,
                 serializer: Serializer, rest: bytes, lost: asyncio.Future[None] | None = None) -> None:
     """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head."""
-    offered = _tokens(header("sec-websocket-protocol"))
     response = b"".join((
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"Sec-WebSocket-Accept: ", accept_key(header("sec-websocket-key") or "").encode(), b"\r\n",
-        b"Sec-WebSocket-Protocol: phoenix\r\n" if SUBPROTOCOL in offered else b"",
+        b"Sec-WebSocket-Protocol: phoenix\r\n" if SUBPROTOCOL in tokens(header("sec-websocket-protocol")) else b"",
         b"\r\n"))
     protocol = WebSocketProtocol(node, transport, WIRES[serializer], identity, lost)
     transport.set_protocol(protocol)
     protocol.start(response, rest)
-
-
-_PHRASES = {400: "Bad Request", 403: "Forbidden", 503: "Service Unavailable"}
-
-
-def _error_response(refusal: Refusal, given_id: str) -> bytes:
-    body = orjson.dumps({"error": refusal.message})
-    request_id = given_id if REQUEST_ID.fullmatch(given_id) else secrets.token_hex(8)
-    return (f"HTTP/1.1 {refusal.status} {_PHRASES[refusal.status]}\r\n"
-            f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
-            f"X-Request-Id: {request_id}\r\nConnection: close\r\n\r\n").encode() + body
-
-
-class FrontDoor(asyncio.Protocol):
-    """Reads a connection's first request head: an upgrade to the socket path is ours, anything else
-    goes to aiohttp with the bytes read so far."""
-
-    __slots__ = ("_listener", "_transport", "_head", "_timer")
-
-    def __init__(self, listener: Listener) -> None:
-        self._listener = listener
-        self._head = b""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
-        # A connection that does not finish its first request head in time is cut (aiohttp's own
-        # keep-alive timeout applies once it has the connection).
-        self._timer = asyncio.get_running_loop().call_later(self._listener.node.settings.handshake_timeout,
-                                                            transport.abort)
-
-    def data_received(self, data: bytes) -> None:
-        head = self._head + data if self._head else data
-        if not head.startswith(_PREFIX):
-            if _PREFIX.startswith(head):
-                self._head = head  # too short to tell yet
-            else:
-                self._hand_over(head)
-            return
-        end = head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(head) > MAX_HEAD_BYTES:
-                self._hand_over(head)
-            else:
-                self._head = head
-            return
-        upgrade = parse_upgrade(head[:end])
-        if upgrade is None:
-            self._hand_over(head)
-            return
-        self._timer.cancel()
-        self._listener.upgrade(self._transport, upgrade, head[end + 4:])
-
-    def _hand_over(self, data: bytes) -> None:
-        self._timer.cancel()
-        protocol = self._listener.http()
-        self._transport.set_protocol(protocol)
-        protocol.connection_made(self._transport)
-        protocol.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        self._timer.cancel()
-        return None  # the transport closes itself
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()

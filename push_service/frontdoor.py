@@ -1,0 +1,265 @@
+"""The listening socket's protocol: each connection's first request decides who serves it.
+
+- An upgrade to /socket/websocket: transports/websocket.py. The socket never enters aiohttp.
+- A POST to a publish path: a `PublishConnection`, a lean keep-alive HTTP/1.1 server for publishes.
+- Anything else, or anything not strictly well-formed: aiohttp, with the bytes read so far.
+
+Why: on the paths that carry the load, aiohttp's per-request and per-socket machinery cost more
+than the work itself (measured with benchmarks/run.py: a publish request took about 60 µs of CPU
+in aiohttp, 13 µs here; a socket held an aiohttp request and a handler task for its lifetime).
+Both HTTP front ends apply the same publish rules (publishing.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import orjson
+
+from push_service import publishing
+from push_service.http1 import MAX_HEAD_BYTES, Request, json_answer, parse_head, request_id, tokens
+from push_service.node import Node
+from push_service.publishing import ApiError
+from push_service.transports import websocket
+
+log = logging.getLogger("push_service.api")
+
+# As aiohttp's keep-alive timeout: an idle publish connection is closed after this long.
+KEEPALIVE_TIMEOUT = 75.0
+SWEEP_INTERVAL = 15.0
+
+
+class Listener:
+    """The protocol factory of the listening socket; it also keeps the publish connections, for the
+    idle sweep (one timer for all of them) and for closing them at shutdown."""
+
+    def __init__(self, node: Node, http: Callable[[], asyncio.Protocol]) -> None:
+        self.node = node
+        self.http = http  # aiohttp's own protocol factory
+        self.routes = publishing.routes(node.settings)
+        self._publishers: dict[PublishConnection, None] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def __call__(self) -> FrontDoor:
+        return FrontDoor(self)
+
+    def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
+        """aiohttp serves the connection from here on, starting with `data`."""
+        protocol = self.http()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
+
+    def publisher(self, transport: asyncio.Transport, data: bytes) -> None:
+        connection = PublishConnection(self, transport)
+        transport.set_protocol(connection)
+        self._publishers[connection] = None
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+        connection.data_received(data)
+
+    def forget(self, connection: PublishConnection) -> None:
+        self._publishers.pop(connection, None)
+
+    def _sweep(self) -> None:
+        idle_before = asyncio.get_running_loop().time() - KEEPALIVE_TIMEOUT
+        for connection in list(self._publishers):
+            connection.close_if_idle(idle_before)
+        self._sweeper = (asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+                         if self._publishers else None)
+
+    def close(self) -> None:
+        """At shutdown: close the publish connections (aiohttp closes its own)."""
+        for connection in list(self._publishers):
+            connection.close_if_idle(float("inf"))
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+class FrontDoor(asyncio.Protocol):
+    """Reads a connection's first request head and hands the connection to whoever serves it."""
+
+    __slots__ = ("_listener", "_transport", "_head", "_timer")
+
+    def __init__(self, listener: Listener) -> None:
+        self._listener = listener
+        self._head = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
+        # A connection that does not finish its first request head in time is cut (aiohttp's own
+        # keep-alive timeout applies once it has the connection).
+        self._timer = asyncio.get_running_loop().call_later(self._listener.node.settings.handshake_timeout,
+                                                            transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        head = self._head + data if self._head else data
+        end = head.find(b"\r\n\r\n")
+        if end < 0 and len(head) <= MAX_HEAD_BYTES:
+            self._head = head
+            return
+        self._timer.cancel()
+        listener = self._listener
+        request = parse_head(head[:end]) if end >= 0 else None
+        if request is None:
+            listener.hand_over(self._transport, head)
+        elif websocket.takes(request):
+            websocket.accept(listener.node, self._transport, request, head[end + 4:])
+        elif request.method == "POST" and request.path in listener.routes:
+            listener.publisher(self._transport, head)
+        else:
+            listener.hand_over(self._transport, head)
+
+    def eof_received(self) -> bool | None:
+        self._timer.cancel()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+
+
+def _mimetype(content_type: str | None) -> str:
+    """As aiohttp's request.content_type: without parameters, lower case, octet-stream when absent."""
+    return (content_type or "application/octet-stream").partition(";")[0].strip().lower()
+
+
+class PublishConnection(asyncio.Protocol):
+    """A keep-alive connection whose first request was a publish. Requests are answered in order, by the
+    rules aiohttp's handlers apply; the first request that is not a plain publish (another path, a
+    chunked body, `Expect`, a body over PUSH_MAX_PUBLISH_BYTES) hands the connection, from that
+    request on, to aiohttp."""
+
+    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_last_active")
+
+    def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
+        self._listener = listener
+        self._node = listener.node
+        self._transport = transport
+        self._buffer = b""
+        self._pending: asyncio.Task[None] | None = None  # a publish waiting for the broker
+        self._closed = False
+        self._last_active = asyncio.get_running_loop().time()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        if self._pending is None:
+            self._serve()
+
+    def _serve(self) -> None:
+        routes = self._listener.routes
+        while not self._closed:
+            buffer = self._buffer
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    self._hand_over()
+                return
+            request = parse_head(buffer[:end])
+            route = routes.get(request.path) if request is not None else None
+            if route is None or request is None or not self._plain(request):
+                self._hand_over()
+                return
+            body_end = end + 4 + int(request.headers["content-length"])
+            if len(buffer) < body_end:
+                return  # the rest of the body is on its way
+            self._buffer = buffer[body_end:]
+            self._last_active = asyncio.get_running_loop().time()
+            pending = self._handle(route, request, buffer[end + 4:body_end])
+            if pending is not None:
+                self._pending = asyncio.create_task(pending)
+                return
+
+    def _plain(self, request: Request) -> bool:
+        headers = request.headers
+        length = headers.get("content-length")
+        return (request.method == "POST" and length is not None and length.isdigit()
+                and int(length) <= self._node.settings.max_publish_bytes
+                and "transfer-encoding" not in headers and "expect" not in headers)
+
+    def _handle(self, route: publishing.Route, request: Request, raw: bytes) -> Awaitable[None] | None:
+        """Answer one publish; an awaitable when the broker takes it later."""
+        started = time.time()  # wall clock: carried to other nodes with the broadcast
+        node, headers = self._node, request.headers
+        answer_id = request_id(headers.get("x-request-id"))
+        close = "close" in tokens(headers.get("connection"))
+        try:
+            authorization = headers.get("authorization")
+            publishing.check_head(node.publish_keys, authorization, _mimetype(headers.get("content-type")))
+            body = publishing.authorized_object(node.publish_keys, authorization, raw)
+            published, delivered = publishing.publish(node, route, body, started)
+        except ApiError as error:
+            self._refuse(route, error, answer_id, close)
+            return None
+        except Exception:
+            self._failed(route, answer_id)
+            return None
+        if isinstance(delivered, int):
+            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close)
+            return None
+        return self._finish(route, published, delivered, answer_id, close)
+
+    async def _finish(self, route: publishing.Route, published: int, pending: Awaitable[int], answer_id: str,
+                      close: bool) -> None:
+        try:
+            delivered = await pending
+        except ApiError as error:
+            self._refuse(route, error, answer_id, close)
+        except Exception:
+            self._failed(route, answer_id)
+        else:
+            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close)
+        self._pending = None
+        if not self._closed:
+            self._serve()  # requests that came meanwhile
+
+    def _refuse(self, route: publishing.Route, error: ApiError, answer_id: str, close: bool) -> None:
+        publishing.log_refusal(error, answer_id, route.path, "POST")
+        self._answer(route, error.status, orjson.dumps({"error": error.message}), answer_id, close)
+
+    def _failed(self, route: publishing.Route, answer_id: str) -> None:
+        log.exception("unhandled error", extra={"event": "http_error", "request_id": answer_id, "route": route.path})
+        self._answer(route, 500, b'{"error":"internal server error"}', answer_id, True)
+
+    def _answer(self, route: publishing.Route, status: int, body: bytes, answer_id: str, close: bool) -> None:
+        self._node.metrics.http_request_count(route.path, "POST", status).inc()
+        if self._closed:
+            return  # the client left while the broker took the publish
+        self._transport.write(json_answer(status, body, answer_id, close))
+        if close:
+            self._close()
+
+    def _hand_over(self) -> None:
+        self._closed = True
+        self._listener.forget(self)
+        self._listener.hand_over(self._transport, self._buffer)
+
+    def close_if_idle(self, idle_before: float) -> None:
+        if self._pending is None and not self._buffer and self._last_active < idle_before:
+            self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._listener.forget(self)
+        self._transport.close()
+
+    # --- asyncio.Protocol
+
+    def pause_writing(self) -> None:
+        self._transport.pause_reading()  # a client that sends publishes but reads no answers
+
+    def resume_writing(self) -> None:
+        self._transport.resume_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._closed = True
+            self._listener.forget(self)

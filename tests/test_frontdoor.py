@@ -1,0 +1,146 @@
+"""The front door's keep-alive publish connection (push_service/frontdoor.py), over raw sockets.
+
+A connection whose first request is a publish is served without aiohttp, by the same rules
+(publishing.py): these tests pin what a backend sees on such a connection, request after request,
+and that anything else on it goes to aiohttp from that request on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import orjson
+
+from conftest import PUBLISH_KEY, make_token
+
+TIMEOUT = 5.0
+TOPIC = "room:lobby:door"
+
+
+def post(path: str, body: bytes, *, key: str | None = PUBLISH_KEY, extra: str = "",
+         content_type: str = "application/json") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key is not None else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{auth}{extra}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def broadcast(n: int, **fields: object) -> bytes:
+    return orjson.dumps({"topic": TOPIC, "event": "e", "payload": {"n": n}, **fields})
+
+
+class Raw:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def answer(self) -> tuple[int, dict[str, str], bytes]:
+        status_line = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        headers: dict[str, str] = {}
+        while (line := await asyncio.wait_for(self.reader.readline(), TIMEOUT)) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = await asyncio.wait_for(self.reader.readexactly(int(headers["content-length"])), TIMEOUT)
+        return int(status_line.split()[1]), headers, body
+
+
+@asynccontextmanager
+async def raw(server) -> AsyncIterator[Raw]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        yield Raw(reader, writer)
+    finally:
+        writer.close()
+
+
+@asynccontextmanager
+async def subscriber(server) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with aiohttp.ClientSession() as http, \
+            http.ws_connect(f"{server.ws_url}?vsn=2.0.0&token={make_token()}") as ws:
+        await ws.send_json(["1", "1", TOPIC, "phx_join", {}])
+        assert (await ws.receive_json(timeout=TIMEOUT))[3] == "phx_reply"
+        yield ws
+
+
+async def test_requests_pipelined_on_one_connection_are_answered_in_order(server):
+    async with subscriber(server) as ws, raw(server) as conn:
+        conn.writer.write(post("/api/broadcast", broadcast(1), extra="X-Request-Id: first\r\n")
+                          + post("/api/broadcast", broadcast(2)) + post("/api/batch", orjson.dumps(
+                              {"messages": [{"topic": TOPIC, "event": "e", "payload": {"n": 3}}] * 2})))
+        answers = [await conn.answer() for _ in range(3)]
+        assert [status for status, _, _ in answers] == [200, 200, 200]
+        assert answers[0][1]["x-request-id"] == "first" and answers[0][1]["content-type"].startswith(
+            "application/json")
+        assert orjson.loads(answers[2][2]) == {"status": 200, "published": 2, "delivered": 2}
+        assert [(await ws.receive_json(timeout=TIMEOUT))[4]["n"] for _ in range(4)] == [1, 2, 3, 3]
+        # A body that arrives in pieces, on the same connection.
+        request = post("/api/broadcast", broadcast(4))
+        conn.writer.write(request[:-5])
+        await conn.writer.drain()
+        await asyncio.sleep(0.05)
+        conn.writer.write(request[-5:])
+        assert (await conn.answer())[0] == 200
+        assert (await ws.receive_json(timeout=TIMEOUT))[4] == {"n": 4}
+
+
+async def test_refusals_keep_the_connection_and_are_counted(server):
+    async with raw(server) as conn:
+        conn.writer.write(post("/api/broadcast", broadcast(1), key="wrong-key"))
+        assert (await conn.answer())[:3:2] == (401, b'{"error":"invalid publish key"}')
+        conn.writer.write(post("/api/broadcast", b"{not json"))
+        assert (await conn.answer())[0] == 400
+        conn.writer.write(post("/api/broadcast", broadcast(1), content_type="text/plain"))
+        assert (await conn.answer())[0] == 415
+        conn.writer.write(post("/api/broadcast", orjson.dumps({"topic": "nope", "event": "e"})))
+        status, _, body = await conn.answer()
+        assert status == 400 and b"unknown topic family" in body
+        conn.writer.write(post("/api/message", orjson.dumps({"channel_id": "1", "token": PUBLISH_KEY}), key=None))
+        assert (await conn.answer())[0] == 200  # the key in the body, as the old backend sends it
+        # Anything else on the connection goes to aiohttp, from that request on.
+        conn.writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, text = await conn.answer()
+        assert status == 200
+    counted = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.decode().splitlines()
+               if line.startswith("push_http_requests_total{")}
+    for status_code, count in (("401", 1), ("400", 2), ("415", 1), ("200", 1)):
+        route = "/api/message" if status_code == "200" else "/api/broadcast"
+        assert counted[f'push_http_requests_total{{method="POST",route="{route}",status="{status_code}"}}'] == count
+
+
+async def test_what_the_front_door_does_not_serve_goes_to_aiohttp(start_server):
+    server = await start_server(PUSH_MAX_PUBLISH_BYTES="1KiB")
+    async with raw(server) as conn:
+        # Over the size limit: aiohttp answers 413 (and reads away the body).
+        conn.writer.write(post("/api/broadcast", broadcast(1, pad="x" * 2000)))
+        assert (await conn.answer())[0] == 413
+    async with raw(server) as conn:
+        # A chunked body, and Expect: 100-continue, are aiohttp's.
+        body = broadcast(1)
+        conn.writer.write(f"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          f"Authorization: Bearer {PUBLISH_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+        assert (await conn.answer())[0] == 200
+    async with raw(server) as conn:
+        conn.writer.write(post("/api/broadcast", broadcast(1), extra="Connection: close\r\n"))
+        status, headers, _ = await conn.answer()
+        assert status == 200 and headers["connection"] == "close"
+        assert await asyncio.wait_for(conn.reader.read(), TIMEOUT) == b""  # and closed
+
+
+async def test_publishes_on_a_draining_node_get_503(start_server):
+    server = await start_server(PUSH_DRAIN_SECONDS="3")
+    async with aiohttp.ClientSession() as http, raw(server) as conn:
+        # Thirty sockets, so the drain closes them over a few seconds (not all in its first step).
+        sockets = [await http.ws_connect(f"{server.ws_url}?vsn=2.0.0&token={make_token()}") for _ in range(30)]
+        conn.writer.write(post("/api/broadcast", broadcast(1)))
+        assert (await conn.answer())[0] == 200
+        stopping = asyncio.create_task(server.stop())
+        await server.wait_for_log(lambda entry: entry.get("event") == "drain_start")
+        conn.writer.write(post("/api/broadcast", broadcast(2)))
+        status, _, body = await conn.answer()
+        assert (status, orjson.loads(body)) == (503, {"error": "node is draining; retry on another replica"})
+        assert await stopping == 0
+        for ws in sockets:
+            await ws.close()
