@@ -14,7 +14,10 @@ from contextlib import asynccontextmanager
 import aiohttp
 import orjson
 
-from conftest import PUBLISH_KEY, make_token
+from conftest import JWT_SECRET, PUBLISH_KEY, make_token
+from push_service import app as application
+from push_service.config import Settings
+from push_service.frontdoor import IDLE_SWEEPS
 
 TIMEOUT = 5.0
 TOPIC = "room:lobby:door"
@@ -144,3 +147,28 @@ async def test_publishes_on_a_draining_node_get_503(start_server):
         assert await stopping == 0
         for ws in sockets:
             await ws.close()
+
+
+async def test_an_idle_publish_connection_is_closed_by_the_sweep():
+    """In process, to drive the sweep by hand instead of waiting 90 s."""
+    settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
+    runner, port = await application.start(settings)
+    try:
+        listener = next(iter(runner.sites))._listener  # type: ignore[attr-defined]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+        idle, busy = Raw(reader, writer), Raw(busy_reader, busy_writer)
+        for conn in (idle, busy):
+            conn.writer.write(post("/api/broadcast", broadcast(1)))
+            assert (await conn.answer())[0] == 200
+        for sweep in range(IDLE_SWEEPS + 1):
+            busy.writer.write(post("/api/broadcast", broadcast(sweep)))
+            assert (await busy.answer())[0] == 200
+            listener._sweep()
+        assert await asyncio.wait_for(idle.reader.read(), TIMEOUT) == b""  # closed by the server
+        busy.writer.write(post("/api/broadcast", broadcast(9)))
+        assert (await busy.answer())[0] == 200  # still served
+        writer.close()
+        busy_writer.close()
+    finally:
+        await runner.cleanup()
