@@ -162,10 +162,11 @@ class PublishConnection(asyncio.Protocol):
                 return
             request = parse_head(buffer[:end])
             route = routes.get(request.path) if request is not None else None
-            if route is None or request is None or not self._plain(request):
+            length = self._plain_length(request) if route is not None and request is not None else None
+            if route is None or request is None or length is None:
                 self._hand_over()
                 return
-            body_end = end + 4 + int(request.headers["content-length"])
+            body_end = end + 4 + length
             if len(buffer) < body_end:
                 return  # the rest of the body is on its way
             self._buffer = buffer[body_end:]
@@ -175,12 +176,15 @@ class PublishConnection(asyncio.Protocol):
                 self._pending = asyncio.create_task(pending)
                 return
 
-    def _plain(self, request: Request) -> bool:
+    def _plain_length(self, request: Request) -> int | None:
+        """The body's length when the request is a plain publish this connection serves, else None."""
         headers = request.headers
-        length = headers.get("content-length")
-        return (request.method == "POST" and length is not None and length.isdigit()
-                and int(length) <= self._node.settings.max_publish_bytes
-                and "transfer-encoding" not in headers and "expect" not in headers)
+        text = headers.get("content-length")
+        if (request.method != "POST" or text is None or not text.isdigit() or "transfer-encoding" in headers
+                or "expect" in headers):
+            return None
+        length = int(text)
+        return length if length <= self._node.settings.max_publish_bytes else None
 
     def _handle(self, route: publishing.Route, request: Request, raw: bytes) -> Awaitable[None] | None:
         """Answer one publish; an awaitable when the broker takes it later."""

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
+from push_service.api import json_response
 from push_service.auth import AuthError, Identity
 from push_service.http1 import Request, json_answer, parse_query, request_id, tokens
 from push_service.hub import Wire
@@ -108,12 +109,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
         identity, serializer = admit(node, request.headers.get("Origin"), request.query.get("vsn"),
                                      request.headers.get("Sec-WebSocket-Protocol"), request.query.get("token"))
     except Refusal as refusal:
-        return web.json_response({"error": refusal.message}, status=refusal.status, dumps=_dumps)
+        return json_response({"error": refusal.message}, refusal.status)
     transport, http = request.transport, request.protocol
     if not is_upgrade(request.headers.get) or transport is None:
         refusal = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
         refused(node, refusal)
-        return web.json_response({"error": refusal.message}, status=refusal.status, dumps=_dumps)
+        return json_response({"error": refusal.message}, refusal.status)
     http.keep_alive(False)  # no keep-alive timer of aiohttp's may close the socket later
     # What the client sent behind its request head, which aiohttp's parser kept aside.
     rest, http._message_tail = http._message_tail, b""
@@ -125,10 +126,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
     # request is never written; 101 is what the request metric should say).
     http.connection_lost(None)
     return web.Response(status=101)
-
-
-def _dumps(value: object) -> str:
-    return orjson.dumps(value).decode()
 
 
 # --- the connection after the upgrade
