@@ -188,5 +188,5 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     if not response.prepared:  # an upgraded WebSocket has sent its headers already
         response.headers["X-Request-Id"] = answer_id
     node: Node = request.app[NODE]
-    node.metrics.http_request_count(label, request.method, response.status).inc()
+    node.metrics.http_requests.labels(label, request.method, response.status).inc()
     return response

@@ -231,7 +231,7 @@ class PublishConnection(asyncio.Protocol):
         self._answer(route, 500, b'{"error":"internal server error"}', answer_id, True)
 
     def _answer(self, route: publishing.Route, status: int, body: bytes, answer_id: str, close: bool) -> None:
-        self._node.metrics.http_request_count(route.path, "POST", status).inc()
+        self._node.metrics.http_requests.labels(route.path, "POST", status).inc()
         if self._closed:
             return  # the client left while the broker took the publish
         self._transport.write(json_answer(status, body, answer_id, close))

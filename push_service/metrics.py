@@ -1,34 +1,118 @@
-"""Prometheus metrics, in a registry of our own so several servers can live in one process (tests)."""
+"""Prometheus metrics, in a registry of our own so several servers can live in one process (tests).
+
+Counters and gauges are plain numbers kept by `Counter` and `Gauge` below and turned into samples
+when the registry is scraped. prometheus_client's own take a lock on every `inc()` and check their
+arguments on every `labels()` call; on the paths that count each connect, join and publish that
+cost more than the work counted (measured with benchmarks/run.py's connect scenario). The server
+runs on one event-loop thread, so a plain `+=` is enough. Histograms stay prometheus_client's.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The *_created series double the scrape size and no dashboard of ours reads them.
 disable_created_metrics()
 
 
-class Children:
-    """A labelled metric's children, each looked up once: `labels()` checks its arguments and takes a
-    lock on every call, a cost the HTTP path would pay per request. The labels are as bounded as the
-    metric's own series (the cache holds the same children the metric does)."""
+class Series:
+    """One series of a metric (one combination of label values): a number."""
 
-    __slots__ = ("_metric", "_children")
+    __slots__ = ("value",)
 
-    def __init__(self, metric: MetricWrapperBase) -> None:
-        self._metric = metric
-        self._children: dict[tuple[object, ...], Any] = {}
+    def __init__(self) -> None:
+        self.value = 0.0
 
-    def __call__(self, *values: object) -> Any:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = self._metric.labels(*(str(value) for value in values))
-        return child
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class GaugeSeries(Series):
+    __slots__ = ()
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class _Metric(Collector):
+    """A metric family: `labels(*values)` is its series for those values (created on first use, then a
+    dict lookup); an unlabelled one is its own only series."""
+
+    _family: type[CounterMetricFamily] | type[GaugeMetricFamily]
+    _series_type: type[Series]
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[object, ...], Series] = {}  # by the values as given
+        self._by_text: dict[tuple[str, ...], Series] = {}  # by their text: 101 and "101" are one series
+        if not self.labelnames:
+            self._only = self._by_text[()] = self._series_type()
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, *values: object) -> Series:
+        series = self._series.get(values)
+        if series is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values!r}")
+            text = tuple(str(value) for value in values)
+            series = self._by_text.get(text)
+            if series is None:
+                series = self._by_text[text] = self._series_type()
+            self._series[values] = series
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family(self.name, self.documentation, labels=self.labelnames)
+        for text, series in self._by_text.items():
+            family.add_metric(list(text), series.value)
+        yield family
+
+
+class Counter(_Metric):
+    _family = CounterMetricFamily
+    _series_type = Series
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
+                 registry: CollectorRegistry | None = None) -> None:
+        # As prometheus_client: the family is named without "_total", its sample with it.
+        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
+
+    def inc(self, amount: float = 1) -> None:
+        self._only.value += amount
+
+
+class Gauge(_Metric):
+    _family = GaugeMetricFamily
+    _series_type = GaugeSeries
+    _function: Callable[[], float] | None = None
+
+    def inc(self, amount: float = 1) -> None:
+        self._only.value += amount
+
+    def set(self, value: float) -> None:
+        self._only.value = float(value)
+
+    def set_function(self, function: Callable[[], float]) -> None:
+        """The gauge's value is read from `function` at each scrape."""
+        self._function = function
+
+    def collect(self) -> Iterator[Metric]:
+        if self._function is not None:
+            self._only.value = float(self._function())
+        return super().collect()
 
 
 class Metrics:
@@ -84,9 +168,6 @@ class Metrics:
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)
-        # Per-request counters, by their labels: `http_request_count(route, method, status).inc()`.
-        self.http_request_count = Children(self.http_requests)
-        self.published_count = Children(self.published)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

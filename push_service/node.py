@@ -234,13 +234,13 @@ class Node:
         local = sum([count(broadcast.topic) for broadcast in broadcasts])
         pending = self.broker.publish(broadcasts)
         if pending is None:
-            self.metrics.published_count(endpoint).inc(len(broadcasts))
+            self.metrics.published.labels(endpoint).inc(len(broadcasts))
             return local
         return self._published(pending, endpoint, len(broadcasts), local)
 
     async def _published(self, pending: Awaitable[None], endpoint: str, count: int, local: int) -> int:
         await pending
-        self.metrics.published_count(endpoint).inc(count)
+        self.metrics.published.labels(endpoint).inc(count)
         return local
 
     def _dispatched(self, broadcast: Broadcast, count: int) -> None:

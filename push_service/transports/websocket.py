@@ -275,12 +275,12 @@ def accept(node: Node, transport: asyncio.Transport, request: Request, rest: byt
         identity, serializer = admit(node, headers.get("origin"), query.get("vsn"),
                                      headers.get("sec-websocket-protocol"), query.get("token"))
     except Refusal as refusal:
-        node.metrics.http_request_count(PATH, "GET", refusal.status).inc()
+        node.metrics.http_requests.labels(PATH, "GET", refusal.status).inc()
         body = orjson.dumps({"error": refusal.message})
         transport.write(json_answer(refusal.status, body, request_id(headers.get("x-request-id")), close=True))
         transport.close()
         return
-    node.metrics.http_request_count(PATH, "GET", 101).inc()
+    node.metrics.http_requests.labels(PATH, "GET", 101).inc()
     open_socket(node, transport, headers.get, identity, serializer, rest)
 
 
