@@ -32,6 +32,10 @@ log = logging.getLogger("push_service.api")
 # (aiohttp's keep-alive timeout is 75 s). Counting sweeps spares a clock read per request.
 SWEEP_INTERVAL = 15.0
 IDLE_SWEEPS = 5
+# A new connection that has not sent its first request head within PUSH_HANDSHAKE_TIMEOUT is cut by
+# a sweep every timeout/HEAD_SWEEPS, so between 1 and 1 + 1/HEAD_SWEEPS timeouts after it came. One
+# timer for all of them instead of one per connection: a connect is the hot path of a reconnect storm.
+HEAD_SWEEPS = 4
 
 
 class Listener:
@@ -44,9 +48,35 @@ class Listener:
         self.routes = publishing.routes(node.settings)
         self._publishers: dict[PublishConnection, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
+        # Connections waiting for their first request head, by the head sweep interval they came in
+        # (oldest first); the last one is filling.
+        self._heads: list[dict[FrontDoor, None]] = [{}]
+        self._head_sweeper: asyncio.TimerHandle | None = None
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)
+
+    def awaiting_head(self, door: FrontDoor) -> dict[FrontDoor, None]:
+        """Cut `door` unless it leaves the returned set (its head came, or it closed) in time."""
+        current = self._heads[-1]
+        current[door] = None
+        if self._head_sweeper is None:
+            self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
+        return current
+
+    def _head_interval(self) -> float:
+        return self.node.settings.handshake_timeout / HEAD_SWEEPS
+
+    def _sweep_heads(self) -> None:
+        heads = self._heads
+        heads.append({})
+        if len(heads) > HEAD_SWEEPS + 1:  # the oldest set came at least HEAD_SWEEPS intervals ago
+            for door in heads.pop(0):
+                door.timed_out()
+        if any(heads):
+            self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
+        else:
+            self._heads, self._head_sweeper = [{}], None
 
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """aiohttp serves the connection from here on, starting with `data`."""
@@ -77,15 +107,16 @@ class Listener:
         """At shutdown: close the publish connections (aiohttp closes its own)."""
         for connection in list(self._publishers):
             connection.close_if_idle()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._head_sweeper):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._head_sweeper = None
 
 
 class FrontDoor(asyncio.Protocol):
     """Reads a connection's first request head and hands the connection to whoever serves it."""
 
-    __slots__ = ("_listener", "_transport", "_head", "_timer")
+    __slots__ = ("_listener", "_transport", "_head", "_waiting")
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
@@ -95,8 +126,10 @@ class FrontDoor(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
         # A connection that does not finish its first request head in time is cut (aiohttp's own
         # keep-alive timeout applies once it has the connection).
-        self._timer = asyncio.get_running_loop().call_later(self._listener.node.settings.handshake_timeout,
-                                                            transport.abort)
+        self._waiting = self._listener.awaiting_head(self)
+
+    def timed_out(self) -> None:
+        self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         head = self._head + data if self._head else data
@@ -104,7 +137,7 @@ class FrontDoor(asyncio.Protocol):
         if end < 0 and len(head) <= MAX_HEAD_BYTES:
             self._head = head
             return
-        self._timer.cancel()
+        self._waiting.pop(self, None)
         listener = self._listener
         request = parse_head(head[:end]) if end >= 0 else None
         if request is None:
@@ -117,11 +150,11 @@ class FrontDoor(asyncio.Protocol):
             listener.hand_over(self._transport, head)
 
     def eof_received(self) -> bool | None:
-        self._timer.cancel()
+        self._waiting.pop(self, None)
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
+        self._waiting.pop(self, None)
 
 
 def _mimetype(content_type: str | None) -> str:
