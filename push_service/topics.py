@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:  # a type only: this module stays a leaf that config can import
     from push_service.auth import Identity
@@ -18,8 +17,7 @@ FAMILIES = (LOBBY, THREAD, COMMUNITY, USER)
 MAX_TOPIC_BYTES = 255
 
 
-@dataclass(frozen=True, slots=True)
-class Topic:
+class Topic(NamedTuple):
     name: str
     family: str
     id: str

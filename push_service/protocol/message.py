@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 PHOENIX_TOPIC = "phoenix"
 HEARTBEAT = "heartbeat"
@@ -26,8 +25,9 @@ class ProtocolError(ValueError):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
+    """A tuple: built on every frame in and out, and a tuple is the cheapest immutable record."""
+
     join_ref: Ref
     ref: Ref
     topic: str
