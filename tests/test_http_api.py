@@ -30,6 +30,7 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 from yarl import URL
 
 from conftest import PUBLISH_KEY, ROOT, make_token
+from push_service.metrics import Metrics
 
 SPEC_PATH = ROOT / "openapi.yaml"
 SPEC_DICT = yaml.safe_load(SPEC_PATH.read_text())
@@ -785,6 +786,31 @@ async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(api: Ap
     assert requests("unmatched", "GET", 404) == 1
     assert requests("unmatched", "GET", 405) == 1
     assert requests("/healthz", "GET", 200) == 1
+
+
+def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:
+    metrics = Metrics()
+    metrics.http_requests.labels("/api/message", "POST", 200).inc()
+    metrics.http_requests.labels("/api/message", "POST", "200").inc(2)  # the same series: labels are text
+    metrics.connections.labels("websocket").inc(3)
+    metrics.connections.labels("websocket").dec()
+    metrics.slow_consumers.inc()
+    metrics.broker_up.set(1)
+    metrics.presences.set_function(lambda: 7)  # read at each scrape
+    metrics.publish_latency.observe(0.002)
+    text = metrics.render().decode()
+    samples = scrape(text)
+    assert samples[("push_http_requests_total",
+                    (("method", "POST"), ("route", "/api/message"), ("status", "200")))] == 3
+    assert samples[("push_connections", (("transport", "websocket"),))] == 2
+    assert samples[("push_slow_consumer_disconnects_total", ())] == 1
+    assert samples[("push_broker_up", ())] == 1
+    assert samples[("push_presences", ())] == 7
+    assert samples[("push_frames_delivered_total", ())] == 0  # an unlabelled metric shows from the start
+    assert samples[("push_publish_to_write_seconds_count", ())] == 1
+    assert "# TYPE push_http_requests_total counter" in text and "# TYPE push_connections gauge" in text
+    with pytest.raises(ValueError):
+        metrics.joins.labels("lobby", "extra")
 
 
 # --- the WebSocket endpoint's HTTP answers
