@@ -7,6 +7,7 @@ framing), however many subscribers it reaches; each delivery is one write of tho
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -98,32 +99,102 @@ class Subscriber(Protocol):
         anything synchronously."""
 
 
+# A topic with more local subscribers than this is written SLICE subscribers per event-loop turn (a
+# sweep), so that a broadcast to a huge topic holds the loop for milliseconds, not for the whole
+# pass, and the next message does not wait for the pass to end: it joins the sweep where it stands.
+SLICE = 1000
+
+
+class _Outstanding:
+    """A broadcast in a sweep: it came in at `position` during pass `lap` and is retired when the
+    sweep comes back to that position, so that every subscriber gets it once."""
+
+    __slots__ = ("broadcast", "position", "lap", "delivered_before", "to_joiners")
+
+    def __init__(self, broadcast: Broadcast, position: int, lap: int, delivered_before: int,
+                 to_joiners: int) -> None:
+        self.broadcast = broadcast
+        self.position = position
+        self.lap = lap
+        self.delivered_before = delivered_before  # the sweep's deliveries when it came
+        self.to_joiners = to_joiners  # how many joiners got it when it came
+
+
+class _Sweep:
+    """A circular pass over the subscribers a topic had when it began (`members`). The one under the
+    cursor gets every outstanding broadcast, in dispatch order, in one write; one that leaves
+    becomes None. Who subscribes meanwhile is a joiner: it gets what is dispatched after it came,
+    at once, and none of what was outstanding before, until the next pass takes it in (the Hub
+    keeps both in step)."""
+
+    __slots__ = ("members", "joiners", "cursor", "lap", "outstanding", "delivery", "delivered", "dead")
+
+    def __init__(self, members: list[Subscriber | None]) -> None:
+        self.members = members
+        self.joiners: dict[Subscriber, None] = {}
+        self.cursor = 0
+        self.lap = 0
+        self.outstanding: deque[_Outstanding] = deque()
+        self.delivery: Broadcast | Run | None = None  # what the current outstanding set is written as
+        self.delivered = 0  # deliveries to members so far
+        self.dead = 0  # Nones in members
+
+    def add(self, parts: list[Broadcast]) -> None:
+        joiners = self.joiners
+        for part in parts:
+            self.outstanding.append(_Outstanding(part, self.cursor, self.lap, self.delivered, len(joiners)))
+        self.delivery = None
+        if joiners:
+            delivery = parts[0] if len(parts) == 1 else Run(parts)
+            for joiner in joiners:
+                joiner.deliver(delivery)
+
+
 class Hub:
     """Topic -> local subscribers. A dispatched broadcast is delivered at the end of the event loop's
     current iteration, together with whatever else was dispatched meanwhile (concurrent publishes,
     a batch, a burst read from the broker): consecutive broadcasts on the same topic go out as one
-    Run. Order is kept: per subscriber, everything arrives in dispatch order."""
+    Run. Order is kept per topic: each subscriber gets a topic's broadcasts in dispatch order. A
+    topic with more than `slice_size` subscribers is written by a `_Sweep`, a slice per turn."""
 
-    def __init__(self, on_dispatched: Callable[[Broadcast, int], None] | None = None) -> None:
-        self._topics: dict[str, dict[Subscriber, None]] = {}
+    def __init__(self, on_dispatched: Callable[[Broadcast, int], None] | None = None,
+                 slice_size: int = SLICE) -> None:
+        # topic -> subscriber -> its place in the topic's sweep's members (-1: a joiner, or no sweep;
+        # a stale place once the sweep is over)
+        self._topics: dict[str, dict[Subscriber, int]] = {}
         self._pending: list[Broadcast] = []
+        self._sweeps: dict[str, _Sweep] = {}
+        self._sweeping = False  # a call to _advance is scheduled
         self._on_dispatched = on_dispatched
+        self._slice = slice_size
 
     def subscribe(self, topic: str, subscriber: Subscriber) -> bool:
         """Add a subscriber; True when it is the topic's first on this node."""
         subscribers = self._topics.get(topic)
+        if subscribers is not None and subscriber in subscribers:
+            return False
+        sweep = self._sweeps.get(topic)
+        if sweep is not None:
+            sweep.joiners[subscriber] = None
         if subscribers is None:
-            self._topics[topic] = {subscriber: None}
+            self._topics[topic] = {subscriber: -1}
             return True
-        subscribers[subscriber] = None
+        subscribers[subscriber] = -1
         return False
 
     def unsubscribe(self, topic: str, subscriber: Subscriber) -> bool:
         """Remove a subscriber; True when the topic has no subscriber left on this node."""
         subscribers = self._topics.get(topic)
-        if subscribers is None:
+        if subscribers is None or subscriber not in subscribers:
             return False
-        subscribers.pop(subscriber, None)
+        position = subscribers.pop(subscriber)
+        sweep = self._sweeps.get(topic)
+        if sweep is not None:
+            if position >= 0:
+                sweep.members[position] = None
+                sweep.dead += 1
+            else:
+                sweep.joiners.pop(subscriber, None)
         if subscribers:
             return False
         del self._topics[topic]
@@ -148,16 +219,98 @@ class Hub:
             stop = start + 1
             while stop < end and pending[stop].topic == topic:
                 stop += 1
+            sweep = self._sweeps.get(topic)
             subscribers = self._topics.get(topic)
-            count = len(subscribers) if subscribers else 0
-            if count:
+            if sweep is not None:
+                sweep.add(pending[start:stop])
+            elif subscribers and len(subscribers) > self._slice:
+                members = list(subscribers)
+                for position, member in enumerate(members):
+                    subscribers[member] = position
+                sweep = self._sweeps[topic] = _Sweep(members)  # type: ignore[arg-type]
+                sweep.add(pending[start:stop])
+            elif subscribers:
                 delivery = first if stop - start == 1 else Run(pending[start:stop])
-                for subscriber in subscribers:  # type: ignore[union-attr]
+                for subscriber in subscribers:
                     subscriber.deliver(delivery)
-            if count and on_dispatched is not None:
-                for index in range(start, stop):
-                    on_dispatched(pending[index], count)
+                if on_dispatched is not None:
+                    for index in range(start, stop):
+                        on_dispatched(pending[index], len(subscribers))
             start = stop
+        if self._sweeps and not self._sweeping:
+            self._advance()
+
+    def _advance(self) -> None:
+        """One slice of every sweep; again next turn while any has outstanding broadcasts."""
+        self._sweeping = False
+        for topic, sweep in list(self._sweeps.items()):
+            if not self._sweep(topic, sweep, self._slice):
+                del self._sweeps[topic]
+        if self._sweeps:
+            self._sweeping = True
+            asyncio.get_running_loop().call_soon(self._advance)
+
+    def _sweep(self, topic: str, sweep: _Sweep, budget: int) -> bool:
+        """Deliver to up to `budget` subscribers; False once nothing is outstanding (the sweep is over)."""
+        members, outstanding = sweep.members, sweep.outstanding
+        while outstanding:
+            cursor, lap = sweep.cursor, sweep.lap
+            while outstanding and outstanding[0].lap < lap and outstanding[0].position <= cursor:
+                self._retire(sweep, outstanding.popleft())
+            if not outstanding or budget <= 0:
+                break
+            delivery = sweep.delivery
+            if delivery is None:
+                parts = [entry.broadcast for entry in outstanding]
+                delivery = sweep.delivery = parts[0] if len(parts) == 1 else Run(parts)
+            head = outstanding[0]
+            stop = min(len(members), cursor + budget, head.position if head.lap < lap else len(members))
+            delivered = 0
+            for index in range(cursor, stop):
+                member = members[index]
+                if member is not None:
+                    member.deliver(delivery)
+                    delivered += 1
+            sweep.delivered += delivered
+            budget -= stop - cursor
+            sweep.cursor = stop
+            if stop == len(members):
+                self._wrap(topic, sweep)
+                members = sweep.members
+        return bool(outstanding)
+
+    def _wrap(self, topic: str, sweep: _Sweep) -> None:
+        """Back to the first subscriber for another pass. The Nones are dropped, and the positions of
+        what is outstanding (all of it from the pass that ends) follow. The joiners become members
+        at the end, where the sweep gets only after all of that is retired: it never reaches them."""
+        sweep.cursor = 0
+        sweep.lap += 1
+        if not sweep.dead and not sweep.joiners:
+            return
+        subscribers = self._topics.get(topic, {})
+        members = sweep.members
+        if sweep.dead:
+            entries, index = list(sweep.outstanding), 0
+            members = []
+            for position, member in enumerate(sweep.members):
+                while index < len(entries) and entries[index].position <= position:
+                    entries[index].position = len(members)
+                    index += 1
+                if member is not None:
+                    subscribers[member] = len(members)
+                    members.append(member)
+            for entry in entries[index:]:
+                entry.position = len(members)
+            sweep.members, sweep.dead = members, 0
+        for joiner in sweep.joiners:
+            subscribers[joiner] = len(members)
+            members.append(joiner)
+        sweep.joiners = {}
+
+    def _retire(self, sweep: _Sweep, entry: _Outstanding) -> None:
+        sweep.delivery = None
+        if self._on_dispatched is not None:
+            self._on_dispatched(entry.broadcast, sweep.delivered - entry.delivered_before + entry.to_joiners)
 
     def subscriber_count(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
