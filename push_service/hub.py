@@ -102,7 +102,7 @@ class Subscriber(Protocol):
 # A topic with more local subscribers than this is written SLICE subscribers per event-loop turn (a
 # sweep), so that a broadcast to a huge topic holds the loop for milliseconds, not for the whole
 # pass, and the next message does not wait for the pass to end: it joins the sweep where it stands.
-SLICE = 1000
+SLICE = 100
 
 
 class _Outstanding:
