@@ -21,7 +21,7 @@ from typing import cast
 import orjson
 
 from push_service import publishing
-from push_service.http1 import MAX_HEAD_BYTES, Request, json_answer, parse_head, request_id, tokens
+from push_service.http1 import MAX_HEAD_BYTES, Request, has_token, json_answer, parse_head, request_id
 from push_service.node import Node
 from push_service.publishing import ApiError
 from push_service.transports import websocket
@@ -224,7 +224,7 @@ class PublishConnection(asyncio.Protocol):
         started = time.time()  # wall clock: carried to other nodes with the broadcast
         node, headers = self._node, request.headers
         answer_id = request_id(headers.get("x-request-id"))
-        close = "close" in tokens(headers.get("connection"))
+        close = has_token(headers.get("connection"), "close")
         try:
             authorization = headers.get("authorization")
             publishing.check_head(node.publish_keys, authorization, _mimetype(headers.get("content-type")))

@@ -57,9 +57,13 @@ def parse_head(head: bytes) -> Request | None:
     return Request(parts[0], path, query, headers)
 
 
-def tokens(value: str | None) -> list[str]:
-    """A comma-separated header value as lower-case tokens."""
-    return [token.strip().lower() for token in value.split(",")] if value else []
+def has_token(value: str | None, token: str) -> bool:
+    """Whether a comma-separated header value lists `token` (given in lower case), in any case."""
+    if not value:
+        return False
+    value = value.lower()
+    # Most values are the one token, or do not contain it at all: no split then.
+    return value == token or (token in value and token in [item.strip() for item in value.split(",")])
 
 
 def parse_query(query: str) -> dict[str, str]:

@@ -122,6 +122,7 @@ V1: Serializer = _V1()
 V2: Serializer = _V2()
 
 _VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)", re.ASCII)
+_EXACT = {"1.0.0": V1, "2.0.0": V2}  # what clients send: no regex for them
 
 
 def negotiate(vsn: str | None) -> Serializer | None:
@@ -131,6 +132,8 @@ def negotiate(vsn: str | None) -> Serializer | None:
     """
     if vsn is None:
         return V1
+    if vsn in _EXACT:
+        return _EXACT[vsn]
     match = _VERSION.fullmatch(vsn)  # fullmatch: "$" alone would let "2.0.0\n" through
     if not match:
         return None

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from push_service.api import json_response
 from push_service.auth import AuthError, Identity
-from push_service.http1 import Request, json_answer, parse_query, request_id, tokens
+from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
 from push_service.hub import Wire
 from push_service.node import NODE, Node
 from push_service.protocol import V1, V2, Serializer, negotiate
@@ -251,7 +251,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
 def is_upgrade(header: Callable[[str], str | None]) -> bool:
     """Whether the headers (looked up by lower-case name) ask for a WebSocket version 13 upgrade."""
-    return ("websocket" in tokens(header("upgrade")) and "upgrade" in tokens(header("connection"))
+    return (has_token(header("upgrade"), "websocket") and has_token(header("connection"), "upgrade")
             and header("sec-websocket-version") == "13" and _valid_key(header("sec-websocket-key")))
 
 
@@ -290,7 +290,7 @@ def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str]
     response = b"".join((
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"Sec-WebSocket-Accept: ", accept_key(header("sec-websocket-key") or "").encode(), b"\r\n",
-        b"Sec-WebSocket-Protocol: phoenix\r\n" if SUBPROTOCOL in tokens(header("sec-websocket-protocol")) else b"",
+        b"Sec-WebSocket-Protocol: phoenix\r\n" if has_token(header("sec-websocket-protocol"), SUBPROTOCOL) else b"",
         b"\r\n"))
     protocol = WebSocketProtocol(node, transport, WIRES[serializer], identity, lost)
     transport.set_protocol(protocol)
