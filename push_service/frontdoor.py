@@ -71,7 +71,7 @@ class Listener:
         heads = self._heads
         heads.append({})
         if len(heads) > HEAD_SWEEPS + 1:  # the oldest set came at least HEAD_SWEEPS intervals ago
-            for door in heads.pop(0):
+            for door in list(heads.pop(0)):  # a copy: a door leaves the set as its connection is lost
                 door.timed_out()
         if any(heads):
             self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)

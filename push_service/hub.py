@@ -1,7 +1,8 @@
 """Local fan-out: topic -> the subscribers on this node, with encode-once broadcasts.
 
 A broadcast is serialized at most once per wire format (protocol version x transport
-framing), however many subscribers it reaches; each delivery is one write of those bytes.
+framing), however many subscribers it reaches; each delivery is one write of those bytes. A topic
+with more than SLICE subscribers is written SLICE of them per event-loop turn (`_Sweep`).
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ class Hub:
     def _wrap(self, topic: str, sweep: _Sweep) -> None:
         """Back to the first subscriber for another pass. The Nones are dropped, and the positions of
         what is outstanding (all of it from the pass that ends) follow. The joiners become members
-        at the end, where the sweep gets only after all of that is retired: it never reaches them."""
+        at the end: the pass gets there only after all of that is retired, so they never get twice
+        what they got as joiners."""
         sweep.cursor = 0
         sweep.lap += 1
         if not sweep.dead and not sweep.joiners:
