@@ -314,6 +314,10 @@ class Hub:
         if self._on_dispatched is not None:
             self._on_dispatched(entry.broadcast, sweep.delivered - entry.delivered_before + entry.to_joiners)
 
+    def sweeping(self, topic: str) -> bool:
+        """Whether a sweep is still writing `topic`: what is dispatched now waits for its pass."""
+        return topic in self._sweeps
+
     def subscriber_count(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
 

@@ -46,7 +46,7 @@ class Node:
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
         self._session_ids = itertools.count(1)
-        self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch)
+        self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch, self.hub.sweeping)
         self.now = time.monotonic  # the event loop's clock
         self._sweeper: asyncio.Task[None] | None = None
         # topic -> sessions whose join waits for the broker to confirm the topic's subscription

@@ -319,6 +319,37 @@ async def test_batcher_close_flushes_pending_and_cancels_the_timer():
     assert len(recorder.flushed) == 2
 
 
+async def test_batcher_holds_a_topics_diff_while_the_hub_still_writes_that_topic():
+    recorder = FlushRecorder()
+    writing = {TOPIC}
+    asked = asyncio.Event()
+    questions: list[str] = []
+
+    def busy(topic: str) -> bool:
+        questions.append(topic)
+        if questions.count(TOPIC) >= 3:
+            asked.set()
+        return topic in writing
+
+    batcher = DiffBatcher(0.01, recorder, busy)
+    a, b, c = {"phx_ref": "a"}, {"phx_ref": "b"}, {"phx_ref": "c"}
+    batcher.add(TOPIC, diff_of({"u1": [a]}))
+    batcher.add("room:topic:2", diff_of({"u2": [b]}))
+    await recorder.wait()
+    await asyncio.wait_for(asked.wait(), FLUSH_TIMEOUT)  # three windows have passed for TOPIC
+    assert [topic for topic, _, _ in recorder.flushed] == ["room:topic:2"]
+    batcher.add(TOPIC, diff_of({"u3": [c]}, {"u1": [a]}))  # merges into the diff that waits
+    writing.clear()
+    await recorder.wait()
+    [(topic, diff, _)] = recorder.flushed[1:]
+    assert topic == TOPIC and diff.joins == {"u1": [a], "u3": [c]} and diff.leaves == {"u1": [a]}
+    writing.add(TOPIC)
+    batcher.add(TOPIC, diff_of({"u4": [{"phx_ref": "d"}]}))
+    batcher.close()  # at shutdown nothing waits
+    assert [topic for topic, _, _ in recorder.flushed] == ["room:topic:2", TOPIC, TOPIC]
+    assert batcher._timer is None
+
+
 async def test_batcher_skips_empty_diffs():
     recorder = FlushRecorder()
     batcher = DiffBatcher(3600, recorder)

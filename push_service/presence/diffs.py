@@ -9,16 +9,20 @@ from push_service.presence.base import Diff
 
 
 class DiffBatcher:
-    """Collects diffs per topic and flushes each topic's merged diff after `interval` seconds.
+    """Collects diffs per topic and flushes each topic's merged diff after `interval` seconds, or
+    later while `busy(topic)`: while the hub is still writing the topic's previous broadcast to a
+    crowd, more joins and leaves merge into the next diff instead of making diffs of their own.
 
     A merged diff is exact for every receiver: each phx_ref joins at most once and leaves at most
     once, and clients apply joins before leaves, so a receiver whose presence_state was taken in
     the middle of the window still ends up with the right set.
     """
 
-    def __init__(self, interval: float, flush: Callable[[str, Diff], None]) -> None:
+    def __init__(self, interval: float, flush: Callable[[str, Diff], None],
+                 busy: Callable[[str], bool] = lambda topic: False) -> None:
         self._interval = interval
         self._flush = flush
+        self._busy = busy
         self._pending: dict[str, Diff] = {}
         self._timer: asyncio.TimerHandle | None = None
 
@@ -34,14 +38,20 @@ class DiffBatcher:
                 return
             self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
 
-    def flush(self) -> None:
+    def flush(self, wait_for_busy: bool = True) -> None:
         self._timer = None
         pending, self._pending = self._pending, {}
         for topic, diff in pending.items():
-            if diff:
+            if not diff:
+                continue
+            if wait_for_busy and self._interval > 0 and self._busy(topic):
+                self._pending[topic] = diff
+            else:
                 self._flush(topic, diff)
+        if self._pending:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self.flush()
+        self.flush(wait_for_busy=False)

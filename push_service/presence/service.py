@@ -51,13 +51,13 @@ class TypingBudget:
 
 class Presence:
     def __init__(self, settings: Settings, metrics: Metrics, node_id: str,
-                 dispatch: Callable[[Broadcast], None]) -> None:
+                 dispatch: Callable[[Broadcast], None], busy: Callable[[str], bool] = lambda topic: False) -> None:
         self.families = frozenset(settings.presence_topics)
         self._typing_timeout = settings.typing_timeout
         self._node_timeout = settings.node_timeout
         self._metrics = metrics
         self._dispatch = dispatch
-        self._batcher = DiffBatcher(settings.presence_diff_interval, self._send_diff)
+        self._batcher = DiffBatcher(settings.presence_diff_interval, self._send_diff, busy)
         # Replaced by a replicated tracker in start() when the broker offers a presence store.
         self.tracker: Tracker = MemoryTracker(node_id, self._batcher.add)
         # (conn_id, topic) -> when its typing: true lapses
