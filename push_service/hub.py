@@ -8,6 +8,7 @@ with more than SLICE subscribers is written SLICE of them per event-loop turn (`
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -313,6 +314,15 @@ class Hub:
         sweep.delivery = None
         if self._on_dispatched is not None:
             self._on_dispatched(entry.broadcast, sweep.delivered - entry.delivered_before + entry.to_joiners)
+
+    def finish(self) -> None:
+        """Write everything dispatched so far, now, however big the topics: before the node closes
+        sockets on purpose (drain, shutdown), so that what it accepted reaches them first."""
+        if self._pending:
+            self.flush()
+        for topic, sweep in list(self._sweeps.items()):
+            self._sweep(topic, sweep, sys.maxsize)
+        self._sweeps.clear()
 
     def sweeping(self, topic: str) -> bool:
         """Whether a sweep is still writing `topic`: what is dispatched now waits for its pass."""

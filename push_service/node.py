@@ -61,6 +61,7 @@ class Node:
         self._sweeper = asyncio.create_task(self._sweep(), name="push-sweeper")
 
     async def stop(self) -> None:
+        self.hub.finish()
         for session in list(self.sessions):
             session.disconnect(SHUTDOWN)
         if self._sweeper is not None:
@@ -85,6 +86,7 @@ class Node:
         for step, start in enumerate(range(0, len(sessions), per_step)):
             # Against the clock, not step by step: the loop is busy refusing reconnects meanwhile.
             await asyncio.sleep(max(0.0, begun + step * DRAIN_STEP - self.now()))
+            self.hub.finish()  # what was accepted before these sockets close reaches them first
             for session in sessions[start:start + per_step]:
                 session.disconnect(DRAIN)
         log.info("drained", extra={"event": "drain_done", "connections": len(sessions)})

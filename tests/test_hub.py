@@ -143,3 +143,19 @@ async def test_under_a_steady_stream_with_churn_every_subscriber_gets_each_messa
         assert recorder.received == sorted(set(recorder.received)), recorder
         assert all(turn < left_at[recorder] for turn, _ in recorder.writes), recorder
     assert not hub._sweeps
+
+
+async def test_finish_writes_everything_dispatched_so_far_at_once():
+    """Before the node closes sockets on purpose (drain, shutdown), what it accepted reaches them."""
+    counts: list[tuple[str, int]] = []
+    hub = Hub(on_dispatched=lambda broadcast, count: counts.append((broadcast.event, count)), slice_size=10)
+    recorders = subscribed(hub, 25)
+    hub.dispatch(message("m1"))
+    await next_turn()  # a slice written, the sweep under way
+    hub.dispatch(message("m2"))  # dispatched, not even flushed yet
+    hub.finish()
+    assert all(recorder.received == ["m1", "m2"] for recorder in recorders)
+    assert not hub._sweeps and not hub._pending
+    assert counts == [("m1", 25), ("m2", 25)]
+    await settle(hub)  # the slice already scheduled finds nothing left
+    assert all(recorder.received == ["m1", "m2"] for recorder in recorders)
