@@ -27,6 +27,7 @@ from push_service.config import Settings
 from push_service.hub import Broadcast
 from push_service.metrics import Metrics
 from push_service.presence import Diff, DiffBatcher, MemoryTracker, Presence, new_phx_ref
+from push_service.presence.diffs import MAX_WAITS
 from push_service.presence.base import state_payload
 from push_service.presence.service import TYPING_BURST, TYPING_RATE, TypingBudget
 from test_websocket import OK, RECEIVE_TIMEOUT, connect, metric, wait_for_metric
@@ -348,6 +349,16 @@ async def test_batcher_holds_a_topics_diff_while_the_hub_still_writes_that_topic
     batcher.close()  # at shutdown nothing waits
     assert [topic for topic, _, _ in recorder.flushed] == ["room:topic:2", TOPIC, TOPIC]
     assert batcher._timer is None
+
+
+async def test_a_diff_waits_for_a_busy_topic_only_so_long():
+    recorder = FlushRecorder()
+    questions: list[str] = []
+    batcher = DiffBatcher(0.002, recorder, lambda topic: questions.append(topic) is None)  # always busy
+    batcher.add(TOPIC, diff_of({"u1": [{"phx_ref": "a"}]}))
+    await recorder.wait()
+    assert len(questions) == MAX_WAITS and [topic for topic, _, _ in recorder.flushed] == [TOPIC]
+    batcher.close()
 
 
 async def test_batcher_skips_empty_diffs():

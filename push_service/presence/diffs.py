@@ -7,6 +7,9 @@ from collections.abc import Callable
 
 from push_service.presence.base import Diff
 
+# A diff waits for a busy topic at most this many intervals (1 s at the default 50 ms): a topic that
+# is never done being written still gets its presence news.
+MAX_WAITS = 20
 
 class DiffBatcher:
     """Collects diffs per topic and flushes each topic's merged diff after `interval` seconds, or
@@ -24,6 +27,7 @@ class DiffBatcher:
         self._flush = flush
         self._busy = busy
         self._pending: dict[str, Diff] = {}
+        self._waits: dict[str, int] = {}  # topic -> intervals its diff has waited for it
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, topic: str, diff: Diff) -> None:
@@ -44,11 +48,14 @@ class DiffBatcher:
         for topic, diff in pending.items():
             if not diff:
                 continue
-            if wait_for_busy and self._interval > 0 and self._busy(topic):
+            waits = self._waits.get(topic, 0)
+            if wait_for_busy and self._interval > 0 and waits < MAX_WAITS and self._busy(topic):
                 self._pending[topic] = diff
+                self._waits[topic] = waits + 1
             else:
+                self._waits.pop(topic, None)
                 self._flush(topic, diff)
-        if self._pending:
+        if self._pending and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
 
     def close(self) -> None:
