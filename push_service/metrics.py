@@ -74,6 +74,10 @@ class _Metric(Collector):
             self._series[values] = series
         return series
 
+    def inc(self, amount: float = 1) -> None:
+        """An unlabelled metric's increment."""
+        self._only.value += amount
+
     def collect(self) -> Iterator[Metric]:
         family = self._family(self.name, self.documentation, labels=self.labelnames)
         for text, series in self._by_text.items():
@@ -90,17 +94,11 @@ class Counter(_Metric):
         # As prometheus_client: the family is named without "_total", its sample with it.
         super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
 
-    def inc(self, amount: float = 1) -> None:
-        self._only.value += amount
-
 
 class Gauge(_Metric):
     _family = GaugeMetricFamily
     _series_type = GaugeSeries
     _function: Callable[[], float] | None = None
-
-    def inc(self, amount: float = 1) -> None:
-        self._only.value += amount
 
     def set(self, value: float) -> None:
         self._only.value = float(value)
