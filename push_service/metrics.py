@@ -1,20 +1,23 @@
 """Prometheus metrics, in a registry of our own so several servers can live in one process (tests).
 
-Counters and gauges are plain numbers kept by `Counter` and `Gauge` below and turned into samples
-when the registry is scraped. prometheus_client's own take a lock on every `inc()` and check their
-arguments on every `labels()` call; on the paths that count each connect, join and publish that
-cost more than the work counted (measured with benchmarks/run.py's connect scenario). The server
-runs on one event-loop thread, so a plain `+=` is enough. Histograms stay prometheus_client's.
+Counters, gauges and the histogram are plain numbers kept by `Counter`, `Gauge` and `Histogram`
+below and turned into samples when the registry is scraped. prometheus_client's own take a lock on
+every `inc()` or `observe()` and check their arguments on every `labels()` call; on the paths that
+count each connect, join and publish that cost more than the work counted (measured with
+benchmarks/run.py's connect and rooms scenarios). The server runs on one event-loop thread, so a
+plain `+=` is enough.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The *_created series double the scrape size and no dashboard of ours reads them.
@@ -111,6 +114,33 @@ class Gauge(_Metric):
         if self._function is not None:
             self._only.value = float(self._function())
         return super().collect()
+
+
+class Histogram(Collector):
+    """An unlabelled histogram: a count per bucket (a value goes to the first bucket whose upper bound
+    is at or above it, as Prometheus's `le`), cumulated at scrape time, and the sum."""
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float],
+                 registry: CollectorRegistry | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = sorted(float(bound) for bound in buckets)
+        self._labels = [floatToGoString(bound) for bound in self._bounds] + ["+Inf"]
+        self._counts = [0] * len(self._labels)  # the last one: above every bound
+        self._sum = 0.0
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, buckets = 0, []
+        for label, count in zip(self._labels, self._counts):
+            cumulative += count
+            buckets.append((label, cumulative))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=self._sum)
 
 
 class Metrics:

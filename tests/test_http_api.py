@@ -798,6 +798,8 @@ def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:
     metrics.broker_up.set(1)
     metrics.presences.set_function(lambda: 7)  # read at each scrape
     metrics.publish_latency.observe(0.002)
+    metrics.publish_latency.observe(0.0001)  # on a bucket's bound: counted in it (le)
+    metrics.publish_latency.observe(2.0)  # above every bound: only in +Inf
     text = metrics.render().decode()
     samples = scrape(text)
     assert samples[("push_http_requests_total",
@@ -807,7 +809,12 @@ def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:
     assert samples[("push_broker_up", ())] == 1
     assert samples[("push_presences", ())] == 7
     assert samples[("push_frames_delivered_total", ())] == 0  # an unlabelled metric shows from the start
-    assert samples[("push_publish_to_write_seconds_count", ())] == 1
+    buckets = {labels[0][1]: value for (name, labels), value in samples.items()
+               if name == "push_publish_to_write_seconds_bucket"}
+    assert (buckets["0.0001"], buckets["0.001"], buckets["0.0025"], buckets["1.0"], buckets["+Inf"]) == (1, 1, 2, 2, 3)
+    assert len(buckets) == 14  # 13 bounds and +Inf, cumulative
+    assert samples[("push_publish_to_write_seconds_count", ())] == 3
+    assert samples[("push_publish_to_write_seconds_sum", ())] == pytest.approx(2.0021)
     assert "# TYPE push_http_requests_total counter" in text and "# TYPE push_connections gauge" in text
     with pytest.raises(ValueError):
         metrics.joins.labels("lobby", "extra")
