@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -330,6 +330,11 @@ class Hub:
 
     def subscriber_count(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))
+
+    def audience(self, broadcasts: Sequence[Broadcast]) -> int:
+        """How many local deliveries these broadcasts make: the sum of their topics' subscriber counts."""
+        topics = self._topics
+        return sum([len(topics.get(broadcast.topic, ())) for broadcast in broadcasts])
 
     def subscriber_counts(self) -> dict[str, int]:
         """Topic -> local subscribers, for every topic with any."""

@@ -232,8 +232,7 @@ class Node:
         if self.draining:
             # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
             raise NodeDraining("node is draining")
-        count = self.hub.subscriber_count
-        local = sum([count(broadcast.topic) for broadcast in broadcasts])
+        local = self.hub.audience(broadcasts)
         pending = self.broker.publish(broadcasts)
         if pending is None:
             self.metrics.published.labels(endpoint).inc(len(broadcasts))

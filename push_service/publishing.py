@@ -126,6 +126,19 @@ def _where(index: int | None) -> str:
     return "body" if index is None else f"messages[{index}]"
 
 
+BAD_EVENT = "field 'event' must be a non-empty string of at most 255 bytes"
+
+
+@functools.lru_cache(maxsize=1024)
+def _event_problem(event: str) -> str | None:
+    """What is wrong with an event name, or None, remembered: a backend sends the same few events."""
+    if not event or len(event.encode()) > MAX_EVENT_BYTES:
+        return BAD_EVENT
+    if event.startswith(RESERVED_EVENT_PREFIX):
+        return "events starting with 'phx_' are reserved for the protocol"
+    return None
+
+
 def _broadcast_from(item: Any, index: int | None, started: float) -> Broadcast:
     """One {topic, event, payload} object: the body of /api/broadcast (index None) or messages[index]
     of /api/batch."""
@@ -137,13 +150,12 @@ def _broadcast_from(item: Any, index: int | None, started: float) -> Broadcast:
     if not _is_topic(topic):
         raise ApiError(400, f"{_where(index)}: unknown topic family {topic!r} (room:lobby:<id>, room:topic:<id>, "
                             "room:<id>, user:<id>)")
-    if not isinstance(event, str) or not event or len(event.encode()) > MAX_EVENT_BYTES:
-        raise ApiError(400, f"{_where(index)}: field 'event' must be a non-empty string of at most 255 bytes")
-    if event.startswith(RESERVED_EVENT_PREFIX):
-        raise ApiError(400, f"{_where(index)}: events starting with 'phx_' are reserved for the protocol")
+    problem = _event_problem(event) if isinstance(event, str) else BAD_EVENT
+    if problem is not None:
+        raise ApiError(400, f"{_where(index)}: {problem}")
     if not isinstance(payload, dict):
         raise ApiError(400, f"{_where(index)}: field 'payload' must be an object")
-    return Broadcast.of(topic, event, payload, started)
+    return Broadcast(topic, event, orjson.dumps(payload), started)
 
 
 def _broadcast(body: dict[str, Any], started: float) -> list[Broadcast]:
