@@ -1,15 +1,18 @@
 """Redis broker: one pub/sub channel per topic, subscribed only while this node has subscribers.
 
-Publishing uses ordinary commands (pipelined for batches, so a batch keeps its order); hearing
-uses one pub/sub connection multiplexing every topic. If Redis goes away, local sockets stay up,
-publishes fail with BrokerUnavailable (HTTP 503), and the broker reconnects with capped backoff
-and resubscribes every topic. Presence lives in Redis hashes (see RedisPresenceStore).
+Publishing and hearing go over two connections of our own (redis_connection.py): a publish is
+written to Redis in the read that brought it (a batch as consecutive commands, so it keeps its
+order) and a message heard reaches the hub in the read that brings it. If Redis goes away, local
+sockets stay up, publishes fail with BrokerUnavailable (HTTP 503), and the broker reconnects with
+capped backoff and resubscribes every topic. History reads and presence (RedisPresenceStore) use
+redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -28,12 +31,15 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("PUSH_BROKER=redis://... needs the redis extra: pip install 'push-service[redis]'") from exc
 
+from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
+from push_service.broker.resp import ReplyError
+
 log = logging.getLogger("push_service.broker")
 
 CHANNEL_PREFIX = "push:t:"
-PING_INTERVAL = 1.0    # pub/sub connection health check
-PING_TIMEOUT = 3.0     # no answer for this long: the connection is dead, reconnect
-COMMAND_TIMEOUT = 2.0  # a publish that takes longer fails (503) rather than hang the request
+PING_INTERVAL = 1.0    # connection health check
+PING_TIMEOUT = 3.0     # no pong for this long: the connection is dead, reconnect
+COMMAND_TIMEOUT = 2.0  # connecting, or publishes answered by nothing for this long: reconnect (they fail, 503)
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 SUBSCRIBE_CHUNK = 1000
 
@@ -56,11 +62,16 @@ local position = epoch .. '~' .. seq
 redis.call('PUBLISH', KEYS[3], ARGV[8] .. position .. ARGV[9])
 return position
 """
+PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
 
 def _history_keys(topic: str) -> tuple[str, str]:
     # One hash tag per topic keeps a topic's keys in one slot (Redis Cluster).
     return f"push:{{{topic}}}:meta", f"push:{{{topic}}}:history"
+
+
+def _unstarted(*args: object) -> None:
+    raise RuntimeError("the broker was not started")
 
 
 class RedisBroker(Broker):
@@ -76,20 +87,24 @@ class RedisBroker(Broker):
         self.node_id = node_id
         self._url = url
         self._on_state = on_state or (lambda up: None)
+        self._endpoint = endpoint(url)
+        # redis-py, for history reads and presence
         self._client = aioredis.from_url(url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT,
                                          health_check_interval=0)
-        self._publish_script = self._client.register_script(PUBLISH_SCRIPT)
+        self._publisher: RedisConnection | None = None  # while connected
+        self._pubsub: RedisConnection | None = None
         self._topics: set[str] = set()       # what this node wants to hear
         self._unconfirmed: set[str] = set()  # subscribed, waiting for Redis's acknowledgement
-        self._commands: list[tuple[str, str]] = []  # (un)subscribes waiting for the sender task
-        self._commands_waiting = asyncio.Event()
+        self._commands: list[tuple[str, str]] = []  # (un)subscribes written at the end of this loop turn
+        self._last_pong = 0.0
         self._ready = False
         self._closed = False
         self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
-        self._deliver: Deliver | None = None
-        self._confirmed: Confirmed | None = None
-        self._signal: Signal | None = None
+        # Set by start(), before the first connection hears anything.
+        self._deliver: Deliver = _unstarted
+        self._confirmed: Confirmed = _unstarted
+        self._signal: Signal = _unstarted
 
     # --- interface
 
@@ -100,24 +115,40 @@ class RedisBroker(Broker):
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
             await asyncio.wait_for(self._connected.wait(), 5.0)
 
-    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
-        if not self._ready:
+    def publish(self, broadcasts: Sequence[Broadcast]) -> Awaitable[None]:
+        publisher = self._publisher
+        if not self._ready or publisher is None:
             raise BrokerUnavailable("redis unavailable")
+        # Written now, as consecutive commands on one connection: a batch keeps its order, and each
+        # script call is atomic on its own.
+        if self._history_size:
+            commands = []
+            for broadcast in broadcasts:
+                head, tail = envelope.split_broadcast(broadcast)
+                commands.append(("EVALSHA", PUBLISH_SCRIPT_SHA, 3, *_history_keys(broadcast.topic),
+                                 CHANNEL_PREFIX + broadcast.topic, new_epoch(), self._history_size,
+                                 int(self._history_ttl) + 1, self._meta_ttl, broadcast.event, broadcast.payload_json,
+                                 time.time(), head, tail))
+        else:
+            commands = [("PUBLISH", CHANNEL_PREFIX + broadcast.topic, envelope.pack_broadcast(broadcast))
+                        for broadcast in broadcasts]
+        return self._answered(publisher, publisher.call(commands))
+
+    async def _answered(self, publisher: RedisConnection, reply: Awaitable[object]) -> None:
         try:
-            # One pipeline keeps a batch in order; each script call is atomic on its own.
-            async with self._client.pipeline(transaction=False) as pipe:
-                for broadcast in broadcasts:
-                    channel = CHANNEL_PREFIX + broadcast.topic
-                    if self._history_size:
-                        head, tail = envelope.split_broadcast(broadcast)
-                        await self._publish_script(keys=[*_history_keys(broadcast.topic), channel], client=pipe, args=[
-                            new_epoch(), self._history_size, int(self._history_ttl) + 1, self._meta_ttl,
-                            broadcast.event, broadcast.payload_json, time.time(), head, tail])
-                    else:
-                        pipe.publish(channel, envelope.pack_broadcast(broadcast))
-                await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise BrokerUnavailable(f"redis publish failed: {type(exc).__name__}") from None
+            await reply
+        except ReplyError as error:
+            if error.code == "NOSCRIPT":  # the script cache was flushed: load it again for what comes next
+                self._load_script(publisher)
+            raise BrokerUnavailable(f"redis refused the publish: {error.code}") from None
+        except ConnectionLost:
+            raise BrokerUnavailable("redis publish failed: connection lost") from None
+
+    @staticmethod
+    def _load_script(publisher: RedisConnection) -> asyncio.Future[object]:
+        loaded = publisher.call([("SCRIPT", "LOAD", PUBLISH_SCRIPT)])
+        loaded.add_done_callback(lambda future: future.cancelled() or future.exception())  # seen, whatever it is
+        return loaded
 
     async def _recover(self, topic: str, since: Position | None, limit: int | None) -> Recovery:
         meta, stream = _history_keys(topic)
@@ -163,7 +194,11 @@ class RedisBroker(Broker):
         return self._recover(topic, since, limit)
 
     async def send_signal(self, topic: str, data: bytes) -> None:
-        await self._client.publish(CHANNEL_PREFIX + topic, envelope.pack_signal(topic, self.node_id, data))
+        publisher = self._publisher
+        if publisher is None:
+            raise BrokerUnavailable("redis unavailable")
+        await self._answered(publisher, publisher.call(
+            [("PUBLISH", CHANNEL_PREFIX + topic, envelope.pack_signal(topic, self.node_id, data))]))
 
     def subscribe(self, topic: str) -> bool:
         self._topics.add(topic)
@@ -180,8 +215,20 @@ class RedisBroker(Broker):
             self._queue_command("unsubscribe", topic)
 
     def _queue_command(self, command: str, topic: str) -> None:
+        if not self._commands:
+            asyncio.get_running_loop().call_soon(self._write_commands)
         self._commands.append((command, topic))
-        self._commands_waiting.set()
+
+    def _write_commands(self) -> None:
+        commands, self._commands = self._commands, []
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # every topic is subscribed again on reconnecting
+        # Consecutive commands of one kind go as one SUBSCRIBE/UNSUBSCRIBE; the order is kept.
+        for command, group in itertools.groupby(commands, key=lambda item: item[0]):
+            channels = [CHANNEL_PREFIX + topic for _, topic in group]
+            for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+                pubsub.send(command.upper(), *channels[start:start + SUBSCRIBE_CHUNK])
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
         return RedisPresenceStore(self._client, node_timeout)
@@ -199,7 +246,7 @@ class RedisBroker(Broker):
                 await self._runner
         await self._client.aclose()
 
-    # --- the pub/sub connection
+    # --- the connections
 
     def _set_ready(self, ready: bool) -> None:
         if ready != self._ready:
@@ -209,9 +256,8 @@ class RedisBroker(Broker):
     async def _run(self) -> None:
         backoff = BACKOFF_FIRST
         while not self._closed:
-            pubsub = self._client.pubsub()
             try:
-                await self._serve(pubsub)
+                await self._serve()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused, reset, timed out...
@@ -223,88 +269,86 @@ class RedisBroker(Broker):
             finally:
                 self._set_ready(False)
                 self._connected.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
             if self._closed:
                 return
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX)
 
-    async def _serve(self, pubsub: aioredis.client.PubSub) -> None:
-        # Our node channel first: it opens the connection and answers pings.
-        await pubsub.subscribe(f"push:n:{self.node_id}")
-        self._commands.clear()  # superseded by the full resubscription below
-        topics = list(self._topics)
-        self._unconfirmed = set(topics)
-        for start in range(0, len(topics), SUBSCRIBE_CHUNK):
-            await pubsub.subscribe(*(CHANNEL_PREFIX + topic for topic in topics[start:start + SUBSCRIBE_CHUNK]))
-        self._last_pong = time.monotonic()
-        # Idle pooled connections may still point at a Redis that went away (restarted): without
-        # this, the first publish after a reconnect would fail on one of them (a 503 while ready).
-        await self._client.connection_pool.disconnect(inuse_connections=False)
-        tasks = [asyncio.create_task(self._send_commands(pubsub)), asyncio.create_task(self._ping(pubsub))]
-        log.info("redis connected", extra={"event": "broker_up", "broker": redact_url(self._url),
-                                           "topics": len(topics)})
-        self._set_ready(True)
-        self._connected.set()
+    async def _serve(self) -> None:
+        """Connect, subscribe to everything wanted, serve until a connection is lost or stalls."""
+        name = f"push-{self.node_id}"
+        pubsub = publisher = None
         try:
-            reader = asyncio.create_task(self._read(pubsub))
-            done, _ = await asyncio.wait([reader, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raise what ended it
-            raise ConnectionError("redis pub/sub loop ended")
+            pubsub = await RedisConnection.open(self._endpoint, COMMAND_TIMEOUT, self._heard, name=f"{name}-sub")
+            publisher = await RedisConnection.open(self._endpoint, COMMAND_TIMEOUT, name=f"{name}-pub")
+            if self._history_size:
+                await asyncio.wait_for(self._load_script(publisher), COMMAND_TIMEOUT)
+            # Our node channel first: it makes the connection a pub/sub one and answers pings.
+            pubsub.send("SUBSCRIBE", f"push:n:{self.node_id}")
+            self._commands.clear()  # superseded by the full resubscription below
+            topics = list(self._topics)
+            self._unconfirmed = set(topics)
+            for start in range(0, len(topics), SUBSCRIBE_CHUNK):
+                pubsub.send("SUBSCRIBE", *(CHANNEL_PREFIX + topic for topic in topics[start:start + SUBSCRIBE_CHUNK]))
+            self._last_pong = time.monotonic()
+            # Idle pooled connections of redis-py may still point at a Redis that went away (restarted):
+            # without this, the first history read after a reconnect would fail on one of them.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            self._pubsub, self._publisher = pubsub, publisher
+            log.info("redis connected", extra={"event": "broker_up", "broker": redact_url(self._url),
+                                               "topics": len(topics)})
+            self._set_ready(True)
+            self._connected.set()
+            watch = asyncio.create_task(self._watch(pubsub, publisher))
+            try:
+                await asyncio.wait([pubsub.lost, publisher.lost, watch], return_when=asyncio.FIRST_COMPLETED)
+                if watch.done():
+                    watch.result()  # re-raise why it gave up
+            finally:
+                watch.cancel()
+            raise ConnectionError("redis connection lost")
         finally:
-            for task in (*tasks, reader):
-                task.cancel()
-            await asyncio.gather(*tasks, reader, return_exceptions=True)
+            self._pubsub = self._publisher = None
+            for connection in (pubsub, publisher):
+                if connection is not None:
+                    connection.close()
 
-    async def _read(self, pubsub: aioredis.client.PubSub) -> None:
-        assert self._deliver is not None and self._confirmed is not None and self._signal is not None
-        deliver, confirmed, signal = self._deliver, self._confirmed, self._signal
-        prefix = len(CHANNEL_PREFIX)
-        while True:
-            message = await pubsub.get_message(timeout=None)
-            if message is None:
-                continue
-            kind = message["type"]
-            if kind == "message":
-                try:
-                    item = envelope.unpack(message["data"])
-                except envelope.EnvelopeError:
-                    log.warning("foreign message on a push channel", extra={"event": "bad_envelope"})
-                    continue
-                if isinstance(item, Broadcast):
-                    deliver(item)
-                elif item[1] != self.node_id:
-                    signal(item[0], item[2])
-            elif kind == "subscribe":
-                channel = message["channel"].decode()
-                topic = channel[prefix:]
-                if channel.startswith(CHANNEL_PREFIX) and topic in self._unconfirmed:
-                    self._unconfirmed.discard(topic)
-                    # Synchronously, before the next message: the join reply precedes its first broadcast.
-                    confirmed(topic)
-            elif kind == "pong":
-                self._last_pong = time.monotonic()
-
-    async def _send_commands(self, pubsub: aioredis.client.PubSub) -> None:
-        while True:
-            await self._commands_waiting.wait()
-            self._commands_waiting.clear()
-            commands, self._commands = self._commands, []
-            # Consecutive commands of one kind go as one SUBSCRIBE/UNSUBSCRIBE; the order is kept.
-            for command, group in itertools.groupby(commands, key=lambda item: item[0]):
-                channels = [CHANNEL_PREFIX + topic for _, topic in group]
-                for start in range(0, len(channels), SUBSCRIBE_CHUNK):
-                    chunk = channels[start:start + SUBSCRIBE_CHUNK]
-                    await (pubsub.subscribe(*chunk) if command == "subscribe" else pubsub.unsubscribe(*chunk))
-
-    async def _ping(self, pubsub: aioredis.client.PubSub) -> None:
+    async def _watch(self, pubsub: RedisConnection, publisher: RedisConnection) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(PING_INTERVAL)
             if time.monotonic() - self._last_pong > PING_TIMEOUT:
                 raise ConnectionError(f"no answer from redis for {PING_TIMEOUT}s")
-            await asyncio.wait_for(pubsub.ping(), COMMAND_TIMEOUT)
+            if publisher.stalled(loop.time(), COMMAND_TIMEOUT):
+                raise ConnectionError(f"redis answered no publish for {COMMAND_TIMEOUT}s")
+            pubsub.send("PING")
+
+    def _heard(self, reply: object) -> None:
+        """What the pub/sub connection brings: messages, subscription confirmations, pongs."""
+        if not isinstance(reply, list) or not reply:
+            log.warning("redis pub/sub error", extra={"event": "broker_error", "error": str(reply)[:200]})
+            if self._pubsub is not None:
+                self._pubsub.close()  # e.g. a refused SUBSCRIBE: start over rather than miss a topic
+            return
+        kind = reply[0]
+        if kind == b"message":
+            try:
+                item = envelope.unpack(reply[2])
+            except envelope.EnvelopeError:
+                log.warning("foreign message on a push channel", extra={"event": "bad_envelope"})
+                return
+            if isinstance(item, Broadcast):
+                self._deliver(item)
+            elif item[1] != self.node_id:
+                self._signal(item[0], item[2])
+        elif kind == b"subscribe":
+            topic = reply[1].decode()[len(CHANNEL_PREFIX):]
+            if reply[1].startswith(CHANNEL_PREFIX.encode()) and topic in self._unconfirmed:
+                self._unconfirmed.discard(topic)
+                # Synchronously, before the next message: the join reply precedes its first broadcast.
+                self._confirmed(topic)
+        elif kind == b"pong":
+            self._last_pong = time.monotonic()
 
 
 class RedisPresenceStore(PresenceStore):
