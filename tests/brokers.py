@@ -1,12 +1,15 @@
-"""The shared Redis and NATS the cluster, recovery and chaos tests use (127.0.0.1:6379, :4222).
+"""The shared Redis and NATS the cluster, recovery and chaos tests use (127.0.0.1:6379, :4222), and
+throwaway broker processes for the tests that kill and restart one.
 
-When one is missing, a test fails with a clear message on CI (CI=true), where both must be there,
-and is skipped on a developer's machine.
+When one is missing (or its binary), a test fails with a clear message on CI (CI=true), where both
+must be there, and is skipped on a developer's machine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import socket
 
 import orjson
@@ -14,6 +17,7 @@ import pytest
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
+START_TIMEOUT = 5.0  # for a throwaway broker process to be ready, or gone
 
 
 def broker_missing(message: str) -> None:
@@ -50,3 +54,60 @@ def require_nats() -> str:
     if not orjson.loads(info[5:].split(b"\r\n", 1)[0]).get("jetstream"):
         broker_missing(f"NATS at {NATS_URL} runs without JetStream (start it with -js)")
     return NATS_URL
+
+
+# --- throwaway brokers: processes of a test's own, which it may kill and restart
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        broker_missing(f"{name} is not installed (the outage tests start and kill their own)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class BrokerProcess:
+    """A redis-server or nats-server of our own: started, killed and restarted on one port."""
+
+    def __init__(self, argv: list[str], ready_text: str, port: int) -> None:
+        self.argv = argv
+        self.ready_text = ready_text.encode()
+        self.port = port
+        self.process: asyncio.subprocess.Process | None = None
+        self.output: list[bytes] = []
+        self._pump: asyncio.Task[None] | None = None
+
+    async def start(self) -> BrokerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        ready = asyncio.get_running_loop().create_future()
+        self._pump = asyncio.create_task(self._read(self.process, ready))
+        try:
+            await asyncio.wait_for(ready, START_TIMEOUT)
+        except (TimeoutError, asyncio.TimeoutError):
+            await self.kill()
+            raise AssertionError(f"{self.argv[0]} not ready within {START_TIMEOUT}s: {self.output[-20:]}") from None
+        return self
+
+    async def _read(self, process: asyncio.subprocess.Process, ready: asyncio.Future[None]) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:  # drained to the end, so the server never blocks on its log
+            self.output.append(line)
+            if self.ready_text in line and not ready.done():
+                ready.set_result(None)
+        if not ready.done():
+            ready.set_exception(AssertionError(f"{self.argv[0]} exited: {self.output[-20:]}"))
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await asyncio.wait_for(self.process.wait(), START_TIMEOUT)
+        if self._pump is not None:
+            await asyncio.wait_for(self._pump, START_TIMEOUT)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
 import signal
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,7 +28,7 @@ from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token, until
-from brokers import broker_missing, require_nats, require_redis
+from brokers import BrokerProcess, free_port, require_binary, require_nats, require_redis
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 
 NODE_TIMEOUT = 3.0   # PUSH_NODE_TIMEOUT of every node here
@@ -57,60 +55,6 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def redis_url() -> str:
     return require_redis()
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        broker_missing(f"{name} is not installed (the outage tests start and kill their own)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class BrokerProcess:
-    """A redis-server or nats-server of our own: started, killed and restarted on one port."""
-
-    def __init__(self, argv: list[str], ready_text: str, port: int) -> None:
-        self.argv = argv
-        self.ready_text = ready_text.encode()
-        self.port = port
-        self.process: asyncio.subprocess.Process | None = None
-        self.output: list[bytes] = []
-        self._pump: asyncio.Task[None] | None = None
-
-    async def start(self) -> BrokerProcess:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
-        ready = asyncio.get_running_loop().create_future()
-        self._pump = asyncio.create_task(self._read(self.process, ready))
-        try:
-            await asyncio.wait_for(ready, TIMEOUT)
-        except (TimeoutError, asyncio.TimeoutError):
-            await self.kill()
-            raise AssertionError(f"{self.argv[0]} not ready within {TIMEOUT}s: {self.output[-20:]}") from None
-        return self
-
-    async def _read(self, process: asyncio.subprocess.Process, ready: asyncio.Future[None]) -> None:
-        assert process.stdout is not None
-        async for line in process.stdout:  # drained to the end, so the server never blocks on its log
-            self.output.append(line)
-            if self.ready_text in line and not ready.done():
-                ready.set_result(None)
-        if not ready.done():
-            ready.set_exception(AssertionError(f"{self.argv[0]} exited: {self.output[-20:]}"))
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await asyncio.wait_for(self.process.wait(), TIMEOUT)
-        if self._pump is not None:
-            await asyncio.wait_for(self._pump, TIMEOUT)
 
 
 @pytest.fixture

@@ -1,0 +1,307 @@
+"""The Redis broker's own wire: the RESP2 codec (resp.py), its connections (redis_connection.py),
+and what the broker does when Redis misbehaves: stops answering, forgets the publish script,
+asks for a password. Against the shared Redis (127.0.0.1:6379) and throwaway redis-server
+processes; the broker runs in-process, talking to them over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from brokers import BrokerProcess, free_port, require_binary, require_redis
+from push_service.broker.base import BrokerUnavailable
+from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
+from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
+from push_service.broker.resp import Parser, ProtocolError, ReplyError, command
+from push_service.config import Settings
+from push_service.hub import Broadcast
+
+TIMEOUT = 5.0
+# A stalled Redis is given up within a health check or two past COMMAND_TIMEOUT.
+GIVE_UP = COMMAND_TIMEOUT + 2 * PING_INTERVAL + 1.0
+
+REPLIES = (b"+OK\r\n:-12\r\n$5\r\nhe\r\nl\r\n$0\r\n\r\n$-1\r\n*-1\r\n*0\r\n"
+           b"*3\r\n$7\r\nmessage\r\n$4\r\nch:1\r\n*2\r\n:1\r\n$1\r\nx\r\n-NOSCRIPT No matching script\r\n")
+PARSED = [b"OK", -12, b"he\r\nl", b"", None, None, [], [b"message", b"ch:1", [1, b"x"]]]
+
+
+# --- RESP2 without I/O
+
+
+def test_replies_parse_the_same_whole_or_byte_by_byte() -> None:
+    whole = Parser().feed(REPLIES)
+    parser, pieces = Parser(), []
+    for index in range(len(REPLIES)):
+        pieces += parser.feed(REPLIES[index:index + 1])
+    for replies in (whole, pieces):
+        assert replies[:-1] == PARSED
+        error = replies[-1]
+        assert isinstance(error, ReplyError) and error.code == "NOSCRIPT" and str(error).endswith("matching script")
+
+
+def test_a_reply_cut_short_waits_for_the_rest() -> None:
+    parser = Parser()
+    assert parser.feed(b"*2\r\n$3\r\nabc\r\n$3\r\nde") == []
+    assert parser.feed(b"f\r\n+OK") == [[b"abc", b"def"]]
+    assert parser.feed(b"\r\n") == [b"OK"]
+
+
+@pytest.mark.parametrize("data", [b"?what\r\n", b"$x\r\n", b":1.5\r\n", b"$3\r\nabcXY", b"*1\r\n!\r\n"])
+def test_what_is_not_resp2_is_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        Parser().feed(data)
+
+
+def test_commands_are_arrays_of_bulk_strings() -> None:
+    assert command("SET", b"k\r\n", 5, 1.5) == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n5\r\n$3\r\n1.5\r\n"
+    assert Parser().feed(command("PING", b"")) == [[b"PING", b""]]
+
+
+def test_the_url_is_read_as_redis_py_reads_it() -> None:
+    plain = endpoint("redis://u:secret@example.test:6380/3")
+    assert (plain.host, plain.port, plain.db, plain.username, plain.password, plain.tls) == (
+        "example.test", 6380, 3, "u", "secret", None)
+    tls = endpoint("rediss://example.test?ssl_cert_reqs=none")
+    assert tls.tls is not None and not tls.tls.check_hostname and (tls.port, tls.db) == (6379, 0)
+
+
+# --- connections, against a real Redis
+
+
+async def test_calls_are_answered_in_order_and_an_error_fails_only_its_own_call() -> None:
+    url = require_redis()
+    key = f"push-test:{uuid.uuid4().hex}"
+    connection = await RedisConnection.open(endpoint(url), TIMEOUT)
+    try:
+        value = b"binary \r\n\x00 value"
+        calls = [connection.call([("SET", key, value), ("GET", key)]),
+                 connection.call([("INCR", key), ("GET", key)]),  # INCR of a non-number: an error reply
+                 connection.call([("APPEND", key, b"!")])]
+        first, second, third = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), TIMEOUT)
+        assert first == value
+        assert isinstance(second, ReplyError) and second.code == "ERR"
+        assert third == len(value) + 1  # the connection stayed in step after the error
+    finally:
+        connection.close()
+        await connection.lost
+        await _delete(url, key)
+
+
+async def test_pub_sub_pushes_reach_the_callback_in_order() -> None:
+    url = require_redis()
+    channel = f"push-test:{uuid.uuid4().hex}"
+    pushes: list[Any] = []
+    arrived = asyncio.Event()
+
+    def heard(reply: Any) -> None:
+        pushes.append(reply)
+        if reply[0] == b"message" and reply[2] == b"last":
+            arrived.set()
+
+    listener = await RedisConnection.open(endpoint(url), TIMEOUT, heard)
+    publisher = await RedisConnection.open(endpoint(url), TIMEOUT)
+    try:
+        listener.send("SUBSCRIBE", channel)
+        await _until(lambda: pushes, "the subscription confirmed")
+        assert pushes == [[b"subscribe", channel.encode(), 1]]
+        await publisher.call([("PUBLISH", channel, str(n)) for n in range(100)] + [("PUBLISH", channel, "last")])
+        await asyncio.wait_for(arrived.wait(), TIMEOUT)
+        assert [push[2] for push in pushes[1:]] == [str(n).encode() for n in range(100)] + [b"last"]
+    finally:
+        for connection in (listener, publisher):
+            connection.close()
+
+
+async def test_a_lost_connection_fails_what_waits_and_what_comes_after() -> None:
+    async with silent_server() as port:
+        opening = asyncio.create_task(RedisConnection.open(endpoint(f"redis://127.0.0.1:{port}/0"), 0.5, name="x"))
+        with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+            await opening  # CLIENT SETNAME is never answered
+    url = require_redis()
+    connection = await RedisConnection.open(endpoint(url), TIMEOUT)
+    blocked = connection.call([("BLPOP", f"push-test:{uuid.uuid4().hex}", 0)])  # waits forever
+    await asyncio.sleep(0)  # written at the end of the loop turn
+    assert not connection.stalled(asyncio.get_running_loop().time(), 60)
+    assert connection.stalled(asyncio.get_running_loop().time() + 61, 60)
+    connection.close()
+    with pytest.raises(ConnectionLost):
+        await asyncio.wait_for(blocked, TIMEOUT)
+    with pytest.raises(ConnectionLost):
+        await connection.call([("PING",)])
+
+
+# --- the broker when Redis misbehaves
+
+
+async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected() -> None:
+    require_redis()
+    async with frozen_proxy(6379) as proxy:
+        broker, heard = await started_broker(f"redis://127.0.0.1:{proxy.port}/0")
+        try:
+            topic = f"room:lobby:{uuid.uuid4().hex}"
+            await subscribed(broker, topic)
+            await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
+            await _until(lambda: heard, "the first broadcast heard")
+
+            proxy.frozen = True
+            started = time.monotonic()
+            with pytest.raises(BrokerUnavailable):
+                await asyncio.wait_for(broker.publish([Broadcast.of(topic, "new_msg", {"n": 2})]), GIVE_UP)
+            assert time.monotonic() - started < GIVE_UP
+            assert not broker.ready
+            with pytest.raises(BrokerUnavailable):
+                broker.publish([Broadcast.of(topic, "new_msg", {"n": 3})])  # refused at once meanwhile
+
+            proxy.frozen = False
+            await _until(lambda: broker.ready, "the broker ready again", 10.0)
+            await subscribed(broker, topic)
+            await broker.publish([Broadcast.of(topic, "new_msg", {"n": 4})])
+            await _until(lambda: len(heard) == 2, "the broadcast after the reconnect heard")
+            assert [item.payload_json for item in heard] == [b'{"n":1}', b'{"n":4}']
+        finally:
+            await broker.close()
+
+
+async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again() -> None:
+    url = require_redis()
+    broker, heard = await started_broker(url, history_size=10)
+    admin = aioredis.from_url(url)
+    topic = f"room:lobby:{uuid.uuid4().hex}"
+    try:
+        await subscribed(broker, topic)
+        await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
+        await admin.script_flush()
+        with pytest.raises(BrokerUnavailable, match="NOSCRIPT"):
+            await broker.publish([Broadcast.of(topic, "new_msg", {"n": 2})])
+        await broker.publish([Broadcast.of(topic, "new_msg", {"n": 3})])
+        await _until(lambda: len(heard) == 2, "both accepted broadcasts heard")
+        assert [(item.payload_json, str(item.position).split("~")[1]) for item in heard] == [
+            (b'{"n":1}', "1"), (b'{"n":3}', "2")]  # the refused one took no position
+        assert broker.ready
+    finally:
+        await broker.close()
+        await admin.delete(f"push:{{{topic}}}:meta", f"push:{{{topic}}}:history")
+        await admin.aclose()
+
+
+async def test_a_password_and_a_database_from_the_url_are_used(tmp_path: Path) -> None:
+    port = free_port()
+    server = await BrokerProcess([require_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
+                                  "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+                                  "--requirepass", "s3cret"], "Ready to accept connections", port).start()
+    try:
+        with pytest.raises(ConnectionError, match="WRONGPASS|invalid password"):
+            await RedisConnection.open(endpoint(f"redis://:wrong@127.0.0.1:{port}/0"), TIMEOUT)
+        broker, heard = await started_broker(f"redis://:s3cret@127.0.0.1:{port}/5", history_size=10)
+        topic = f"room:lobby:{uuid.uuid4().hex}"
+        try:
+            await subscribed(broker, topic)
+            await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
+            await _until(lambda: heard, "the broadcast heard")
+            admin = aioredis.from_url(f"redis://:s3cret@127.0.0.1:{port}/5")
+            assert await admin.exists(f"push:{{{topic}}}:history") == 1  # the history went to database 5
+            await admin.aclose()
+        finally:
+            await broker.close()
+    finally:
+        await server.kill()
+
+
+# --- helpers
+
+
+async def started_broker(url: str, history_size: int = 0) -> tuple[RedisBroker, list[Broadcast]]:
+    heard: list[Broadcast] = []
+    broker = RedisBroker(url, f"test-{uuid.uuid4().hex[:8]}", settings=Settings(history_size=history_size))
+    await broker.start(heard.append, lambda topic: None, lambda topic, data: None)
+    assert broker.ready, "the broker connected"
+    return broker, heard
+
+
+async def subscribed(broker: RedisBroker, topic: str) -> None:
+    confirmed = asyncio.Event()
+    broker._confirmed = lambda name: confirmed.set() if name == topic else None
+    if not broker.subscribe(topic):
+        await asyncio.wait_for(confirmed.wait(), TIMEOUT)
+
+
+async def _until(condition: Any, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+async def _delete(url: str, *keys: str) -> None:
+    client = aioredis.from_url(url)
+    await client.delete(*keys)
+    await client.aclose()
+
+
+class _Silent:
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads everything, answers nothing
+        writer.close()
+
+
+@asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    server = await asyncio.start_server(_Silent(), "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+class FrozenProxy:
+    """A TCP proxy to 127.0.0.1:`target`; while `frozen`, it passes nothing either way (a Redis that hangs)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.frozen = False
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        pumps = [asyncio.create_task(self._pump(reader, upstream_writer)),
+                 asyncio.create_task(self._pump(upstream_reader, writer))]
+        self._tasks.update(pumps)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        writer.close()
+        upstream_writer.close()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        while data := await source.read(65536):
+            while self.frozen:
+                await asyncio.sleep(0.01)
+            sink.write(data)
+            await sink.drain()
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+@asynccontextmanager
+async def frozen_proxy(target: int) -> AsyncIterator[FrozenProxy]:
+    proxy = FrozenProxy(target)
+    server = await asyncio.start_server(proxy.serve, "127.0.0.1", 0)
+    proxy.port = server.sockets[0].getsockname()[1]
+    try:
+        yield proxy
+    finally:
+        proxy.cancel()
+        server.close()
