@@ -40,6 +40,16 @@ def parse_topic(name: str) -> Topic | None:
     return None
 
 
+# The names parse_topic refuses for an empty id, among those its prefixes take.
+_EMPTY_IDS = frozenset(("room:", "room:lobby:", "room:topic:", "user:"))
+
+
+def is_topic(name: str) -> bool:
+    """`parse_topic(name) is not None`, without building the Topic: the publish API asks it per message."""
+    return (name.startswith(("room:", "user:")) and name not in _EMPTY_IDS
+            and len(name.encode()) <= MAX_TOPIC_BYTES)
+
+
 def topic_for(family: str, ident: str) -> str:
     if family == LOBBY:
         return f"room:lobby:{ident}"

@@ -24,6 +24,7 @@ from push_service.topics import (
     USER,
     Topic,
     claim_allows,
+    is_topic,
     may_join,
     parse_topic,
     topic_for,
@@ -653,6 +654,15 @@ def test_parse_topic_255_byte_limit():
     # Bytes, not characters: 2-byte characters count twice.
     assert parse_topic("room:" + "é" * 125) is not None
     assert parse_topic("room:" + "é" * 126) is None
+
+
+def test_is_topic_says_what_parse_topic_says():
+    pieces = ["room:", "user:", "lobby:", "topic:", "room", "user", ":", "x", "é", "", " ", "Room:"]
+    names = {a + b + c for a in pieces for b in pieces for c in pieces}
+    names |= {"room:" + "x" * 250, "room:" + "x" * 251, "room:" + "é" * 125, "room:" + "é" * 126,
+              "user:" + "x" * 250, "user:" + "x" * 251, "room:lobby:" + "x" * 244, "room:lobby:" + "x" * 245}
+    for name in names:
+        assert is_topic(name) == (parse_topic(name) is not None), name
 
 
 @pytest.mark.parametrize("family, ident, name", [
