@@ -193,11 +193,13 @@ async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again() 
         await admin.aclose()
 
 
-async def test_a_password_and_a_database_from_the_url_are_used(tmp_path: Path) -> None:
+async def test_a_password_and_a_database_from_the_url_are_used_and_client_may_be_refused(tmp_path: Path) -> None:
     port = free_port()
+    # A locked-down Redis: a password, and no CLIENT command (the broker names its connections where it may).
     server = await BrokerProcess([require_binary("redis-server"), "--bind", "127.0.0.1", "--port", str(port),
                                   "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
-                                  "--requirepass", "s3cret"], "Ready to accept connections", port).start()
+                                  "--requirepass", "s3cret", "--rename-command", "CLIENT", '""'],
+                                 "Ready to accept connections", port).start()
     try:
         with pytest.raises(ConnectionError, match="WRONGPASS|invalid password"):
             await RedisConnection.open(endpoint(f"redis://:wrong@127.0.0.1:{port}/0"), TIMEOUT)

@@ -13,6 +13,7 @@ redis-py still serves everything else (history reads, presence), and reads the U
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -81,7 +82,8 @@ class RedisConnection(asyncio.Protocol):
     @classmethod
     async def open(cls, where: Endpoint, timeout: float, on_push: Callable[[Any], None] | None = None,
                    name: str | None = None) -> RedisConnection:
-        """Connected, authenticated, on its database, named; ConnectionError or TimeoutError if not."""
+        """Connected, authenticated and on its database (and named, if Redis lets it); ConnectionError or
+        TimeoutError if not."""
         connection = cls(on_push)
         loop = asyncio.get_running_loop()
         hostname = where.host if where.tls is not None and where.tls.check_hostname else None
@@ -94,8 +96,9 @@ class RedisConnection(asyncio.Protocol):
                     await connection.call([("AUTH", *credentials)])
                 if where.db and on_push is None:  # pub/sub channels are the same on every database
                     await connection.call([("SELECT", where.db)])
-                if name:
-                    await connection.call([("CLIENT", "SETNAME", name)])
+                if name:  # for CLIENT LIST; a Redis that refuses the command (ACL) is served all the same
+                    with contextlib.suppress(resp.ReplyError):
+                        await connection.call([("CLIENT", "SETNAME", name)])
             except resp.ReplyError as error:
                 connection.close()
                 raise ConnectionError(f"redis refused the connection: {error}") from None
