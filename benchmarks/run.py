@@ -451,6 +451,8 @@ LATENCY_COLS = ("msgs/s", "deliveries/s", "p50 ms", "p99 ms", "max ms", "lost", 
 
 def scenarios() -> list[Scenario]:
     fanout = dict(rooms=1, http_conns=4, max_inflight=16)
+    rooms = dict(conns=10000, rooms=1000, messages=200000, seconds=10, http_conns=16, max_inflight=64)
+    rooms_quick = dict(conns=1000, rooms=100, messages=3000, seconds=1)
     return [
         Scenario("fanout-1k", "1,000 subscribers, one room, max rate", "publish",
                  options=dict(conns=1000, messages=2000, seconds=20, **fanout),
@@ -459,9 +461,10 @@ def scenarios() -> list[Scenario]:
                  options=dict(conns=10000, messages=300, seconds=20, **fanout),
                  quick=dict(conns=1000, messages=20, seconds=1), columns=FANOUT_COLS),
         Scenario("rooms-10k", "10,000 subscribers in 1,000 rooms of 10, random room per message, max rate",
-                 "publish", options=dict(conns=10000, rooms=1000, messages=200000, seconds=10, http_conns=16,
-                                         max_inflight=64),
-                 quick=dict(conns=1000, rooms=100, messages=3000, seconds=1), columns=FANOUT_COLS),
+                 "publish", options=rooms, quick=rooms_quick, columns=FANOUT_COLS),
+        *(Scenario(f"rooms-10k-{broker}", f"push only: rooms-10k through the {broker} broker (one node)", "publish",
+                   targets=("push",), options=rooms, quick=rooms_quick, columns=FANOUT_COLS, env={"PUSH_BROKER": url})
+          for broker, url in (("redis", "redis://127.0.0.1:6379/0"), ("nats", "nats://127.0.0.1:4222"))),
         Scenario("latency-5", "10,000 subscribers, one room, 5 msg/s for 10 s", "publish",
                  options=dict(conns=10000, rooms=1, rate=5, seconds=10, http_conns=2),
                  quick=dict(conns=300, seconds=1), columns=LATENCY_COLS),
@@ -665,7 +668,7 @@ class Runner:
     def run_one(self, scenario: Scenario, target: str, options: dict[str, Any]) -> dict[str, Any]:
         if scenario.kind == "publish":
             tokens = self.token_file(options.get("conns", 0))
-            out = self.with_server(target, lambda s: run_publish(s, target, tokens, options))
+            out = self.with_server(target, lambda s: run_publish(s, target, tokens, options), scenario.env)
             out["row"] = fanout_row(out["connected"], out["result"], out["server"])
             return out
         if scenario.kind == "connect":
