@@ -7,6 +7,7 @@ processes; the broker runs in-process, talking to them over real sockets.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -145,12 +146,12 @@ async def test_a_lost_connection_fails_what_waits_and_what_comes_after() -> None
 async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected() -> None:
     require_redis()
     async with frozen_proxy(6379) as proxy:
-        broker, heard = await started_broker(f"redis://127.0.0.1:{proxy.port}/0")
+        broker, node = await started_broker(f"redis://127.0.0.1:{proxy.port}/0")
         try:
             topic = f"room:lobby:{uuid.uuid4().hex}"
-            await subscribed(broker, topic)
+            await subscribed(broker, node, topic)
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
-            await _until(lambda: heard, "the first broadcast heard")
+            await _until(lambda: node.heard, "the first broadcast heard")
 
             proxy.frozen = True
             started = time.monotonic()
@@ -163,28 +164,28 @@ async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected()
 
             proxy.frozen = False
             await _until(lambda: broker.ready, "the broker ready again", 10.0)
-            await subscribed(broker, topic)
+            await subscribed(broker, node, topic)
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 4})])
-            await _until(lambda: len(heard) == 2, "the broadcast after the reconnect heard")
-            assert [item.payload_json for item in heard] == [b'{"n":1}', b'{"n":4}']
+            await _until(lambda: len(node.heard) == 2, "the broadcast after the reconnect heard")
+            assert [item.payload_json for item in node.heard] == [b'{"n":1}', b'{"n":4}']
         finally:
             await broker.close()
 
 
 async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again() -> None:
     url = require_redis()
-    broker, heard = await started_broker(url, history_size=10)
+    broker, node = await started_broker(url, history_size=10)
     admin = aioredis.from_url(url)
     topic = f"room:lobby:{uuid.uuid4().hex}"
     try:
-        await subscribed(broker, topic)
+        await subscribed(broker, node, topic)
         await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
         await admin.script_flush()
         with pytest.raises(BrokerUnavailable, match="NOSCRIPT"):
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 2})])
         await broker.publish([Broadcast.of(topic, "new_msg", {"n": 3})])
-        await _until(lambda: len(heard) == 2, "both accepted broadcasts heard")
-        assert [(item.payload_json, str(item.position).split("~")[1]) for item in heard] == [
+        await _until(lambda: len(node.heard) == 2, "both accepted broadcasts heard")
+        assert [(item.payload_json, str(item.position).split("~")[1]) for item in node.heard] == [
             (b'{"n":1}', "1"), (b'{"n":3}', "2")]  # the refused one took no position
         assert broker.ready
     finally:
@@ -203,12 +204,12 @@ async def test_a_password_and_a_database_from_the_url_are_used_and_client_may_be
     try:
         with pytest.raises(ConnectionError, match="WRONGPASS|invalid password"):
             await RedisConnection.open(endpoint(f"redis://:wrong@127.0.0.1:{port}/0"), TIMEOUT)
-        broker, heard = await started_broker(f"redis://:s3cret@127.0.0.1:{port}/5", history_size=10)
+        broker, node = await started_broker(f"redis://:s3cret@127.0.0.1:{port}/5", history_size=10)
         topic = f"room:lobby:{uuid.uuid4().hex}"
         try:
-            await subscribed(broker, topic)
+            await subscribed(broker, node, topic)
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
-            await _until(lambda: heard, "the broadcast heard")
+            await _until(lambda: node.heard, "the broadcast heard")
             admin = aioredis.from_url(f"redis://:s3cret@127.0.0.1:{port}/5")
             assert await admin.exists(f"push:{{{topic}}}:history") == 1  # the history went to database 5
             await admin.aclose()
@@ -221,19 +222,29 @@ async def test_a_password_and_a_database_from_the_url_are_used_and_client_may_be
 # --- helpers
 
 
-async def started_broker(url: str, history_size: int = 0) -> tuple[RedisBroker, list[Broadcast]]:
-    heard: list[Broadcast] = []
+class Node:
+    """What a node gives its broker: where broadcasts go, and which subscriptions are confirmed."""
+
+    def __init__(self) -> None:
+        self.heard: list[Broadcast] = []
+        self.confirmed: dict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+
+    def confirm(self, topic: str) -> None:
+        self.confirmed[topic].set()
+
+
+async def started_broker(url: str, history_size: int = 0) -> tuple[RedisBroker, Node]:
+    node = Node()
     broker = RedisBroker(url, f"test-{uuid.uuid4().hex[:8]}", settings=Settings(history_size=history_size))
-    await broker.start(heard.append, lambda topic: None, lambda topic, data: None)
+    await broker.start(node.heard.append, node.confirm, lambda topic, data: None)
     assert broker.ready, "the broker connected"
-    return broker, heard
+    return broker, node
 
 
-async def subscribed(broker: RedisBroker, topic: str) -> None:
-    confirmed = asyncio.Event()
-    broker._confirmed = lambda name: confirmed.set() if name == topic else None
+async def subscribed(broker: RedisBroker, node: Node, topic: str) -> None:
+    node.confirmed[topic].clear()
     if not broker.subscribe(topic):
-        await asyncio.wait_for(confirmed.wait(), TIMEOUT)
+        await asyncio.wait_for(node.confirmed[topic].wait(), TIMEOUT)
 
 
 async def _until(condition: Any, what: str, timeout: float = TIMEOUT) -> None:

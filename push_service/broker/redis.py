@@ -1,8 +1,8 @@
 """Redis broker: one pub/sub channel per topic, subscribed only while this node has subscribers.
 
 Publishing and hearing go over two connections of our own (redis_connection.py): a publish is
-written to Redis in the read that brought it (a batch as consecutive commands, so it keeps its
-order) and a message heard reaches the hub in the read that brings it. If Redis goes away, local
+written to Redis at the end of the loop turn that took it (a batch as consecutive commands, so it
+keeps its order) and a message heard reaches the hub in the read that brings it. If Redis goes away, local
 sockets stay up, publishes fail with BrokerUnavailable (HTTP 503), and the broker reconnects with
 capped backoff and resubscribes every topic. History reads and presence (RedisPresenceStore) use
 redis-py.
@@ -119,8 +119,8 @@ class RedisBroker(Broker):
         publisher = self._publisher
         if not self._ready or publisher is None:
             raise BrokerUnavailable("redis unavailable")
-        # Written now, as consecutive commands on one connection: a batch keeps its order, and each
-        # script call is atomic on its own.
+        # Consecutive commands on one connection, written at the end of this loop turn: a batch keeps
+        # its order, and each script call is atomic on its own.
         if self._history_size:
             commands = []
             for broadcast in broadcasts:
@@ -283,6 +283,11 @@ class RedisBroker(Broker):
             publisher = await RedisConnection.open(self._endpoint, COMMAND_TIMEOUT, name=f"{name}-pub")
             if self._history_size:
                 await asyncio.wait_for(self._load_script(publisher), COMMAND_TIMEOUT)
+            # Idle pooled connections of redis-py may still point at a Redis that went away (restarted):
+            # without this, the first history read after a reconnect would fail on one of them.
+            await self._client.connection_pool.disconnect(inuse_connections=False)
+            # From here on nothing awaits until ready, so no join falls between the topics taken here and
+            # the subscriptions that follow.
             # Our node channel first: it makes the connection a pub/sub one and answers pings.
             pubsub.send("SUBSCRIBE", f"push:n:{self.node_id}")
             self._commands.clear()  # superseded by the full resubscription below
@@ -291,9 +296,6 @@ class RedisBroker(Broker):
             for start in range(0, len(topics), SUBSCRIBE_CHUNK):
                 pubsub.send("SUBSCRIBE", *(CHANNEL_PREFIX + topic for topic in topics[start:start + SUBSCRIBE_CHUNK]))
             self._last_pong = time.monotonic()
-            # Idle pooled connections of redis-py may still point at a Redis that went away (restarted):
-            # without this, the first history read after a reconnect would fail on one of them.
-            await self._client.connection_pool.disconnect(inuse_connections=False)
             self._pubsub, self._publisher = pubsub, publisher
             log.info("redis connected", extra={"event": "broker_up", "broker": redact_url(self._url),
                                                "topics": len(topics)})
