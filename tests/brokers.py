@@ -11,6 +11,8 @@ import asyncio
 import os
 import shutil
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import orjson
 import pytest
@@ -111,3 +113,54 @@ class BrokerProcess:
             await asyncio.wait_for(self.process.wait(), START_TIMEOUT)
         if self._pump is not None:
             await asyncio.wait_for(self._pump, START_TIMEOUT)
+
+
+# --- a proxy in front of a broker, to watch what a node sends it and to make the broker hang
+
+
+class Proxy:
+    """A TCP proxy to 127.0.0.1:`target`. `sent` is every byte the clients sent, in order; while
+    `frozen`, nothing passes either way (a broker that hangs without closing)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.frozen = False
+        self.port = 0
+        self.sent = bytearray()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        pumps = [asyncio.create_task(self._pump(reader, upstream_writer, self.sent)),
+                 asyncio.create_task(self._pump(upstream_reader, writer, None))]
+        self._tasks.update(pumps)
+        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pumps:
+            task.cancel()
+        writer.close()
+        upstream_writer.close()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, record: bytearray | None) -> None:
+        while data := await source.read(65536):
+            while self.frozen:
+                await asyncio.sleep(0.01)
+            if record is not None:
+                record += data
+            sink.write(data)
+            await sink.drain()
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+@asynccontextmanager
+async def proxy_to(target: int) -> AsyncIterator[Proxy]:
+    proxy = Proxy(target)
+    server = await asyncio.start_server(proxy.serve, "127.0.0.1", 0)
+    proxy.port = server.sockets[0].getsockname()[1]
+    try:
+        yield proxy
+    finally:
+        proxy.cancel()
+        server.close()

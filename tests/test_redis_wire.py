@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from brokers import BrokerProcess, free_port, require_binary, require_redis
+from brokers import BrokerProcess, free_port, proxy_to, require_binary, require_redis
 from push_service.broker.base import BrokerUnavailable
 from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
 from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
@@ -145,7 +145,7 @@ async def test_a_lost_connection_fails_what_waits_and_what_comes_after() -> None
 
 async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected() -> None:
     require_redis()
-    async with frozen_proxy(6379) as proxy:
+    async with proxy_to(6379) as proxy:
         broker, node = await started_broker(f"redis://127.0.0.1:{proxy.port}/0")
         try:
             topic = f"room:lobby:{uuid.uuid4().hex}"
@@ -273,48 +273,4 @@ async def silent_server() -> AsyncIterator[int]:
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
-        server.close()
-
-
-class FrozenProxy:
-    """A TCP proxy to 127.0.0.1:`target`; while `frozen`, it passes nothing either way (a Redis that hangs)."""
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.frozen = False
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        pumps = [asyncio.create_task(self._pump(reader, upstream_writer)),
-                 asyncio.create_task(self._pump(upstream_reader, writer))]
-        self._tasks.update(pumps)
-        await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for task in pumps:
-            task.cancel()
-        writer.close()
-        upstream_writer.close()
-
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        while data := await source.read(65536):
-            while self.frozen:
-                await asyncio.sleep(0.01)
-            sink.write(data)
-            await sink.drain()
-
-    def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-
-
-@asynccontextmanager
-async def frozen_proxy(target: int) -> AsyncIterator[FrozenProxy]:
-    proxy = FrozenProxy(target)
-    server = await asyncio.start_server(proxy.serve, "127.0.0.1", 0)
-    proxy.port = server.sockets[0].getsockname()[1]
-    try:
-        yield proxy
-    finally:
-        proxy.cancel()
         server.close()

@@ -68,6 +68,7 @@ class NatsBroker(Broker):
         self._subscriptions: dict[str, Subscription] = {}          # core: signals, and broadcasts without history
         self._history_subscriptions: dict[str, Subscription] = {}  # JetStream: broadcasts with history
         self._to_subscribe: list[str] = []
+        self._flush: asyncio.Future[None] | None = None  # the PING/PONG the publishes of this turn share
         self._wake = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
         self._ready = False
@@ -134,9 +135,25 @@ class NatsBroker(Broker):
             for broadcast in broadcasts:
                 await nc.publish(subject_for(broadcast.topic), envelope.pack_broadcast(broadcast))
             # The PONG comes after the server has taken every message before it: accepted means sent.
-            await nc.flush(timeout=COMMAND_TIMEOUT)
+            await asyncio.shield(self._flushed(nc))
         except (NatsError, OSError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"nats publish failed: {type(exc).__name__}") from None
+
+    def _flushed(self, nc: Client) -> asyncio.Future[None]:
+        """A PING/PONG behind every publish written so far, shared by the publishes of this loop turn."""
+        if self._flush is None:
+            self._flush = asyncio.ensure_future(self._flush_once(nc))
+        return self._flush
+
+    async def _flush_once(self, nc: Client) -> None:
+        self._flush = None  # what is published from here on waits for the next one
+        # nats-py writes a PING at once but publishes from a buffer, in a task of its own: let that buffer
+        # go out first, or the PONG would not vouch for what is still in it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMMAND_TIMEOUT
+        while nc.pending_data_size and nc.is_connected and loop.time() < deadline:
+            await asyncio.sleep(0)
+        await nc.flush(timeout=COMMAND_TIMEOUT)
 
     def _client(self) -> Client:
         if self._nc is None:
