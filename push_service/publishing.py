@@ -52,6 +52,7 @@ _KNOWN_TOPICS_MAX = 4096
 
 
 def _is_topic(name: str) -> bool:
+    """Whether a topic name is one we serve (topics.is_topic), remembered while the set has room."""
     if name in _KNOWN_TOPICS:
         return True
     if not is_topic(name):
@@ -165,7 +166,7 @@ def _broadcast_from(item: Any, index: int | None, started: float) -> Broadcast:
         raise ApiError(400, f"{_where(index)}: {problem}")
     if not isinstance(payload, dict):
         raise ApiError(400, f"{_where(index)}: field 'payload' must be an object")
-    return Broadcast(topic, event, orjson.dumps(payload), started)
+    return Broadcast.of(topic, event, payload, started)
 
 
 def _broadcast(body: dict[str, Any], started: float) -> list[Broadcast]:

@@ -68,7 +68,7 @@ class NatsBroker(Broker):
         self._subscriptions: dict[str, Subscription] = {}          # core: signals, and broadcasts without history
         self._history_subscriptions: dict[str, Subscription] = {}  # JetStream: broadcasts with history
         self._to_subscribe: list[str] = []
-        self._flush: asyncio.Future[None] | None = None  # the PING/PONG the publishes of this turn share
+        self._flush: asyncio.Task[None] | None = None  # the PING/PONG the publishes of this turn share
         self._wake = asyncio.Event()
         self._subscriber: asyncio.Task[None] | None = None
         self._ready = False
@@ -139,10 +139,10 @@ class NatsBroker(Broker):
         except (NatsError, OSError, asyncio.TimeoutError) as exc:
             raise BrokerUnavailable(f"nats publish failed: {type(exc).__name__}") from None
 
-    def _flushed(self, nc: Client) -> asyncio.Future[None]:
+    def _flushed(self, nc: Client) -> asyncio.Task[None]:
         """A PING/PONG behind every publish written so far, shared by the publishes of this loop turn."""
         if self._flush is None:
-            self._flush = asyncio.ensure_future(self._flush_once(nc))
+            self._flush = asyncio.create_task(self._flush_once(nc))
         return self._flush
 
     async def _flush_once(self, nc: Client) -> None:
