@@ -62,9 +62,11 @@ class _Waiter:
 
 
 class RedisConnection(asyncio.Protocol):
-    """One connection. `call` writes commands at once and answers them in order; on a pub/sub
-    connection (`on_push` given) every reply after the handshake is a push and goes to `on_push`,
-    in the read that brings it. `lost` is done when the connection is gone, for whatever reason."""
+    """One connection, used one of two ways. A command connection: `call` sends commands at the end
+    of the loop turn and answers them in order. A pub/sub connection (`on_push` given): `send` writes
+    SUBSCRIBE and the like at once, and every reply after the handshake is a push that goes to
+    `on_push` in the read that brings it. `lost` is done when the connection is gone, for whatever
+    reason."""
 
     def __init__(self, on_push: Callable[[Any], None] | None = None) -> None:
         loop = asyncio.get_running_loop()
