@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
-from brokers import proxy_to, require_nats
+from brokers import Proxy, proxy_to, require_nats
 from push_service.broker.base import BrokerUnavailable
 from push_service.broker.nats import NatsBroker, subject_for
 from push_service.config import Settings
@@ -21,11 +23,20 @@ from push_service.hub import Broadcast
 TIMEOUT = 5.0
 
 
-async def started_broker(port: int) -> NatsBroker:
-    broker = NatsBroker(f"nats://127.0.0.1:{port}", f"test-{uuid.uuid4().hex[:8]}", settings=Settings(history_size=0))
-    await broker.start(lambda broadcast: None, lambda topic: None, lambda topic, data: None)
-    assert broker.ready, "the broker connected"
-    return broker
+@asynccontextmanager
+async def broker_behind_proxy() -> AsyncIterator[tuple[NatsBroker, Proxy]]:
+    """A started NatsBroker whose connection to the shared NATS goes through a Proxy."""
+    require_nats()
+    async with proxy_to(4222) as proxy:
+        broker = NatsBroker(f"nats://127.0.0.1:{proxy.port}", f"test-{uuid.uuid4().hex[:8]}",
+                            settings=Settings(history_size=0))
+        await broker.start(lambda broadcast: None, lambda topic: None, lambda topic, data: None)
+        try:
+            assert broker.ready, "the broker connected"
+            yield broker, proxy
+        finally:
+            proxy.frozen = False
+            await broker.close()
 
 
 def sent_before_last_ping(sent: bytes, subject: str) -> int:
@@ -35,36 +46,24 @@ def sent_before_last_ping(sent: bytes, subject: str) -> int:
 
 
 async def test_a_publish_is_answered_only_after_a_ping_that_follows_its_messages() -> None:
-    require_nats()
-    async with proxy_to(4222) as proxy:
-        broker = await started_broker(proxy.port)
-        try:
-            topic = f"room:lobby:{uuid.uuid4().hex}"
-            subject = subject_for(topic)
-            await asyncio.wait_for(broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})]), TIMEOUT)
-            assert sent_before_last_ping(bytes(proxy.sent), subject) == 1
+    async with broker_behind_proxy() as (broker, proxy):
+        topic = f"room:lobby:{uuid.uuid4().hex}"
+        subject = subject_for(topic)
+        await asyncio.wait_for(broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})]), TIMEOUT)
+        assert sent_before_last_ping(bytes(proxy.sent), subject) == 1
 
-            # Publishes of one loop turn share one PING, written after all of their messages.
-            pings = bytes(proxy.sent).count(b"PING\r\n")
-            batch = [broker.publish([Broadcast.of(topic, "new_msg", {"n": n}) for n in range(k, k + 3)])
-                     for k in range(2, 32, 3)]
-            await asyncio.wait_for(asyncio.gather(*batch), TIMEOUT)
-            sent = bytes(proxy.sent)
-            assert sent_before_last_ping(sent, subject) == 31
-            assert sent.count(b"PING\r\n") - pings < len(batch)  # fewer PINGs than publishes
-        finally:
-            await broker.close()
+        # Publishes of one loop turn share one PING, written after all of their messages.
+        pings = bytes(proxy.sent).count(b"PING\r\n")
+        batch = [broker.publish([Broadcast.of(topic, "new_msg", {"n": n}) for n in range(k, k + 3)])
+                 for k in range(2, 32, 3)]
+        await asyncio.wait_for(asyncio.gather(*batch), TIMEOUT)
+        sent = bytes(proxy.sent)
+        assert sent_before_last_ping(sent, subject) == 31
+        assert sent.count(b"PING\r\n") - pings < len(batch)  # fewer PINGs than publishes
 
 
 async def test_a_nats_that_stops_answering_fails_the_publish() -> None:
-    require_nats()
-    async with proxy_to(4222) as proxy:
-        broker = await started_broker(proxy.port)
-        try:
-            topic = f"room:lobby:{uuid.uuid4().hex}"
-            proxy.frozen = True
-            with pytest.raises(BrokerUnavailable):
-                await asyncio.wait_for(broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})]), TIMEOUT)
-        finally:
-            proxy.frozen = False
-            await broker.close()
+    async with broker_behind_proxy() as (broker, proxy):
+        proxy.frozen = True
+        with pytest.raises(BrokerUnavailable):
+            await asyncio.wait_for(broker.publish([Broadcast.of("room:lobby:x", "new_msg", {"n": 1})]), TIMEOUT)
