@@ -140,10 +140,11 @@ class RedisConnection(asyncio.Protocol):
         """Whether commands have waited `timeout` seconds with no reply at all."""
         return bool(self._waiters) and now - self.waiting_since > timeout
 
-    def close(self) -> None:
+    def close(self, why: str = "redis connection closed") -> None:
+        """Give the connection up: what waits fails with ConnectionLost(why)."""
+        self._lose(ConnectionLost(why))
         if self._transport is not None:
             self._transport.abort()  # nothing of ours is worth flushing to a connection we give up
-        self._lose(ConnectionLost("redis connection closed"))
 
     # --- asyncio.Protocol
 
@@ -154,8 +155,7 @@ class RedisConnection(asyncio.Protocol):
         try:
             replies = self._parser.feed(data)
         except resp.ProtocolError as error:
-            self.close()
-            self._lose(ConnectionLost(f"redis sent something that is not RESP2: {error}"))
+            self.close(f"redis sent something that is not RESP2: {error}")
             return
         if self._pushing:
             assert self._on_push is not None
@@ -165,7 +165,7 @@ class RedisConnection(asyncio.Protocol):
         waiters = self._waiters
         for reply in replies:
             if not waiters:
-                self.close()  # a reply to nothing: we no longer know which answer is whose
+                self.close("redis answered a command never sent")  # we no longer know which answer is whose
                 return
             waiter = waiters[0]
             if isinstance(reply, resp.ReplyError) and waiter.error is None:
