@@ -124,7 +124,8 @@ class Proxy:
 
     def __init__(self, target: int) -> None:
         self.target = target
-        self.frozen = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self.port = 0
         self.sent = bytearray()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -140,10 +141,20 @@ class Proxy:
         writer.close()
         upstream_writer.close()
 
+    @property
+    def frozen(self) -> bool:
+        return not self._flowing.is_set()
+
+    @frozen.setter
+    def frozen(self, frozen: bool) -> None:
+        if frozen:
+            self._flowing.clear()
+        else:
+            self._flowing.set()
+
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, record: bytearray | None) -> None:
         while data := await source.read(65536):
-            while self.frozen:
-                await asyncio.sleep(0.01)
+            await self._flowing.wait()
             if record is not None:
                 record += data
             sink.write(data)

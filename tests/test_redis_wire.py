@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from conftest import until
 from brokers import BrokerProcess, free_port, proxy_to, require_binary, require_redis
 from push_service.broker.base import BrokerUnavailable
 from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
@@ -112,7 +113,7 @@ async def test_pub_sub_pushes_reach_the_callback_in_order() -> None:
     publisher = await RedisConnection.open(endpoint(url), TIMEOUT)
     try:
         listener.send("SUBSCRIBE", channel)
-        await _until(lambda: pushes, "the subscription confirmed")
+        await until(lambda: pushes, TIMEOUT, "the subscription confirmed")
         assert pushes == [[b"subscribe", channel.encode(), 1]]
         await publisher.call([("PUBLISH", channel, str(n)) for n in range(100)] + [("PUBLISH", channel, "last")])
         await asyncio.wait_for(arrived.wait(), TIMEOUT)
@@ -140,6 +141,23 @@ async def test_a_lost_connection_fails_what_waits_and_what_comes_after() -> None
         await connection.call([("PING",)])
 
 
+async def test_a_server_that_does_not_speak_resp2_fails_what_waits_and_says_why() -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        await reader.read()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    try:
+        connection = await RedisConnection.open(endpoint(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"),
+                                                TIMEOUT)
+        with pytest.raises(ConnectionLost, match="not RESP2"):
+            await asyncio.wait_for(connection.call([("PING",)]), TIMEOUT)
+        await asyncio.wait_for(connection.lost, TIMEOUT)
+    finally:
+        server.close()
+
+
 # --- the broker when Redis misbehaves
 
 
@@ -151,7 +169,7 @@ async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected()
             topic = f"room:lobby:{uuid.uuid4().hex}"
             await subscribed(broker, node, topic)
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
-            await _until(lambda: node.heard, "the first broadcast heard")
+            await until(lambda: node.heard, TIMEOUT, "the first broadcast heard")
 
             proxy.frozen = True
             started = time.monotonic()
@@ -163,10 +181,10 @@ async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected()
                 broker.publish([Broadcast.of(topic, "new_msg", {"n": 3})])  # refused at once meanwhile
 
             proxy.frozen = False
-            await _until(lambda: broker.ready, "the broker ready again", 10.0)
+            await until(lambda: broker.ready, 10.0, "the broker ready again")
             await subscribed(broker, node, topic)
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 4})])
-            await _until(lambda: len(node.heard) == 2, "the broadcast after the reconnect heard")
+            await until(lambda: len(node.heard) == 2, TIMEOUT, "the broadcast after the reconnect heard")
             assert [item.payload_json for item in node.heard] == [b'{"n":1}', b'{"n":4}']
         finally:
             await broker.close()
@@ -184,7 +202,7 @@ async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again() 
         with pytest.raises(BrokerUnavailable, match="NOSCRIPT"):
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 2})])
         await broker.publish([Broadcast.of(topic, "new_msg", {"n": 3})])
-        await _until(lambda: len(node.heard) == 2, "both accepted broadcasts heard")
+        await until(lambda: len(node.heard) == 2, TIMEOUT, "both accepted broadcasts heard")
         assert [(item.payload_json, str(item.position).split("~")[1]) for item in node.heard] == [
             (b'{"n":1}', "1"), (b'{"n":3}', "2")]  # the refused one took no position
         assert broker.ready
@@ -209,7 +227,7 @@ async def test_a_password_and_a_database_from_the_url_are_used_and_client_may_be
         try:
             await subscribed(broker, node, topic)
             await broker.publish([Broadcast.of(topic, "new_msg", {"n": 1})])
-            await _until(lambda: node.heard, "the broadcast heard")
+            await until(lambda: node.heard, TIMEOUT, "the broadcast heard")
             admin = aioredis.from_url(f"redis://:s3cret@127.0.0.1:{port}/5")
             assert await admin.exists(f"push:{{{topic}}}:history") == 1  # the history went to database 5
             await admin.aclose()
@@ -245,14 +263,6 @@ async def subscribed(broker: RedisBroker, node: Node, topic: str) -> None:
     node.confirmed[topic].clear()
     if not broker.subscribe(topic):
         await asyncio.wait_for(node.confirmed[topic].wait(), TIMEOUT)
-
-
-async def _until(condition: Any, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.01)
 
 
 async def _delete(url: str, *keys: str) -> None:
