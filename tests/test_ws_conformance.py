@@ -15,7 +15,6 @@ import struct
 import time
 from collections.abc import AsyncIterator
 
-import orjson
 import pytest
 import pytest_asyncio
 from websockets.frames import Opcode

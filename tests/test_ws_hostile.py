@@ -29,6 +29,10 @@ BACKLOG_MESSAGES = 40
 PUBLISHER = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
 
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -75,7 +79,8 @@ async def flood_until_cut(server) -> tuple[tuple[int, str], float]:
 
 async def test_a_flood_of_empty_fragments_is_cut_off_and_does_not_stall_others(server):
     bystander = await Client.connect(server.port, make_token("bystander"))
-    baseline = rss_bytes(server.process.pid)
+    pid = server.process.pid
+    baseline, baseline_fds = rss_bytes(pid), open_fds(pid)
     round_trips: list[float] = []
     attacking = True
 
@@ -94,7 +99,7 @@ async def test_a_flood_of_empty_fragments_is_cut_off_and_does_not_stall_others(s
             (code, reason), seconds = await flood_until_cut(server)
             assert (code, reason) == (1009, "message in too many fragments")
             assert seconds < 2.0, seconds
-        assert max(rss_bytes(server.process.pid) - baseline, 0) < 16 << 20
+        assert rss_bytes(pid) - baseline < 16 << 20
     finally:
         attacking = False
         await asyncio.wait_for(beating, 10)
@@ -103,6 +108,7 @@ async def test_a_flood_of_empty_fragments_is_cut_off_and_does_not_stall_others(s
     # Back to baseline: only the bystander is left, and it is still served.
     await until(metric_is(server, 1, "push_connections", transport="websocket"), 5,
                 "the attackers' connections released")
+    await until(lambda: open_fds(pid) <= baseline_fds, 5, "the attackers' file descriptors closed")
     await bystander.heartbeat_round_trip("last")
     bystander.close()
 

@@ -2,7 +2,8 @@
 
 The reader takes whatever the socket delivered (any split: half a header, three frames and a
 bit) and returns complete messages. It enforces what a server must: client frames are masked,
-no extension bits, control frames short and unfragmented, a size limit across fragments.
+no extension bits, control frames short and unfragmented, a size limit and a frame count
+(MAX_FRAGMENTS) across fragments.
 """
 
 from __future__ import annotations

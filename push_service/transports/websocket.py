@@ -1,12 +1,12 @@
 """The Phoenix WebSocket transport: `GET /socket/websocket?vsn=2.0.0&token=<JWT>`.
 
 A socket costs what its connection state costs and nothing more: no aiohttp request, no handler
-task, no timer. The front door (frontdoor.py) hands over a connection whose first request is an
-upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly as Phoenix
-refuses a failed `connect/3`), answered 101, and the connection's protocol becomes a
-`WebSocketProtocol`. Outgoing frames are framed once per broadcast and written straight to the
-transport: the same bytes for every subscriber. A slow reader is noticed by the transport's own
-flow control (`pause_writing`).
+task, no timer (until it closes). The front door (frontdoor.py) hands over a connection whose first
+request is an upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly
+as Phoenix refuses a failed `connect/3`; a Sec-WebSocket-Version other than 13: 426), answered 101,
+and the connection's protocol becomes a `WebSocketProtocol`. Outgoing frames are framed once per
+broadcast and written straight to the transport: the same bytes for every subscriber. A slow reader
+is noticed by the transport's own flow control (`pause_writing`).
 """
 
 from __future__ import annotations
