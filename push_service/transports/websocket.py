@@ -41,7 +41,7 @@ SUBPROTOCOL = "phoenix"
 VERSION = "13"  # the only Sec-WebSocket-Version there is (RFC 6455)
 # Wait this long for a server-closed socket to flush, then drop the TCP connection.
 CLOSE_TIMEOUT = 5.0
-# After the server's Close, wait this long for the peer's before dropping the TCP connection. Closing
+# After the server's Close, wait this long for the peer's before closing the TCP connection. Closing
 # at once would answer data the peer sent meanwhile with a reset, which can destroy our Close with it.
 PEER_CLOSE_TIMEOUT = 2.0
 
@@ -275,10 +275,10 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def _close_first(self, close_frame: bytes) -> None:
         """The server closes: send its Close, then read on, dropping all but the peer's Close, which
-        ends the connection; a peer that sends none is cut off after PEER_CLOSE_TIMEOUT."""
+        ends the connection; without it, the connection ends after PEER_CLOSE_TIMEOUT."""
         if self._send_close(close_frame):
             self._awaiting_close = True
-            self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._transport.abort)
+            self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._end)
 
     def _fail(self, error: FrameError) -> None:
         """The peer broke the protocol: its frames can no longer be parsed, so the Close goes out with
@@ -287,7 +287,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self._node.metrics.client_errors.labels(error.kind).inc()
         if self._send_close(frame_close(error.code, error.reason)):
             self._half_close()
-            self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._transport.abort)
+            self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._end)
 
     def _half_close(self) -> None:
         if self._transport.can_write_eof():
@@ -308,13 +308,14 @@ class WebSocketProtocol(asyncio.Protocol):
         except FrameError:
             closed = True
         if closed:
-            self._awaiting_close = False
             self._end()
 
     def _end(self) -> None:
         # A graceful close flushes what is queued; a peer that does not read is cut off later.
+        self._awaiting_close = False
         if self._close_timer is not None:
             self._close_timer.cancel()
+            self._close_timer = None
         transport = self._transport
         transport.close()
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
