@@ -117,7 +117,8 @@ async def test_1_many_messages_in_one_write(client: Client) -> None:
 # --- 2 ping and pong
 
 
-@pytest.mark.parametrize("payload", [b"", b"Hello, world!", bytes(range(125)), b"\xff\xfe\x00" * 41])
+@pytest.mark.parametrize("payload", [b"", b"Hello, world!", bytes(range(125)), b"\xff\xfe\x00" * 41],
+                         ids=["empty", "text", "125-bytes", "binary"])
 async def test_2_ping_is_answered_with_its_payload(client: Client, payload: bytes) -> None:
     await client.send_raw(raw_frame(PING, payload))
     frame = await client.next_frame()
@@ -181,7 +182,7 @@ async def test_3_frames_before_the_bad_one_are_served_and_none_after(client: Cli
 
 
 @pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 0xB, 0xC, 0xD, 0xE, 0xF])
-@pytest.mark.parametrize("payload", [b"", b"reserved"])
+@pytest.mark.parametrize("payload", [b"", b"reserved"], ids=["empty", "payload"])
 async def test_4_reserved_opcodes_are_refused(client: Client, opcode: int, payload: bytes) -> None:
     await client.send_raw(raw_frame(opcode, payload))
     await expect_close(client, 1002)
