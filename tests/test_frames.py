@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 
 import pytest
 
 from push_service.transports.frames import (
-    BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key, close_code, frame, frame_close,
+    BINARY, CLOSE, MAX_FRAGMENTS, PING, PONG, TEXT, FrameError, FrameReader, accept_key, close_code, frame,
+    frame_close,
 )
 
 
@@ -88,18 +90,29 @@ def test_a_huge_declared_length_is_refused_before_any_payload_arrives():
     assert caught.value.code == 1009
 
 
-@pytest.mark.parametrize("payload, expected", [
-    (b"", 1005), (struct.pack("!H", 1000), 1000), (struct.pack("!H", 4001) + b"bye", 4001),
-    (struct.pack("!H", 3000), 3000),
-])
-def test_close_codes(payload, expected):
-    assert close_code(payload) == expected
+# What a peer may send (RFC 6455 7.4 and the IANA registry); the server itself sends 1012 and 1013.
+PEER_CLOSE_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
+REFUSED_CLOSE_CODES = [0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535]
 
 
-@pytest.mark.parametrize("payload, code", [
-    (b"\x03", 1002), (struct.pack("!H", 999), 1002), (struct.pack("!H", 1005), 1002),
-    (struct.pack("!H", 1006), 1002), (struct.pack("!H", 5000), 1002), (struct.pack("!H", 1000) + b"\xff", 1007),
-])
+def test_close_without_a_code():
+    assert close_code(b"") == 1005
+
+
+@pytest.mark.parametrize("code", PEER_CLOSE_CODES)
+def test_close_codes(code):
+    assert close_code(struct.pack("!H", code)) == code
+    assert close_code(struct.pack("!H", code) + "bye \u2603".encode()) == code
+
+
+@pytest.mark.parametrize("code", REFUSED_CLOSE_CODES)
+def test_refused_close_codes(code):
+    with pytest.raises(FrameError) as caught:
+        close_code(struct.pack("!H", code))
+    assert caught.value.code == 1002
+
+
+@pytest.mark.parametrize("payload, code", [(b"\x03", 1002), (struct.pack("!H", 1000) + b"\xff", 1007)])
 def test_invalid_close_payloads(payload, code):
     with pytest.raises(FrameError) as caught:
         close_code(payload)
@@ -108,4 +121,50 @@ def test_invalid_close_payloads(payload, code):
 
 def test_close_frame_reason_is_bounded():
     data = frame_close(1001, "x" * 500)
-    assert data[1] == 2 + 120 and struct.unpack("!H", data[2:4])[0] == 1001
+    assert data[1] == 2 + 123 and struct.unpack("!H", data[2:4])[0] == 1001
+
+
+@pytest.mark.parametrize("character", ["\u00e9", "\u2603", "\U0001f600"])
+@pytest.mark.parametrize("prefix", range(4))
+def test_close_frame_reason_is_cut_between_characters(character, prefix):
+    reason = "x" * prefix + character * 100
+    data = frame_close(1001, reason)
+    assert data[1] <= 125 and data[1] == len(data) - 2
+    kept = data[4:].decode()  # raises if a character was cut in half
+    assert reason.startswith(kept) and len(kept.encode()) > 123 - len(character.encode())
+
+
+def test_a_message_in_empty_fragments_is_bounded():
+    reader = FrameReader(1 << 20)
+    empty = client_frame(0x0, b"", final=False)
+    reader.feed(client_frame(TEXT, b"[", final=False))
+    with pytest.raises(FrameError) as caught:
+        for _ in range(MAX_FRAGMENTS):
+            reader.feed(empty * 64)  # 64 times the limit in all: it must give up well before that
+    assert caught.value.code == 1009
+
+
+def test_a_message_in_many_fragments_up_to_the_bound_is_accepted():
+    reader = FrameReader(1 << 20)
+    pieces = [client_frame(TEXT, b"a", final=False)]
+    pieces += [client_frame(0x0, b"b" if index % 2 else b"", final=False) for index in range(MAX_FRAGMENTS - 2)]
+    pieces.append(client_frame(0x0, b"c"))
+    assert reader.feed(b"".join(pieces)) == [(TEXT, b"a" + b"b" * ((MAX_FRAGMENTS - 2) // 2) + b"c")]
+
+
+def _one_byte_per_feed(size: int) -> float:
+    data = client_frame(BINARY, b"x" * size)
+    reader = FrameReader(size)
+    began = time.perf_counter()
+    for index in range(len(data) - 1):
+        assert not reader.feed(data[index:index + 1])
+    assert reader.feed(data[-1:]) == [(BINARY, b"x" * size)]
+    return time.perf_counter() - began
+
+
+def test_a_big_frame_one_byte_per_read_costs_linear_time():
+    """Sixteen times the bytes cost about sixteen times the time, not 256 (no copy of the whole
+    buffer per read)."""
+    small = min(_one_byte_per_feed(16 * 1024) for _ in range(3))
+    large = min(_one_byte_per_feed(256 * 1024) for _ in range(2))
+    assert large < 40 * small, (small, large)

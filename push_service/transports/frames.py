@@ -2,7 +2,8 @@
 
 The reader takes whatever the socket delivered (any split: half a header, three frames and a
 bit) and returns complete messages. It enforces what a server must: client frames are masked,
-no extension bits, control frames short and unfragmented, a size limit across fragments.
+no extension bits, control frames short and unfragmented, a size limit and a frame count
+(MAX_FRAGMENTS) across fragments.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ PROTOCOL_ERROR = 1002
 INVALID_DATA = 1007
 TOO_BIG = 1009
 
+# Frames one message may come in: empty fragments cost no bytes, so the size limit alone does not
+# bound the work a message makes (RFC 6455 sets no limit).
+MAX_FRAGMENTS = 1024
+MAX_CLOSE_REASON = 123  # a control frame's payload is at most 125 bytes, 2 of them the code
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _HEADER_2 = struct.Struct("!BB")
 _HEADER_4 = struct.Struct("!BBH")
@@ -28,12 +34,15 @@ _U64 = struct.Struct("!Q")
 
 
 class FrameError(Exception):
-    """The peer broke the protocol; close with `code`."""
+    """The peer broke the protocol; close with `code`. `messages`: the complete messages that came before
+    the offending frame in the same read, which are still to be handled."""
 
-    def __init__(self, code: int, reason: str) -> None:
+    def __init__(self, code: int, reason: str, kind: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.kind = kind or ("frame_too_big" if code == TOO_BIG else "websocket_error")  # metrics label
+        self.messages: list[tuple[int, bytes]] = []
 
 
 def accept_key(client_key: str) -> str:
@@ -56,38 +65,75 @@ def frame_text(payload: bytes) -> bytes:
 
 
 def frame_close(code: int, reason: str = "") -> bytes:
-    return frame(CLOSE, _U16.pack(code) + reason.encode()[:120])
+    """A Close frame; the reason is cut to fit a control frame (125 bytes), between two characters."""
+    encoded = reason.encode()
+    if len(encoded) > MAX_CLOSE_REASON:
+        encoded = encoded[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
+    return frame(CLOSE, _U16.pack(code) + encoded)
 
 
 def _unmask(mask: bytes, payload: bytes) -> bytes:
     # XOR as one big integer: C speed in CPython for the sizes a client sends (a join, a heartbeat).
     size = len(payload)
     if not size:
-        return payload
+        return b""
     key = (mask * (size // 4 + 1))[:size]
     return (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
 
 
 def _valid_close_code(code: int) -> bool:
-    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
+    """What a peer may send (RFC 6455 7.4, IANA registry): 1004-1006 and 1015 are never sent in a frame."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class FrameReader:
     """Client frames -> complete messages as (opcode, payload) with opcode TEXT, BINARY, CLOSE, PING
-    or PONG; fragments are joined. A CLOSE payload is returned as given (use `close_code`)."""
+    or PONG; fragments are joined. A CLOSE payload is returned as given (use `close_code`).
 
-    __slots__ = ("_buffer", "_fragments", "_fragment_opcode", "_fragment_size", "max_size")
+    A read that holds whole frames (the usual case) is parsed where it lies; only a frame split across
+    reads is kept, in a bytearray appended to in place, so a big frame arriving in small reads costs
+    time linear in its size."""
+
+    __slots__ = ("_buffer", "_needed", "_fragments", "_fragment_opcode", "_fragment_size", "max_size")
 
     def __init__(self, max_size: int) -> None:
-        self._buffer = b""
+        self._buffer = bytearray()
+        self._needed = 0  # buffered bytes the next frame needs before it can be complete
         self._fragments: list[bytes] | None = None
         self._fragment_opcode = 0
         self._fragment_size = 0
         self.max_size = max_size
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buffer = self._buffer + data if self._buffer else data
+        """The messages `data` completes; FrameError (with the messages before the bad frame) if the
+        peer broke the protocol, after which the reader must not be fed again."""
+        buffer: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            if len(self._buffer) < self._needed:
+                return []
+            buffer = self._buffer
+        else:
+            buffer = data
         messages: list[tuple[int, bytes]] = []
+        try:
+            offset, needed = self._parse(buffer, messages)
+        except FrameError as exc:
+            exc.messages = messages
+            raise
+        if offset == len(buffer):
+            if buffer is self._buffer:
+                self._buffer = bytearray()
+        elif buffer is self._buffer:
+            del buffer[:offset]  # cheap: CPython moves the start of a bytearray instead of its bytes
+        else:
+            self._buffer = bytearray(memoryview(data)[offset:])
+        self._needed = needed
+        return messages
+
+    def _parse(self, buffer: bytes | bytearray, messages: list[tuple[int, bytes]]) -> tuple[int, int]:
+        """Append the messages the whole frames in `buffer` complete; return where the first incomplete
+        frame starts, and how many bytes from there it needs (0: its header is not all there)."""
         offset, end = 0, len(buffer)
         while end - offset >= 2:
             first, second = buffer[offset], buffer[offset + 1]
@@ -114,7 +160,7 @@ class FrameReader:
             elif size + self._fragment_size > self.max_size:
                 raise FrameError(TOO_BIG, "message too big")
             if end < start + size:
-                break
+                return offset, start + size - offset
             payload = _unmask(buffer[start - 4:start], buffer[start:start + size])
             offset = start + size
             if opcode >= 0x8:
@@ -122,12 +168,15 @@ class FrameReader:
                     raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
                 messages.append((opcode, payload))
             elif opcode == CONTINUATION:
-                if self._fragments is None:
+                fragments = self._fragments
+                if fragments is None:
                     raise FrameError(PROTOCOL_ERROR, "continuation frame without a message")
-                self._fragments.append(payload)
+                if len(fragments) >= MAX_FRAGMENTS:
+                    raise FrameError(TOO_BIG, "message in too many fragments", "too_many_fragments")
+                fragments.append(payload)
                 self._fragment_size += size
                 if final:
-                    messages.append((self._fragment_opcode, b"".join(self._fragments)))
+                    messages.append((self._fragment_opcode, b"".join(fragments)))
                     self._fragments, self._fragment_size = None, 0
             elif opcode in (TEXT, BINARY):
                 if self._fragments is not None:
@@ -138,8 +187,7 @@ class FrameReader:
                     self._fragments, self._fragment_opcode, self._fragment_size = [payload], opcode, size
             else:
                 raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
-        self._buffer = buffer[offset:] if offset < end else b""
-        return messages
+        return offset, 0
 
 
 def close_code(payload: bytes) -> int:

@@ -1,12 +1,12 @@
 """The Phoenix WebSocket transport: `GET /socket/websocket?vsn=2.0.0&token=<JWT>`.
 
 A socket costs what its connection state costs and nothing more: no aiohttp request, no handler
-task, no timer. The front door (frontdoor.py) hands over a connection whose first request is an
-upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly as Phoenix
-refuses a failed `connect/3`), answered 101, and the connection's protocol becomes a
-`WebSocketProtocol`. Outgoing frames are framed once per broadcast and written straight to the
-transport: the same bytes for every subscriber. A slow reader is noticed by the transport's own
-flow control (`pause_writing`).
+task, no timer (until it closes). The front door (frontdoor.py) hands over a connection whose first
+request is an upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly
+as Phoenix refuses a failed `connect/3`; a Sec-WebSocket-Version other than 13: 426), answered 101,
+and the connection's protocol becomes a `WebSocketProtocol`. Outgoing frames are framed once per
+broadcast and written straight to the transport: the same bytes for every subscriber. A slow reader
+is noticed by the transport's own flow control (`pause_writing`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,12 @@ PATH = "/socket/websocket"
 # phoenix.js >= 1.8 `authToken`: a Sec-WebSocket-Protocol entry beside "phoenix".
 AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
 SUBPROTOCOL = "phoenix"
+VERSION = "13"  # the only Sec-WebSocket-Version there is (RFC 6455)
 # Wait this long for a server-closed socket to flush, then drop the TCP connection.
 CLOSE_TIMEOUT = 5.0
+# After the server's Close, wait this long for the peer's before closing the TCP connection. Closing
+# at once would answer data the peer sent meanwhile with a reset, which can destroy our Close with it.
+PEER_CLOSE_TIMEOUT = 2.0
 
 # One Wire per protocol version, shared by every socket, so a broadcast is framed once per version.
 WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
@@ -92,6 +96,22 @@ def admit(node: Node, origin: str | None, vsn: str | None, subprotocols: str | N
     return identity, serializer
 
 
+UPGRADE_REQUIRED_HEADERS = {"Sec-WebSocket-Version": VERSION, "Upgrade": "websocket", "Connection": "Upgrade"}
+
+
+def wrong_version(header: Callable[[str], str | None]) -> bool:
+    """Whether the headers ask for a WebSocket upgrade in a version other than 13, or in none."""
+    return (has_token(header("upgrade"), "websocket") and has_token(header("connection"), "upgrade")
+            and header("sec-websocket-version") != VERSION)
+
+
+def version_refusal(node: Node) -> Refusal:
+    """426 Upgrade Required, with the version we speak (RFC 6455 4.2.2), counted and logged."""
+    refusal = Refusal(426, "websocket_version", f"unsupported WebSocket version; this server speaks {VERSION}")
+    refused(node, refusal)
+    return refusal
+
+
 def refused(node: Node, refusal: Refusal) -> None:
     node.metrics.connects_refused.labels(refusal.reason).inc()
     if refusal.reason != "draining":  # every client retries during a drain: the metric counts those, not the log
@@ -105,6 +125,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     connections): the connection is taken over from aiohttp all the same, and this handler waits
     until the socket closes."""
     node: Node = request.app[NODE]
+    if wrong_version(request.headers.get):
+        refusal = version_refusal(node)
+        return web.Response(status=426, body=orjson.dumps({"error": refusal.message}), content_type="application/json",
+                            headers=UPGRADE_REQUIRED_HEADERS)
     try:
         identity, serializer = admit(node, request.headers.get("Origin"), request.query.get("vsn"),
                                      request.headers.get("Sec-WebSocket-Protocol"), request.query.get("token"))
@@ -135,7 +159,8 @@ class WebSocketProtocol(asyncio.Protocol):
     """One upgraded socket: frames in to its Session, framed bytes out. It is also the Session's
     Connection, so a socket is this object, its transport and its session."""
 
-    __slots__ = ("wire", "session", "_node", "_transport", "_write", "_reader", "_closing", "_lost", "_out")
+    __slots__ = ("wire", "session", "_node", "_transport", "_write", "_reader", "_closing", "_awaiting_close",
+                 "_close_timer", "_lost", "_out")
     transport_name = "websocket"
 
     def __init__(self, node: Node, transport: asyncio.Transport, wire: Wire, identity: Identity,
@@ -146,7 +171,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._transport = transport
         self._write = transport.write
         self._reader = FrameReader(node.settings.max_frame_bytes)
-        self._closing = False
+        self._closing = False  # a Close was sent: nothing more goes out
+        self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
+        self._close_timer: asyncio.TimerHandle | None = None
         # While a read is handled, what it answers waits here and goes out in one write at its end
         # (a join's reply and presence_state, the 101 and the reply to a join sent behind it).
         self._out: list[bytes] | None = None
@@ -164,7 +191,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 self._out.append(data)
 
     def close(self, disconnect: Disconnect) -> None:
-        self._close(frame_close(disconnect.code, disconnect.reason))
+        self._close_first(frame_close(disconnect.code, disconnect.reason))
 
     # --- asyncio.Protocol
 
@@ -175,6 +202,9 @@ class WebSocketProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._closing:
             self._handle([], data)
+        elif self._awaiting_close:
+            self._read_to_close(data)
+        # else: the connection failed and is read only to be drained until the peer ends it
 
     def _handle(self, out: list[bytes], data: bytes) -> None:
         self._out = out
@@ -182,27 +212,26 @@ class WebSocketProtocol(asyncio.Protocol):
             if data:
                 self._receive(data)
         finally:
-            if self._out is out:  # else _close has written it
+            if self._out is out:  # else _send_close has written it
                 self._out = None
                 if out:
                     self._write(out[0] if len(out) == 1 else b"".join(out))
 
     def _receive(self, data: bytes) -> None:
+        error: FrameError | None = None
         try:
             messages = self._reader.feed(data)
         except FrameError as exc:
-            self._fail(exc)
-            return
+            messages, error = exc.messages, exc
         try:
             for opcode, payload in messages:
                 if self._closing:
-                    return
+                    break
                 if opcode == TEXT:
                     try:
                         text = payload.decode()
                     except UnicodeDecodeError:
-                        self._fail(FrameError(1007, "text frame is not UTF-8"))
-                        return
+                        raise FrameError(1007, "text frame is not UTF-8") from None
                     self.session.receive(text)
                 elif opcode == BINARY:
                     self.session.receive(payload)
@@ -210,12 +239,18 @@ class WebSocketProtocol(asyncio.Protocol):
                     self.send(frame(PONG, payload))
                 elif opcode == CLOSE:
                     code = close_code(payload)
-                    self._close(frame_close(1000 if code == 1005 else code))
+                    self._answer_close(frame_close(1000 if code == 1005 else code))
         except FrameError as exc:
-            self._fail(exc)
+            error = exc
         except Exception:  # a bug of ours must not take the process down with it: this socket only
             log.exception("socket failed", extra={"event": "socket_error", "connection": self.session.id})
-            self._close(frame_close(1011, "internal error"))
+            self._close_first(frame_close(1011, "internal error"))
+        if error is not None:
+            if not self._closing:
+                self._fail(error)
+            elif self._awaiting_close:  # our Close went out, but the peer's can no longer be parsed
+                self._awaiting_close = False
+                self._half_close()
 
     def pause_writing(self) -> None:
         self.session.overflowed()
@@ -225,25 +260,69 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
         self.session.closed()
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
-    # --- closing
+    # --- closing (RFC 6455 5.5.1, 7.1.1: the server closes the TCP connection once Closes crossed)
+
+    def _answer_close(self, close_frame: bytes) -> None:
+        """The peer sent its Close: answer it and end the connection."""
+        if self._send_close(close_frame):
+            self._end()
+
+    def _close_first(self, close_frame: bytes) -> None:
+        """The server closes: send its Close, then read on, dropping all but the peer's Close, which
+        ends the connection; without it, the connection ends after PEER_CLOSE_TIMEOUT."""
+        if self._send_close(close_frame):
+            self._awaiting_close = True
+            self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._end)
 
     def _fail(self, error: FrameError) -> None:
-        self._node.metrics.client_errors.labels("frame_too_big" if error.code == 1009 else "websocket_error").inc()
-        self._close(frame_close(error.code, error.reason))
+        """The peer broke the protocol: its frames can no longer be parsed, so the Close goes out with
+        our end of the connection (a half close), and what the peer sends is read and dropped until
+        it ends its own end, or PEER_CLOSE_TIMEOUT has passed."""
+        self._node.metrics.client_errors.labels(error.kind).inc()
+        if self._send_close(frame_close(error.code, error.reason)):
+            self._half_close()
+            self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._end)
 
-    def _close(self, close_frame: bytes) -> None:
+    def _half_close(self) -> None:
+        if self._transport.can_write_eof():
+            self._transport.write_eof()
+
+    def _send_close(self, close_frame: bytes) -> bool:
+        """Write the Close behind what the current read answered; False if a Close was sent already."""
         if self._closing:
-            return
+            return False
         self._closing = True
-        transport, out, self._out = self._transport, self._out, None
-        transport.write(b"".join(out) + close_frame if out else close_frame)
+        out, self._out = self._out, None
+        self._transport.write(b"".join(out) + close_frame if out else close_frame)
+        return True
+
+    def _read_to_close(self, data: bytes) -> None:
+        try:
+            closed = any(opcode == CLOSE for opcode, _ in self._reader.feed(data))
+        except FrameError:
+            closed = True
+        if closed:
+            self._end()
+
+    def _end(self) -> None:
         # A graceful close flushes what is queued; a peer that does not read is cut off later.
+        self._awaiting_close = False
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        transport = self._transport
         transport.close()
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+
+    def eof_received(self) -> bool | None:
+        self._awaiting_close = False
+        return None  # the transport closes itself
 
 
 # --- the upgrade, as the front door hands it over
@@ -252,7 +331,7 @@ class WebSocketProtocol(asyncio.Protocol):
 def is_upgrade(header: Callable[[str], str | None]) -> bool:
     """Whether the headers (looked up by lower-case name) ask for a WebSocket version 13 upgrade."""
     return (has_token(header("upgrade"), "websocket") and has_token(header("connection"), "upgrade")
-            and header("sec-websocket-version") == "13" and _valid_key(header("sec-websocket-key")))
+            and header("sec-websocket-version") == VERSION and _valid_key(header("sec-websocket-key")))
 
 
 def _valid_key(key: str | None) -> bool:
@@ -263,14 +342,21 @@ def _valid_key(key: str | None) -> bool:
 
 
 def takes(request: Request) -> bool:
-    """Whether a connection's first request is an upgrade the front door should hand to `accept`."""
-    return (request.method == "GET" and request.path == PATH and is_upgrade(request.headers.get)
-            and request.headers.get("content-length", "0") == "0" and "transfer-encoding" not in request.headers)
+    """Whether a connection's first request is an upgrade (in any version) the front door should hand
+    to `accept`."""
+    header = request.headers.get
+    return (request.method == "GET" and request.path == PATH and (is_upgrade(header) or wrong_version(header))
+            and header("content-length", "0") == "0" and "transfer-encoding" not in request.headers)
 
 
 def accept(node: Node, transport: asyncio.Transport, request: Request, rest: bytes) -> None:
     """Answer an upgrade the front door took: 101 and a WebSocketProtocol, or the refusal and a close."""
     headers, query = request.headers, parse_query(request.query)
+    if wrong_version(headers.get):
+        node.metrics.http_requests.labels(PATH, "GET", 426).inc()
+        transport.write(_upgrade_required(version_refusal(node), request_id(headers.get("x-request-id"))))
+        transport.close()
+        return
     try:
         identity, serializer = admit(node, headers.get("origin"), query.get("vsn"),
                                      headers.get("sec-websocket-protocol"), query.get("token"))
@@ -282,6 +368,14 @@ def accept(node: Node, transport: asyncio.Transport, request: Request, rest: byt
         return
     node.metrics.http_requests.labels(PATH, "GET", 101).inc()
     open_socket(node, transport, headers.get, identity, serializer, rest)
+
+
+def _upgrade_required(refusal: Refusal, answer_id: str) -> bytes:
+    """The front door's 426 (http1.json_answer knows neither that status nor extra headers)."""
+    body = orjson.dumps({"error": refusal.message})
+    return (f"HTTP/1.1 426 Upgrade Required\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-Id: {answer_id}\r\nSec-WebSocket-Version: {VERSION}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade, close\r\n\r\n").encode() + body
 
 
 def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str], str | None], identity: Identity,

@@ -1,0 +1,165 @@
+"""WebSocket clients for the wire tests, neither of them ours: the `websockets` library's sans-I/O
+ClientProtocol driven over a real socket, plus raw frames for what that library refuses to send."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections import deque
+
+import orjson
+from websockets.client import ClientProtocol
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Response
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+RECEIVE_TIMEOUT = 5.0
+
+CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+def raw_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, masked: bool = True) -> bytes:
+    """One client frame exactly as asked, however invalid; `rsv` is the 3 reserved bits (0-7)."""
+    size = len(payload)
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        header = struct.pack("!BB", first, mask_bit | size)
+    elif size < 65536:
+        header = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if not masked:
+        return header + payload
+    mask = os.urandom(4)
+    key = (mask * (size // 4 + 1))[:size]
+    body = (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(size, "little")
+    return header + mask + body
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return struct.pack("!H", code) + reason
+
+
+def heartbeat(ref: str = "1", size: int | None = None) -> bytes:
+    """A vsn 2.0.0 heartbeat, padded with JSON whitespace to exactly `size` bytes when asked."""
+    text = orjson.dumps([None, ref, "phoenix", "heartbeat", {}])
+    if size is not None:
+        assert size >= len(text), size
+        text += b" " * (size - len(text))
+    return text
+
+
+def heartbeat_reply(ref: str = "1") -> list:
+    return [None, ref, "phoenix", "phx_reply", {"status": "ok", "response": {}}]
+
+
+def binary_heartbeat(ref: bytes = b"1", size: int | None = None) -> bytes:
+    """A vsn 2.0.0 binary push (kind 0) of the heartbeat event, its data padded to `size` bytes in all."""
+    head = struct.pack("5B", 0, 0, len(ref), 7, 9) + ref + b"phoenix" + b"heartbeat"
+    return head if size is None else head + b"\0" * (size - len(head))
+
+
+class Client:
+    """A socket spoken to by websockets' ClientProtocol: what the server sends is parsed and checked by
+    that library; what the test sends goes through it (`send_*`) or around it (`send_raw`). The socket
+    is read only when the test waits for something, so unread data stays in the kernel as it would for
+    a busy client."""
+
+    def __init__(self, sock: socket.socket, protocol: ClientProtocol) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.protocol = protocol
+        self.events: deque[Frame] = deque()
+        self.response: Response | None = None
+        self.eof = False
+
+    @classmethod
+    async def connect(cls, port: int, token: str, vsn: str = "2.0.0", timeout: float = RECEIVE_TIMEOUT,
+                      rcvbuf: int | None = None) -> Client:
+        """`rcvbuf`: a small receive buffer (set before connecting: it sets the TCP window)."""
+        protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/socket/websocket?vsn={vsn}&token={token}"),
+                                  max_size=None)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        client = cls(sock, protocol)
+        await asyncio.wait_for(client.loop.sock_connect(sock, ("127.0.0.1", port)), timeout)
+        protocol.send_request(protocol.connect())
+        await client.flush()
+        while protocol.state is State.CONNECTING:
+            await client._read(timeout)
+        response = client.response
+        if protocol.handshake_exc is not None or response is None or response.status_code != 101:
+            raise AssertionError(f"handshake failed: {protocol.handshake_exc!r}, {response!r}")
+        return client
+
+    async def flush(self) -> None:
+        data = b"".join(self.protocol.data_to_send())
+        if data:
+            try:
+                await self.send_raw(data)
+            except OSError:
+                pass  # the server is gone: what it missed is the test's to notice
+
+    async def _read(self, timeout: float) -> None:
+        data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), timeout)
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.eof = True
+            self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if isinstance(event, Response):
+                self.response = event
+            else:
+                self.events.append(event)
+        await self.flush()  # what the library answers by itself: pongs, the closing Close
+
+    async def send_raw(self, data: bytes, timeout: float = RECEIVE_TIMEOUT) -> None:
+        await asyncio.wait_for(self.loop.sock_sendall(self.sock, data), timeout)
+
+    async def send_text(self, text: bytes | str) -> None:
+        self.protocol.send_text(text.encode() if isinstance(text, str) else text)
+        await self.flush()
+
+    async def send_binary(self, data: bytes) -> None:
+        self.protocol.send_binary(data)
+        await self.flush()
+
+    async def next_frame(self, timeout: float = RECEIVE_TIMEOUT) -> Frame:
+        """The next frame from the server; EOFError when the connection ended first."""
+        while not self.events:
+            if self.eof:
+                raise EOFError("the server closed the connection")
+            await self._read(timeout)
+        return self.events.popleft()
+
+    async def next_json(self, timeout: float = RECEIVE_TIMEOUT) -> object:
+        frame = await self.next_frame(timeout)
+        assert frame.opcode is Opcode.TEXT, frame
+        return orjson.loads(frame.data)
+
+    async def heartbeat_round_trip(self, ref: str) -> None:
+        await self.send_text(heartbeat(ref))
+        assert await self.next_json() == heartbeat_reply(ref)
+
+    async def closed_with(self, timeout: float = RECEIVE_TIMEOUT) -> tuple[int, str]:
+        """The server's Close (code, reason), after which the server must end the TCP connection."""
+        frame = await self.next_frame(timeout)
+        assert frame.opcode is Opcode.CLOSE, frame
+        close = Close.parse(frame.data)
+        await self.wait_eof(timeout)
+        return close.code, close.reason
+
+    async def wait_eof(self, timeout: float = RECEIVE_TIMEOUT) -> None:
+        while not self.eof:
+            await self._read(timeout)
+        assert not self.events, list(self.events)
+
+    def close(self) -> None:
+        self.sock.close()
