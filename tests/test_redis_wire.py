@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +36,12 @@ GIVE_UP = COMMAND_TIMEOUT + 2 * PING_INTERVAL + 1.0
 REPLIES = (b"+OK\r\n:-12\r\n$5\r\nhe\r\nl\r\n$0\r\n\r\n$-1\r\n*-1\r\n*0\r\n"
            b"*3\r\n$7\r\nmessage\r\n$4\r\nch:1\r\n*2\r\n:1\r\n$1\r\nx\r\n-NOSCRIPT No matching script\r\n")
 PARSED = [b"OK", -12, b"he\r\nl", b"", None, None, [], [b"message", b"ch:1", [1, b"x"]]]
+MiB = 1024 * 1024
+# What one reply may hold, as resp.py documents it: its bytes, and of those what is already parsed into
+# array elements (many small elements weigh about 20 times their bytes once they are Python objects).
+REPLY_BOUND, PARSED_BOUND = 64 * MiB, 1 * MiB
+PIECE = 256 * 1024  # the most an asyncio transport hands over in one read
+NESTED_TOO_DEEP = b"*1\r\n" * 100_000 + b":1\r\n"
 
 
 # --- RESP2 without I/O
@@ -57,10 +65,42 @@ def test_a_reply_cut_short_waits_for_the_rest() -> None:
     assert parser.feed(b"\r\n") == [b"OK"]
 
 
-@pytest.mark.parametrize("data", [b"?what\r\n", b"$x\r\n", b":1.5\r\n", b"$3\r\nabcXY", b"*1\r\n!\r\n"])
+# b"$3\r\nabcdef\r\n": a bulk string's length that lies is found at the next reply ("f" is no type byte).
+@pytest.mark.parametrize("data", [b"?what\r\n", b"$x\r\n", b":1.5\r\n", b"$3\r\nabcdef\r\n", b"*1\r\n!\r\n",
+                                  pytest.param(NESTED_TOO_DEEP, id="arrays-nested-100000-deep")])
 def test_what_is_not_resp2_is_refused(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         Parser().feed(data)
+
+
+@pytest.mark.parametrize("head, element, bound", [
+    (b"$1000000000\r\n", b"x", REPLY_BOUND),  # a bulk string announcing 1 GB
+    (b"*100000000\r\n", b"*0\r\n", PARSED_BOUND),  # an array of 100 million empty arrays
+], ids=["endless-bulk-string", "huge-array"])
+def test_a_reply_that_never_ends_is_refused_once_past_its_bound(head: bytes, element: bytes, bound: int) -> None:
+    parser, fed = Parser(), 0
+    parser.feed(head)
+    piece = element * (PIECE // len(element))
+    with pytest.raises(ProtocolError, match="too large"):
+        while fed < bound + 4 * PIECE:
+            parser.feed(piece)
+            fed += len(piece)
+    assert fed <= bound + PIECE  # past the bound by at most one read
+
+
+def test_large_replies_within_the_bound_and_endless_streams_of_small_ones_parse() -> None:
+    payload = os.urandom(32 * MiB)
+    message = b"*3\r\n$7\r\nmessage\r\n$4\r\nch:1\r\n$%d\r\n%b\r\n" % (len(payload), payload)
+    parser, replies = Parser(), []
+    for start in range(0, len(message), PIECE):
+        replies += parser.feed(message[start:start + PIECE])
+    assert len(replies) == 1 and replies[0][2] == payload
+    small = b"*3\r\n$7\r\nmessage\r\n$4\r\nch:1\r\n$50\r\n%b\r\n" % (b"y" * 50)
+    stream = small * (4 * PARSED_BOUND // len(small))  # many times the bound, in replies under it
+    count = 0
+    for start in range(0, len(stream), PIECE):
+        count += len(parser.feed(stream[start:start + PIECE]))
+    assert count == len(stream) // len(small)
 
 
 def test_commands_are_arrays_of_bulk_strings() -> None:
@@ -141,11 +181,14 @@ async def test_a_lost_connection_fails_what_waits_and_what_comes_after() -> None
         await connection.call([("PING",)])
 
 
-async def test_a_server_that_does_not_speak_resp2_fails_what_waits_and_says_why() -> None:
+@pytest.mark.parametrize("answer", [pytest.param(b"HTTP/1.1 400 Bad Request\r\n\r\n", id="http"),
+                                    pytest.param(NESTED_TOO_DEEP, id="arrays-nested-100000-deep")])
+async def test_a_server_that_does_not_speak_resp2_fails_what_waits_and_says_why(answer: bytes) -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1)
-        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
-        await reader.read()
+        writer.write(answer)
+        with contextlib.suppress(ConnectionError):  # reset by the client that gives up
+            await reader.read()
 
     server = await asyncio.start_server(garbage, "127.0.0.1", 0)
     try:
