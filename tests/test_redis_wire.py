@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import os
 import time
 import uuid
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 
 from conftest import until
 from brokers import BrokerProcess, free_port, proxy_to, require_binary, require_redis
+from push_service.broker import redis_connection
 from push_service.broker.base import BrokerUnavailable
 from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
 from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
@@ -201,6 +203,35 @@ async def test_a_server_that_does_not_speak_resp2_fails_what_waits_and_says_why(
         server.close()
 
 
+@pytest.mark.parametrize("head, element, bound", [
+    (b"$1000000000\r\n", b"x", REPLY_BOUND),  # a bulk string announcing 1 GB
+    (b"*100000000\r\n", b"*0\r\n", PARSED_BOUND),  # 100 million elements, each an empty array
+    (b"*4294967295\r\n", b":1\r\n", PARSED_BOUND),  # more elements than memory holds pointers for, here
+], ids=["endless-bulk-string", "huge-array", "array-larger-than-memory"])
+async def test_a_reply_that_never_ends_gives_the_connection_up_at_its_bound(
+        head: bytes, element: bytes, bound: int, caplog: pytest.LogCaptureFixture) -> None:
+    slack = 24 * MiB  # a read, a chunk of the fake, and what the loopback's kernel buffers hold
+    endless = EndlessReply(head, element, cap=bound + 2 * slack)
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    given_up_before = redis_connection.GIVEN_UP["reply_too_large"]
+    try:
+        baseline = rss()
+        connection = await RedisConnection.open(endpoint(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"),
+                                                TIMEOUT)
+        with caplog.at_level(logging.WARNING, "push_service.broker"):
+            with pytest.raises(ConnectionLost, match="too large"):
+                await asyncio.wait_for(connection.call([("GET", "k")]), 20.0)
+        assert endless.sent <= bound + slack, f"{endless.sent / MiB:.0f} MiB sent before the connection was given up"
+        assert endless.peak_rss - baseline <= bound + slack, f"RSS grew {(endless.peak_rss - baseline) / MiB:.0f} MiB"
+        await until(lambda: rss() - baseline < 16 * MiB, TIMEOUT, "the memory back (the connection still referenced)")
+        assert redis_connection.GIVEN_UP["reply_too_large"] == given_up_before + 1
+        [line] = [record for record in caplog.records if getattr(record, "event", None) == "broker_protocol_error"]
+        assert "too large" in line.error  # type: ignore[attr-defined]
+        assert connection.lost.done()
+    finally:
+        server.close()
+
+
 # --- the broker when Redis misbehaves
 
 
@@ -312,6 +343,38 @@ async def _delete(url: str, *keys: str) -> None:
     client = aioredis.from_url(url)
     await client.delete(*keys)
     await client.aclose()
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class EndlessReply:
+    """A fake Redis: it answers the first command with `head`, then sends `element` over and over, a MiB
+    at a time, until the client goes away or `cap` bytes are out. It notes what it sent, and the peak
+    RSS of this process (where the client reads) while it was sending."""
+
+    def __init__(self, head: bytes, element: bytes, cap: int) -> None:
+        self.head, self.cap = head, cap
+        self.chunk = element * (MiB // len(element))
+        self.sent = 0
+        self.peak_rss = rss()
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(1)
+            writer.write(self.head)
+            while self.sent < self.cap:
+                writer.write(self.chunk)
+                await writer.drain()
+                self.sent += len(self.chunk)
+                self.peak_rss = max(self.peak_rss, rss())
+            await reader.read()
+        except ConnectionError:
+            pass  # the client gave up
+        finally:
+            writer.close()
 
 
 class _Silent:

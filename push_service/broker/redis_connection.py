@@ -6,6 +6,8 @@ with benchmarks: 1,000 rooms of 10 cost twice as much CPU per publish over Redis
 Here the commands asked for during a loop turn are written together at its end, each reply
 resolves its future in the callback that reads it, and a pub/sub message reaches the hub in the
 read that brings it.
+A connection that gets what it cannot trust (not RESP2, a reply past resp.py's bounds, an answer to
+no command) is given up with a warning and counted in GIVEN_UP; the broker then reconnects.
 redis-py still serves everything else (history reads, presence), and reads the URL for us, so
 `redis://` and `rediss://` mean exactly what they mean to redis-py.
 """
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,12 @@ from typing import Any
 from redis.asyncio.connection import SSLConnection, parse_url
 
 from push_service.broker import resp
+
+log = logging.getLogger("push_service.broker")
+
+# Connections given up for what Redis sent, by reason, in this process: not_resp2, reply_too_large,
+# unasked_reply.
+GIVEN_UP: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -154,8 +163,11 @@ class RedisConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             replies = self._parser.feed(data)
+        except resp.ReplyTooLarge as error:
+            self._give_up("reply_too_large", f"redis sent {error}")
+            return
         except resp.ProtocolError as error:
-            self.close(f"redis sent something that is not RESP2: {error}")
+            self._give_up("not_resp2", f"redis sent something that is not RESP2: {error}")
             return
         if self._pushing:
             assert self._on_push is not None
@@ -165,7 +177,8 @@ class RedisConnection(asyncio.Protocol):
         waiters = self._waiters
         for reply in replies:
             if not waiters:
-                self.close("redis answered a command never sent")  # we no longer know which answer is whose
+                # We no longer know which answer is whose.
+                self._give_up("unasked_reply", "redis answered a command never sent")
                 return
             waiter = waiters[0]
             if isinstance(reply, resp.ReplyError) and waiter.error is None:
@@ -186,7 +199,14 @@ class RedisConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(ConnectionLost(f"redis connection lost: {exc}" if exc else "redis closed the connection"))
 
+    def _give_up(self, reason: str, why: str) -> None:
+        GIVEN_UP[reason] += 1
+        log.warning("redis connection given up", extra={"event": "broker_protocol_error", "reason": reason,
+                                                         "error": why})
+        self.close(why)
+
     def _lose(self, error: ConnectionLost) -> None:
+        self._parser = resp.Parser()  # a reply in progress may hold up to resp.MAX_REPLY_BYTES: let it go
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             if not waiter.future.done():
