@@ -77,11 +77,12 @@ class Parser:
         replies: list[Any] = []
         size = len(data)
         try:
-            # Slice by slice: each reply taken moves what is left of hiredis's buffer to its start.
-            for offset in range(0, size, FEED_SLICE):
-                reader.feed(data, offset, min(FEED_SLICE, size - offset))
+            if size <= FEED_SLICE:
+                reader.feed(data)
                 while (reply := reader.gets()) is not _INCOMPLETE:
                     replies.append(reply)
+            else:
+                self._feed_sliced(data, replies)
         except MemoryError:  # hiredis allocates an array's list as soon as its length is announced
             raise ReplyTooLarge("a reply too large: an array of more elements than memory holds") from None
         if replies:
@@ -92,6 +93,14 @@ class Parser:
             if self._partial > MAX_PARSED_BYTES:
                 self._check_bounds()
         return replies
+
+    def _feed_sliced(self, data: bytes, replies: list[Any]) -> None:
+        # Slice by slice: each reply taken moves what is left of hiredis's buffer to its start.
+        reader, size = self._reader, len(data)
+        for offset in range(0, size, FEED_SLICE):
+            reader.feed(data, offset, min(FEED_SLICE, size - offset))
+            while (reply := reader.gets()) is not _INCOMPLETE:
+                replies.append(reply)
 
     def _check_bounds(self) -> None:
         if self._partial > MAX_REPLY_BYTES:
