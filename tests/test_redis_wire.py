@@ -18,14 +18,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as aioredis
 
 from conftest import until
 from brokers import BrokerProcess, free_port, proxy_to, require_binary, require_redis
-from push_service.broker import redis_connection
+from push_service.broker import envelope, redis_connection
 from push_service.broker.base import BrokerUnavailable
-from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
+from push_service.broker.redis import CHANNEL_PREFIX, COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
 from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
 from push_service.broker.resp import Parser, ProtocolError, ReplyError, command
 from push_service.config import Settings
@@ -213,7 +214,7 @@ async def test_a_reply_that_never_ends_gives_the_connection_up_at_its_bound(
     slack = 24 * MiB  # a read, a chunk of the fake, and what the loopback's kernel buffers hold
     endless = EndlessReply(head, element, cap=bound + 2 * slack)
     server = await asyncio.start_server(endless, "127.0.0.1", 0)
-    given_up_before = redis_connection.GIVEN_UP["reply_too_large"]
+    given_up_before = redis_connection.PROTOCOL_ERRORS["reply_too_large"]
     try:
         baseline = rss()
         connection = await RedisConnection.open(endpoint(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"),
@@ -224,7 +225,7 @@ async def test_a_reply_that_never_ends_gives_the_connection_up_at_its_bound(
         assert endless.sent <= bound + slack, f"{endless.sent / MiB:.0f} MiB sent before the connection was given up"
         assert endless.peak_rss - baseline <= bound + slack, f"RSS grew {(endless.peak_rss - baseline) / MiB:.0f} MiB"
         await until(lambda: rss() - baseline < 16 * MiB, TIMEOUT, "the memory back (the connection still referenced)")
-        assert redis_connection.GIVEN_UP["reply_too_large"] == given_up_before + 1
+        assert redis_connection.PROTOCOL_ERRORS["reply_too_large"] == given_up_before + 1
         [line] = [record for record in caplog.records if getattr(record, "event", None) == "broker_protocol_error"]
         assert "too large" in line.error  # type: ignore[attr-defined]
         assert connection.lost.done()
@@ -262,6 +263,31 @@ async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected()
             assert [item.payload_json for item in node.heard] == [b'{"n":1}', b'{"n":4}']
         finally:
             await broker.close()
+
+
+async def test_a_push_the_broker_cannot_use_is_dropped_and_the_rest_of_the_read_delivered(
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeRedis()
+    server = await asyncio.start_server(fake, "127.0.0.1", 0)
+    dropped_before = redis_connection.PROTOCOL_ERRORS["bad_push"]
+    broker, node = await started_broker(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0")
+    try:
+        topic = f"room:lobby:{uuid.uuid4().hex}"
+        await subscribed(broker, node, topic)
+        channel = (CHANNEL_PREFIX + topic).encode()
+        good = envelope.pack_broadcast(Broadcast.of(topic, "new_msg", {"n": 1}))
+        with caplog.at_level(logging.WARNING, "push_service.broker"):
+            fake.push([b"message", channel], [b"message", channel, 7], [b"message", channel, good])  # one write
+            await until(lambda: node.heard, TIMEOUT, "the message after the two bad ones heard")
+        assert [item.payload_json for item in node.heard] == [b'{"n":1}']
+        assert broker.ready and fake.connections == 2  # nothing reconnected
+        assert redis_connection.PROTOCOL_ERRORS["bad_push"] == dropped_before + 2
+        lines = [record for record in caplog.records if getattr(record, "event", None) == "broker_bad_push"]
+        assert [line.error for line in lines] == [  # type: ignore[attr-defined]
+            "IndexError: list index out of range", "TypeError: 'int' object is not subscriptable"]
+    finally:
+        await broker.close()
+        server.close()
 
 
 async def test_a_flushed_publish_script_fails_one_publish_and_is_loaded_again() -> None:
@@ -343,6 +369,41 @@ async def _delete(url: str, *keys: str) -> None:
     client = aioredis.from_url(url)
     await client.delete(*keys)
     await client.aclose()
+
+
+def resp_array(items: list[bytes | int]) -> bytes:
+    return b"*%d\r\n" % len(items) + b"".join(
+        b":%d\r\n" % item if isinstance(item, int) else b"$%d\r\n%b\r\n" % (len(item), item) for item in items)
+
+
+class FakeRedis:
+    """Just enough of Redis for a RedisBroker without history: CLIENT SETNAME, SUBSCRIBE and PING
+    answered; `push` writes pub/sub replies of its own to the last connection that subscribed."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._pubsub: asyncio.StreamWriter | None = None
+
+    def push(self, *replies: list[bytes | int]) -> None:
+        assert self._pubsub is not None
+        self._pubsub.write(b"".join(resp_array(reply) for reply in replies))
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        commands = hiredis.Reader()  # a command is an array of bulk strings: a reply to hiredis
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                commands.feed(data)
+                while (command := commands.gets()) is not False:
+                    name = command[0].upper()
+                    if name == b"SUBSCRIBE":
+                        self._pubsub = writer
+                        writer.write(b"".join(resp_array([b"subscribe", channel, 1]) for channel in command[1:]))
+                    elif name == b"PING":
+                        writer.write(resp_array([b"pong", b""]))
+                    else:
+                        writer.write(b"+OK\r\n")
+        writer.close()
 
 
 def rss() -> int:

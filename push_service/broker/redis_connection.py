@@ -7,7 +7,8 @@ Here the commands asked for during a loop turn are written together at its end, 
 resolves its future in the callback that reads it, and a pub/sub message reaches the hub in the
 read that brings it.
 A connection that gets what it cannot trust (not RESP2, a reply past resp.py's bounds, an answer to
-no command) is given up with a warning and counted in GIVEN_UP; the broker then reconnects.
+no command) is given up with a warning, and the broker reconnects; a push that `on_push` fails on is
+dropped with a warning, and the rest of the read goes on. Both are counted in PROTOCOL_ERRORS.
 redis-py still serves everything else (history reads, presence), and reads the URL for us, so
 `redis://` and `rediss://` mean exactly what they mean to redis-py.
 """
@@ -29,9 +30,9 @@ from push_service.broker import resp
 
 log = logging.getLogger("push_service.broker")
 
-# Connections given up for what Redis sent, by reason, in this process: not_resp2, reply_too_large,
-# unasked_reply.
-GIVEN_UP: Counter[str] = Counter()
+# What Redis sent that a connection could not use, by reason, in this process: not_resp2,
+# reply_too_large, unasked_reply (the connection given up), bad_push (that push dropped).
+PROTOCOL_ERRORS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,15 @@ class RedisConnection(asyncio.Protocol):
             self._give_up("not_resp2", f"redis sent something that is not RESP2: {error}")
             return
         if self._pushing:
-            assert self._on_push is not None
+            on_push = self._on_push
+            assert on_push is not None
             for reply in replies:
-                self._on_push(reply)
+                try:
+                    on_push(reply)
+                except Exception as error:  # a push of a shape nobody sends: one lost message, not the connection
+                    PROTOCOL_ERRORS["bad_push"] += 1
+                    log.warning("redis push dropped", exc_info=True, extra={
+                        "event": "broker_bad_push", "error": f"{type(error).__name__}: {error}"})
             return
         waiters = self._waiters
         for reply in replies:
@@ -200,7 +207,7 @@ class RedisConnection(asyncio.Protocol):
         self._lose(ConnectionLost(f"redis connection lost: {exc}" if exc else "redis closed the connection"))
 
     def _give_up(self, reason: str, why: str) -> None:
-        GIVEN_UP[reason] += 1
+        PROTOCOL_ERRORS[reason] += 1
         log.warning("redis connection given up", extra={"event": "broker_protocol_error", "reason": reason,
                                                          "error": why})
         self.close(why)
