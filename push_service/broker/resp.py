@@ -1,7 +1,7 @@
 """RESP2, the Redis wire protocol, without I/O: commands to bytes, bytes to replies, on hiredis.
 
-hiredis (the C parser redis-py uses, installed with the redis extra) reads the replies and packs the
-commands. What the broker's own connections (redis_connection.py) get: simple and bulk strings as
+hiredis (the C parser redis-py itself prefers; the redis extra installs it, so there is no pure-Python
+fallback) reads the replies and packs the commands. What the broker's own connections (redis_connection.py) get: simple and bulk strings as
 bytes, integers, arrays as lists, nulls as None, and errors as a `ReplyError` value (not raised: it
 answers one command, the connection goes on). Bytes that are not RESP raise ProtocolError.
 
@@ -14,7 +14,8 @@ What one reply may hold, since a broken or hostile server could announce a reply
   (client-output-buffer-limit pubsub 32mb), so no message Redis delivers under its defaults is refused;
 - of those, MAX_PARSED_BYTES already parsed into the elements of an unfinished array: small elements
   weigh about 20 times their bytes as Python objects, and the broker's arrays are a few elements;
-- arrays nested at most 1024 deep (hiredis's own limit).
+- arrays nested at most 1024 deep (hiredis's own limit), and announcing no more elements than memory
+  can hold pointers for (hiredis allocates the list when the length comes).
 The bounds are checked after each read, so a reply may pass one by a read (asyncio's: 256 KiB) before
 ReplyTooLarge is raised.
 """
@@ -24,9 +25,10 @@ from __future__ import annotations
 from typing import Any
 
 try:
-    import hiredis
+    from hiredis import Reader, pack_command  # pack_command: hiredis 3.0 or later
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError("PUSH_BROKER=redis://... needs the redis extra: pip install 'push-service[redis]'") from exc
+    raise ImportError("PUSH_BROKER=redis://... needs the redis extra (hiredis 3 or later): "
+                      "pip install 'push-service[redis]'") from exc
 
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 MAX_PARSED_BYTES = 1024 * 1024
@@ -50,7 +52,7 @@ class ReplyTooLarge(ProtocolError):
 
 # One command given as a tuple, as Redis reads it: an array of bulk strings (str as UTF-8, numbers as
 # their str()); TypeError for anything else.
-pack = hiredis.pack_command
+pack = pack_command
 
 
 def command(*args: bytes | str | int | float) -> bytes:
@@ -68,7 +70,7 @@ class Parser:
     __slots__ = ("_reader", "_partial")
 
     def __init__(self) -> None:
-        self._reader = hiredis.Reader(protocolError=ProtocolError, replyError=ReplyError,
+        self._reader = Reader(protocolError=ProtocolError, replyError=ReplyError,
                                       notEnoughData=_INCOMPLETE)
         self._partial = 0  # bytes fed since a reply was last completed
 
