@@ -204,27 +204,31 @@ async def test_a_server_that_does_not_speak_resp2_fails_what_waits_and_says_why(
         server.close()
 
 
-@pytest.mark.parametrize("head, element, bound", [
-    (b"$1000000000\r\n", b"x", REPLY_BOUND),  # a bulk string announcing 1 GB
-    (b"*100000000\r\n", b"*0\r\n", PARSED_BOUND),  # 100 million elements, each an empty array
-    (b"*4294967295\r\n", b":1\r\n", PARSED_BOUND),  # more elements than memory holds pointers for, here
+# weight: the memory a byte of the reply takes while it is held (an empty array: a list object of 80 bytes)
+@pytest.mark.parametrize("head, element, bound, weight", [
+    (b"$1000000000\r\n", b"x", REPLY_BOUND, 1),  # a bulk string announcing 1 GB
+    (b"*100000000\r\n", b"*0\r\n", PARSED_BOUND, 20),  # 100 million elements, each an empty array
+    (b"*4294967295\r\n", b":1\r\n", PARSED_BOUND, 20),  # more elements than memory holds pointers for, here
 ], ids=["endless-bulk-string", "huge-array", "array-larger-than-memory"])
 async def test_a_reply_that_never_ends_gives_the_connection_up_at_its_bound(
-        head: bytes, element: bytes, bound: int, caplog: pytest.LogCaptureFixture) -> None:
+        head: bytes, element: bytes, bound: int, weight: int, caplog: pytest.LogCaptureFixture) -> None:
     slack = 24 * MiB  # a read, a chunk of the fake, and what the loopback's kernel buffers hold
     endless = EndlessReply(head, element, cap=bound + 2 * slack)
     server = await asyncio.start_server(endless, "127.0.0.1", 0)
     given_up_before = redis_connection.PROTOCOL_ERRORS["reply_too_large"]
     try:
-        baseline = rss()
+        baseline, fds = rss(), len(os.listdir("/proc/self/fd"))
         connection = await RedisConnection.open(endpoint(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"),
                                                 TIMEOUT)
+        connection._parser = endless.measured(connection._parser)  # type: ignore[assignment]
         with caplog.at_level(logging.WARNING, "push_service.broker"):
             with pytest.raises(ConnectionLost, match="too large"):
                 await asyncio.wait_for(connection.call([("GET", "k")]), 20.0)
         assert endless.sent <= bound + slack, f"{endless.sent / MiB:.0f} MiB sent before the connection was given up"
-        assert endless.peak_rss - baseline <= bound + slack, f"RSS grew {(endless.peak_rss - baseline) / MiB:.0f} MiB"
+        assert endless.peak_rss - baseline <= (bound + PIECE) * weight + 8 * MiB, (
+            f"RSS grew {(endless.peak_rss - baseline) / MiB:.0f} MiB")
         await until(lambda: rss() - baseline < 16 * MiB, TIMEOUT, "the memory back (the connection still referenced)")
+        await until(lambda: len(os.listdir("/proc/self/fd")) <= fds, TIMEOUT, "both ends' sockets closed")
         assert redis_connection.PROTOCOL_ERRORS["reply_too_large"] == given_up_before + 1
         [line] = [record for record in caplog.records if getattr(record, "event", None) == "broker_protocol_error"]
         assert "too large" in line.error  # type: ignore[attr-defined]
@@ -411,16 +415,32 @@ def rss() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class MeasuredParser:
+    """A connection's parser, and the process's RSS noted after each read it takes."""
+
+    def __init__(self, parser: Parser, endless: EndlessReply) -> None:
+        self.parser, self.endless = parser, endless
+
+    def feed(self, data: bytes) -> list[Any]:
+        try:
+            return self.parser.feed(data)
+        finally:
+            self.endless.peak_rss = max(self.endless.peak_rss, rss())
+
+
 class EndlessReply:
     """A fake Redis: it answers the first command with `head`, then sends `element` over and over, a MiB
     at a time, until the client goes away or `cap` bytes are out. It notes what it sent, and the peak
-    RSS of this process (where the client reads) while it was sending."""
+    RSS of this process after each read of a client whose parser it `measured`."""
 
     def __init__(self, head: bytes, element: bytes, cap: int) -> None:
         self.head, self.cap = head, cap
         self.chunk = element * (MiB // len(element))
         self.sent = 0
         self.peak_rss = rss()
+
+    def measured(self, parser: Parser) -> MeasuredParser:
+        return MeasuredParser(parser, self)
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -430,7 +450,6 @@ class EndlessReply:
                 writer.write(self.chunk)
                 await writer.drain()
                 self.sent += len(self.chunk)
-                self.peak_rss = max(self.peak_rss, rss())
             await reader.read()
         except ConnectionError:
             pass  # the client gave up
