@@ -1,9 +1,10 @@
 """RESP2, the Redis wire protocol, without I/O: commands to bytes, bytes to replies, on hiredis.
 
-hiredis (the C parser redis-py itself prefers; the redis extra installs it, so there is no pure-Python
-fallback) reads the replies and packs the commands. What the broker's own connections (redis_connection.py) get: simple and bulk strings as
-bytes, integers, arrays as lists, nulls as None, and errors as a `ReplyError` value (not raised: it
-answers one command, the connection goes on). Bytes that are not RESP raise ProtocolError.
+hiredis (the C parser redis-py itself prefers; the redis extra installs it, so there is no
+pure-Python fallback) reads the replies and packs the commands. What the broker's own connections
+(redis_connection.py) get: simple and bulk strings as bytes, integers, arrays as lists, nulls as
+None, and errors as a `ReplyError` value (not raised: it answers one command, the connection goes
+on). Bytes that are not RESP raise ProtocolError.
 
 hiredis also reads RESP3's types, which Redis never sends a RESP2 client; they would come through as
 values (True, 1.5, a dict) that answer nothing the broker asks. It skips the two bytes after a bulk
@@ -70,8 +71,7 @@ class Parser:
     __slots__ = ("_reader", "_partial")
 
     def __init__(self) -> None:
-        self._reader = Reader(protocolError=ProtocolError, replyError=ReplyError,
-                                      notEnoughData=_INCOMPLETE)
+        self._reader = Reader(protocolError=ProtocolError, replyError=ReplyError, notEnoughData=_INCOMPLETE)
         self._partial = 0  # bytes fed since a reply was last completed
 
     def feed(self, data: bytes) -> list[Any]:
