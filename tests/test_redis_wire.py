@@ -204,6 +204,30 @@ async def test_a_server_that_does_not_speak_resp2_fails_what_waits_and_says_why(
         server.close()
 
 
+async def test_a_server_that_answers_more_than_was_asked_is_given_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"+OK\r\n+OK\r\n")  # two answers to one command
+        with contextlib.suppress(ConnectionError):
+            await reader.read()
+
+    server = await asyncio.start_server(chatty, "127.0.0.1", 0)
+    given_up_before = redis_connection.PROTOCOL_ERRORS["unasked_reply"]
+    try:
+        connection = await RedisConnection.open(endpoint(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"),
+                                                TIMEOUT)
+        with caplog.at_level(logging.WARNING, "push_service.broker"):
+            assert await asyncio.wait_for(connection.call([("PING",)]), TIMEOUT) == b"OK"
+            await asyncio.wait_for(connection.lost, TIMEOUT)
+        with pytest.raises(ConnectionLost):
+            await connection.call([("PING",)])
+        assert redis_connection.PROTOCOL_ERRORS["unasked_reply"] == given_up_before + 1
+        [line] = [record for record in caplog.records if getattr(record, "event", None) == "broker_protocol_error"]
+        assert line.error == "redis answered a command never sent"  # type: ignore[attr-defined]
+    finally:
+        server.close()
+
+
 # weight: the memory a byte of the reply takes while it is held (an empty array: a list object of 80 bytes)
 @pytest.mark.parametrize("head, element, bound, weight", [
     (b"$1000000000\r\n", b"x", REPLY_BOUND, 1),  # a bulk string announcing 1 GB
