@@ -95,9 +95,13 @@ def test_large_replies_within_the_bound_and_endless_streams_of_small_ones_parse(
     payload = os.urandom(32 * MiB)
     message = b"*3\r\n$7\r\nmessage\r\n$4\r\nch:1\r\n$%d\r\n%b\r\n" % (len(payload), payload)
     parser, replies = Parser(), []
+    baseline = rss()
     for start in range(0, len(message), PIECE):
         replies += parser.feed(message[start:start + PIECE])
     assert len(replies) == 1 and replies[0][2] == payload
+    del replies
+    assert parser.feed(b"+PONG\r\n") == [b"PONG"]
+    assert rss() - baseline < 8 * MiB  # the buffer that held the large reply is given back at the next read
     small = b"*3\r\n$7\r\nmessage\r\n$4\r\nch:1\r\n$50\r\n%b\r\n" % (b"y" * 50)
     stream = small * (4 * PARSED_BOUND // len(small))  # many times the bound, in replies under it
     count = 0
