@@ -1,7 +1,8 @@
 """The Redis broker's own wire: the RESP2 codec (resp.py), its connections (redis_connection.py),
 and what the broker does when Redis misbehaves: stops answering, forgets the publish script,
-asks for a password. Against the shared Redis (127.0.0.1:6379) and throwaway redis-server
-processes; the broker runs in-process, talking to them over real sockets.
+asks for a password, sends what Redis never would (replies that never end, pushes of a foreign
+shape). Against the shared Redis (127.0.0.1:6379), throwaway redis-server processes and fake
+servers on loopback; the broker runs in-process, talking to them over real sockets.
 """
 
 from __future__ import annotations
