@@ -1,4 +1,4 @@
-"""The Redis broker's two hot connections, on RESP2 (resp.py) straight over an asyncio transport.
+"""The Redis broker's two hot connections, on RESP2 (resp.py, hiredis) straight over an asyncio transport.
 
 Why not redis-py here: a publish through its pipeline took about 60 µs of CPU and a loop turn
 before the command was even written, and each pub/sub message another task wake-up (measured
@@ -6,6 +6,9 @@ with benchmarks: 1,000 rooms of 10 cost twice as much CPU per publish over Redis
 Here the commands asked for during a loop turn are written together at its end, each reply
 resolves its future in the callback that reads it, and a pub/sub message reaches the hub in the
 read that brings it.
+A connection that gets what it cannot trust (not RESP2, a reply past resp.py's bounds, an answer to
+no command) is given up with a warning, and the broker reconnects; a push that `on_push` fails on is
+dropped with a warning, and the rest of the read goes on. Both are counted in PROTOCOL_ERRORS.
 redis-py still serves everything else (history reads, presence), and reads the URL for us, so
 `redis://` and `rediss://` mean exactly what they mean to redis-py.
 """
@@ -14,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +27,12 @@ from typing import Any
 from redis.asyncio.connection import SSLConnection, parse_url
 
 from push_service.broker import resp
+
+log = logging.getLogger("push_service.broker")
+
+# What Redis sent that a connection could not use, by reason, in this process: not_resp2,
+# reply_too_large, unasked_reply (the connection given up), bad_push (that push dropped).
+PROTOCOL_ERRORS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -123,7 +133,7 @@ class RedisConnection(asyncio.Protocol):
         self._waiters.append(_Waiter(future, len(commands)))
         if not self._out:
             self._loop.call_soon(self._write_out)
-        self._out.extend([resp.command(*command) for command in commands])
+        self._out.extend([resp.pack(command) for command in commands])
         return future
 
     def _write_out(self) -> None:
@@ -134,7 +144,7 @@ class RedisConnection(asyncio.Protocol):
     def send(self, *command: Any) -> None:
         """Write a command whose answer comes as a push (SUBSCRIBE, PING on a pub/sub connection), now."""
         if self._transport is not None and not self.lost.done():
-            self._transport.write(resp.command(*command))
+            self._transport.write(resp.pack(command))
 
     def stalled(self, now: float, timeout: float) -> bool:
         """Whether commands have waited `timeout` seconds with no reply at all."""
@@ -154,18 +164,28 @@ class RedisConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             replies = self._parser.feed(data)
+        except resp.ReplyTooLarge as error:
+            self._give_up("reply_too_large", f"redis sent {error}")
+            return
         except resp.ProtocolError as error:
-            self.close(f"redis sent something that is not RESP2: {error}")
+            self._give_up("not_resp2", f"redis sent something that is not RESP2: {error}")
             return
         if self._pushing:
-            assert self._on_push is not None
+            on_push = self._on_push
+            assert on_push is not None
             for reply in replies:
-                self._on_push(reply)
+                try:
+                    on_push(reply)
+                except Exception as error:  # a push of a shape nobody sends: one lost message, not the connection
+                    PROTOCOL_ERRORS["bad_push"] += 1
+                    log.warning("redis push dropped", exc_info=True, extra={
+                        "event": "broker_bad_push", "error": f"{type(error).__name__}: {error}"})
             return
         waiters = self._waiters
         for reply in replies:
             if not waiters:
-                self.close("redis answered a command never sent")  # we no longer know which answer is whose
+                # We no longer know which answer is whose.
+                self._give_up("unasked_reply", "redis answered a command never sent")
                 return
             waiter = waiters[0]
             if isinstance(reply, resp.ReplyError) and waiter.error is None:
@@ -186,7 +206,14 @@ class RedisConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(ConnectionLost(f"redis connection lost: {exc}" if exc else "redis closed the connection"))
 
+    def _give_up(self, reason: str, why: str) -> None:
+        PROTOCOL_ERRORS[reason] += 1
+        log.warning("redis connection given up", extra={"event": "broker_protocol_error", "reason": reason,
+                                                         "error": why})
+        self.close(why)
+
     def _lose(self, error: ConnectionLost) -> None:
+        self._parser = resp.Parser()  # a reply in progress may hold up to resp.MAX_REPLY_BYTES: let it go
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
             if not waiter.future.done():

@@ -1,15 +1,38 @@
-"""RESP2, the Redis wire protocol, without I/O: commands to bytes, bytes to replies.
+"""RESP2, the Redis wire protocol, without I/O: commands to bytes, bytes to replies, on hiredis.
 
-Only what the broker's own connections need (redis.py): commands are arrays of bulk strings;
-replies are simple strings and bulk strings (bytes), integers, arrays (lists), nulls (None) and
-errors (a `ReplyError` value, not raised: it answers one command, the connection goes on).
+hiredis (the C parser redis-py itself prefers; the redis extra installs it, so there is no
+pure-Python fallback) reads the replies and packs the commands. What the broker's own connections
+(redis_connection.py) get: simple and bulk strings as bytes, integers, arrays as lists, nulls as
+None, and errors as a `ReplyError` value (not raised: it answers one command, the connection goes
+on). Bytes that are not RESP raise ProtocolError.
+
+hiredis also reads RESP3's types, which Redis never sends a RESP2 client; they would come through as
+values (True, 1.5, a dict) that answer nothing the broker asks. It skips the two bytes after a bulk
+string unchecked: a length that lies shows up as a bad type byte at the next reply.
+
+What one reply may hold, since a broken or hostile server could announce a reply that never ends:
+- MAX_REPLY_BYTES of wire bytes: twice what Redis itself queues for a pub/sub client by default
+  (client-output-buffer-limit pubsub 32mb), so no message Redis delivers under its defaults is refused;
+- of those, MAX_PARSED_BYTES already parsed into the elements of an unfinished array: small elements
+  weigh about 20 times their bytes as Python objects, and the broker's arrays are a few elements;
+- arrays nested at most 1024 deep (hiredis's own limit), and announcing no more elements than memory
+  can hold pointers for (hiredis allocates the list when the length comes).
+The bounds are checked after each read, so a reply may pass one by a read (asyncio's: 256 KiB) before
+ReplyTooLarge is raised.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-CRLF = b"\r\n"
+try:
+    from hiredis import Reader, pack_command  # pack_command: hiredis 3.0 or later
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError("PUSH_BROKER=redis://... needs the redis extra (hiredis 3 or later): "
+                      "pip install 'push-service[redis]'") from exc
+
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+MAX_PARSED_BYTES = 1024 * 1024
 
 
 class ReplyError(Exception):
@@ -24,78 +47,66 @@ class ProtocolError(Exception):
     """Bytes that are not RESP2: the connection cannot be trusted any more."""
 
 
-def _bulk(value: bytes | str | int | float) -> bytes:
-    data = value if isinstance(value, bytes) else str(value).encode()
-    return b"$%d\r\n%b\r\n" % (len(data), data)
+class ReplyTooLarge(ProtocolError):
+    """A reply past what one reply may hold (see the module's docstring)."""
+
+
+# One command given as a tuple, as Redis reads it: an array of bulk strings (str as UTF-8, numbers as
+# their str()); TypeError for anything else.
+pack = pack_command
 
 
 def command(*args: bytes | str | int | float) -> bytes:
-    """One command, as Redis reads it: an array of bulk strings."""
-    return b"*%d\r\n%b" % (len(args), b"".join([_bulk(arg) for arg in args]))
+    """One command, as Redis reads it."""
+    return pack(args)
 
 
-class _Incomplete(Exception):
-    pass
-
-
-# Reply types, by their first byte.
-_BULK, _ARRAY, _INTEGER, _SIMPLE, _ERROR = b"$*:+-"
-
-
-def _reply(buffer: bytes, start: int) -> tuple[Any, int]:
-    """The reply that begins at `start` and where the next one begins; _Incomplete if it is cut short."""
-    end = buffer.find(CRLF, start)
-    if end < 0:
-        raise _Incomplete
-    kind, line = buffer[start], buffer[start + 1:end]
-    try:
-        if kind == _BULK:
-            length = int(line)
-            if length < 0:
-                return None, end + 2
-            stop = end + 2 + length
-            if len(buffer) < stop + 2:
-                raise _Incomplete
-            if buffer[stop:stop + 2] != CRLF:
-                raise ProtocolError("bulk string without its CRLF")
-            return buffer[end + 2:stop], stop + 2
-        if kind == _ARRAY:
-            count = int(line)
-            if count < 0:
-                return None, end + 2
-            items, position = [], end + 2
-            for _ in range(count):
-                item, position = _reply(buffer, position)
-                items.append(item)
-            return items, position
-        if kind == _INTEGER:
-            return int(line), end + 2
-        if kind == _SIMPLE:
-            return line, end + 2
-        if kind == _ERROR:
-            return ReplyError(line.decode(errors="replace")), end + 2
-    except ValueError:
-        raise ProtocolError(f"bad length or integer {line[:20]!r}") from None
-    raise ProtocolError(f"unknown reply type {bytes([kind])!r}")
+FEED_SLICE = 16 * 1024  # what hiredis's own client reads at a time
+_INCOMPLETE = object()  # what the reader gives while no reply is complete (False could be a RESP3 reply)
 
 
 class Parser:
     """Feed it the bytes as they come; it returns the replies they complete, in order."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_reader", "_partial")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._reader = Reader(protocolError=ProtocolError, replyError=ReplyError, notEnoughData=_INCOMPLETE)
+        self._partial = 0  # bytes fed since a reply was last completed
 
     def feed(self, data: bytes) -> list[Any]:
-        buffer = self._buffer + data if self._buffer else data
+        reader = self._reader
         replies: list[Any] = []
-        position = 0
+        size = len(data)
         try:
-            while position < len(buffer):
-                reply, position = _reply(buffer, position)
-                replies.append(reply)
-        except _Incomplete:
-            pass
-        self._buffer = buffer[position:]
+            if size <= FEED_SLICE:
+                reader.feed(data)
+                while (reply := reader.gets()) is not _INCOMPLETE:
+                    replies.append(reply)
+            else:
+                self._feed_sliced(data, replies)
+        except MemoryError:  # hiredis allocates an array's list as soon as its length is announced
+            raise ReplyTooLarge("a reply too large: an array of more elements than memory holds") from None
+        if replies:
+            # What follows the last complete reply in `data` is not counted: the bounds' one read of slack.
+            self._partial = 0
+        else:
+            self._partial += size
+            if self._partial > MAX_PARSED_BYTES:
+                self._check_bounds()
         return replies
+
+    def _feed_sliced(self, data: bytes, replies: list[Any]) -> None:
+        # Slice by slice: each reply taken moves what is left of hiredis's buffer to its start.
+        reader, size = self._reader, len(data)
+        for offset in range(0, size, FEED_SLICE):
+            reader.feed(data, offset, min(FEED_SLICE, size - offset))
+            while (reply := reader.gets()) is not _INCOMPLETE:
+                replies.append(reply)
+
+    def _check_bounds(self) -> None:
+        if self._partial > MAX_REPLY_BYTES:
+            raise ReplyTooLarge(f"a reply too large: over {MAX_REPLY_BYTES >> 20} MiB")
+        # What the reader still buffers is unparsed; the rest of the reply's bytes are parsed elements.
+        if self._partial - self._reader.len() > MAX_PARSED_BYTES:
+            raise ReplyTooLarge(f"a reply too large: an array of over {MAX_PARSED_BYTES >> 20} MiB of elements")
