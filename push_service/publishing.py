@@ -119,7 +119,7 @@ def _id_field(body: dict[str, Any], field: str, hint: str = "") -> str:
     if value is None:
         raise ApiError(400, f"missing field {field!r}{hint}")
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-        if isinstance(value, float):  # orjson reads an integer beyond 64 bits as a float
+        if isinstance(value, float) and abs(value) >= 2.0**63:  # orjson reads an integer beyond 64 bits so
             raise ApiError(400, f"field {field!r} must be a non-empty string or an integer of at most 64 bits "
                                 "(send a larger id as a string)")
         raise ApiError(400, f"field {field!r} must be a non-empty string or an integer")
