@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from push_service.presence.base import Diff, DiffCallback, Meta, Metas, Tracker, new_phx_ref
+from push_service.presence.base import Diff, DiffCallback, Meta, Metas, PresenceUnavailable, Tracker, new_phx_ref
 
 log = logging.getLogger("push_service.presence")
 
@@ -128,6 +128,20 @@ class ReplicatedTracker(Tracker):
         entries = self._replicas.get(topic)
         if entries is None:
             entries = self._local.get(topic, {})
+        metas: Metas = {}
+        for key, meta in entries.values():
+            metas.setdefault(key, []).append(meta)
+        return metas
+
+    async def cluster_list(self, topic: str) -> Metas:
+        if topic in self._replicas and topic not in self._loading:
+            return self.list(topic)
+        # No local subscriber, so no replica that signals keep current: read the store.
+        try:
+            entries = await asyncio.wait_for(self._read(topic), self._node_timeout)
+        except Exception as exc:
+            raise PresenceUnavailable(f"{type(exc).__name__} reading presence of {topic}") from None
+        entries.update(self._local.get(topic, {}))
         metas: Metas = {}
         for key, meta in entries.values():
             metas.setdefault(key, []).append(meta)

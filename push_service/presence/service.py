@@ -120,6 +120,10 @@ class Presence:
     def list(self, topic: str) -> Metas:
         return self.tracker.list(topic)
 
+    async def cluster_list(self, topic: str) -> Metas:
+        """Everyone present on `topic` on any node (PresenceUnavailable when the broker cannot tell)."""
+        return await self.tracker.cluster_list(topic)
+
     def _send_diff(self, topic: str, diff: Diff) -> None:
         self._metrics.presence_diffs.inc()
         self._dispatch(Broadcast.of(topic, PRESENCE_DIFF, diff.payload()))
