@@ -33,8 +33,8 @@ def key_material(pem: str) -> list[str]:
 @pytest.mark.parametrize("make_pem", [public_pem, private_pem], ids=["public", "private"])
 async def test_a_pem_key_as_the_jwt_secret_is_refused_at_start(make_pem):
     pem = make_pem()
-    code, stdout, stderr = await run_cli("serve", "--port", "0", env=cli_env(PUSH_JWT_SECRET=pem, PUSH_SERVICE_KEY="k" * 32),
-                                         timeout=20)
+    env = cli_env(PUSH_JWT_SECRET=pem, PUSH_SERVICE_KEY="k" * 32)
+    code, stdout, stderr = await run_cli("serve", "--port", "0", env=env, timeout=20)
     assert code == 2, stderr
     assert "configuration error" in stderr and "PUSH_JWT_SECRET" in stderr
     assert "PUSH_JWT_PUBLIC_KEY" in stderr  # where a public key belongs
@@ -49,8 +49,8 @@ async def test_a_pem_key_as_the_jwt_secret_is_refused_at_start(make_pem):
     "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEA\\nline-two",
 ])
 async def test_a_bad_public_key_is_refused_without_echoing_it(value):
-    code, stdout, stderr = await run_cli("serve", "--port", "0", env=cli_env(PUSH_JWT_PUBLIC_KEY=value, PUSH_SERVICE_KEY="k" * 32),
-                                         timeout=20)
+    env = cli_env(PUSH_JWT_PUBLIC_KEY=value, PUSH_SERVICE_KEY="k" * 32)
+    code, stdout, stderr = await run_cli("serve", "--port", "0", env=env, timeout=20)
     assert code == 2, stderr
     assert "configuration error" in stderr and "PUSH_JWT_PUBLIC_KEY" in stderr
     assert "Traceback" not in stderr
