@@ -121,3 +121,8 @@ class Tracker(ABC):
     @abstractmethod
     def size(self) -> int:
         """Tracked entries (connections x topics) on this node's view."""
+
+    @property
+    @abstractmethod
+    def topic_count(self) -> int:
+        """Topics with at least one connection of this node tracked."""

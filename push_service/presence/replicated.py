@@ -151,6 +151,10 @@ class ReplicatedTracker(Tracker):
     def size(self) -> int:
         return self._size
 
+    @property
+    def topic_count(self) -> int:
+        return len(self._local)
+
     def _set(self, topic: str, conn_id: str, entry: Entry, previous: Meta | None) -> None:
         local = self._local.setdefault(topic, {})
         if conn_id not in local:
