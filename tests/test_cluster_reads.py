@@ -16,6 +16,7 @@ from test_cluster import (  # noqa: F401 - fixtures used by name
     connect,
     presence_broker_url,
     presences,
+    ready_is,
     start_nodes,
 )
 
@@ -31,6 +32,8 @@ async def test_presence_reads_are_cluster_wide_on_a_node_without_subscribers(pre
     topic = f"room:topic:{uuid.uuid4().hex}"
     serving, other = await start_nodes(start_server, 2, presence_broker_url)
     async with aiohttp.ClientSession() as http, connect(http, serving, "a") as a, connect(http, serving, "b") as b:
+        for node in (serving, other):
+            await ready_is(http, node, 200, TIMEOUT)
         await a.join(topic)
         await b.join(topic)
         expected = await until(lambda: _both(http, serving, topic), TIMEOUT, "both present on the serving node")

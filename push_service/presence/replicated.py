@@ -23,6 +23,7 @@ from push_service.presence.base import Diff, DiffCallback, Meta, Metas, Presence
 log = logging.getLogger("push_service.presence")
 
 Entry = tuple[str, Meta]  # (presence key, meta)
+READ_TIMEOUT = 5.0  # at least this long for a read of a topic this node follows no replica of
 
 
 def node_of(conn_id: str) -> str:
@@ -138,8 +139,10 @@ class ReplicatedTracker(Tracker):
             return self.list(topic)
         # No local subscriber, so no replica that signals keep current: read the store.
         try:
-            entries = await asyncio.wait_for(self._read(topic), self._node_timeout)
+            entries = await asyncio.wait_for(self._read(topic), max(self._node_timeout, READ_TIMEOUT))
         except Exception as exc:
+            log.warning("presence read failed", extra={"event": "presence_read_failed", "topic": topic,
+                                                       "error": f"{type(exc).__name__}: {exc}"})
             raise PresenceUnavailable(f"{type(exc).__name__} reading presence of {topic}") from None
         entries.update(self._local.get(topic, {}))
         metas: Metas = {}
