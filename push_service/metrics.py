@@ -27,6 +27,8 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from push_service.topics import FAMILIES
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The *_created series double the scrape size and no dashboard of ours reads them.
 disable_created_metrics()
@@ -35,7 +37,6 @@ disable_created_metrics()
 # Label values known in advance, given a 0 series at start: a family with no sample is invisible to
 # rate() and to alerts until its first event, and "absent" cannot be told from "zero".
 TRANSPORTS = ("websocket", "longpoll")
-FAMILIES = ("lobby", "topic", "community", "user")  # topics.FAMILIES
 ENDPOINTS = ("message", "channel", "thread", "community", "user", "broadcast", "batch")
 RECOVERY_RESULTS = ("recovered", "not_recovered")
 JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since")
