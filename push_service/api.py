@@ -19,7 +19,7 @@ from push_service.history.position import Position
 from push_service.http1 import request_id
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import NODE, Node
-from push_service.presence.base import state_payload
+from push_service.presence.base import Metas, PresenceUnavailable, state_payload
 from push_service.publishing import ApiError, check_bearer
 from push_service.topics import parse_topic
 
@@ -95,16 +95,24 @@ def _presence_topic(request: web.Request) -> str:
     return name
 
 
+async def _cluster_presence(request: web.Request, topic: str) -> Metas:
+    """The topic's presence on every node, whether or not this one serves the topic."""
+    node: Node = request.app[NODE]
+    try:
+        return await node.presence.cluster_list(topic)
+    except PresenceUnavailable:
+        raise ApiError(503, "broker unavailable") from None
+
+
 async def presence_state(request: web.Request) -> web.StreamResponse:
     topic = _presence_topic(request)
-    node: Node = request.app[NODE]
-    return json_response({"topic": topic, "presences": state_payload(node.presence.list(topic))})
+    metas = await _cluster_presence(request, topic)
+    return json_response({"topic": topic, "presences": state_payload(metas)})
 
 
 async def presence_count(request: web.Request) -> web.StreamResponse:
     topic = _presence_topic(request)
-    node: Node = request.app[NODE]
-    metas = node.presence.list(topic)
+    metas = await _cluster_presence(request, topic)
     return json_response({"topic": topic, "users": len(metas),
                           "connections": sum(len(entries) for entries in metas.values())})
 
@@ -163,6 +171,9 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)
     app.router.add_get("/metrics", metrics)
+    for route in app.router.routes():  # a 0 series per route from the start, as metrics.py explains
+        if route.method != "HEAD" and route.resource is not None:
+            node.metrics.http_requests.labels(route.resource.canonical, route.method, 200)
 
 
 @web.middleware

@@ -25,11 +25,13 @@ from push_service.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Settings
 
 
 class AuthError(Exception):
-    """A token was refused; `reason` is a short label used in metrics and logs."""
+    """A token was refused; `reason` is a short label used in metrics, `explanation` what a client and the
+    log are told (the reason, and the failing claim where one did), the message PyJWT's wording."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, claim_problem: str | None = None) -> None:
         super().__init__(detail)
         self.reason = reason
+        self.explanation = f"{reason}: {claim_problem}" if claim_problem else reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,68 +254,74 @@ class TokenVerifier:
     def _check_claims(self, claims: dict[str, Any]) -> None:
         """PyJWT's `_validate_claims` with require=["exp", "sub"], in its order and with its verdicts."""
         if claims.get("exp") is None:
-            raise AuthError("missing_claim", 'Token is missing the "exp" claim')
+            raise AuthError("missing_claim", 'Token is missing the "exp" claim', "exp")
         if claims.get("sub") is None:
-            raise AuthError("missing_claim", 'Token is missing the "sub" claim')
+            raise AuthError("missing_claim", 'Token is missing the "sub" claim', "sub")
         now = time.time()
         leeway = self._leeway
         if "iat" in claims:
             try:
                 iat = int(claims["iat"])
             except (ValueError, TypeError, OverflowError):
-                raise AuthError("invalid", "Issued At claim (iat) must be an integer.") from None
+                raise AuthError("invalid", "Issued At claim (iat) must be an integer.",
+                                "iat must be an integer") from None
             if iat > now + leeway:
-                raise AuthError("not_yet_valid", "The token is not yet valid (iat)")
+                raise AuthError("not_yet_valid", "The token is not yet valid (iat)", "iat is in the future")
         if "nbf" in claims:
             try:
                 nbf = int(claims["nbf"])
             except (ValueError, TypeError, OverflowError):
-                raise AuthError("malformed", "Not Before claim (nbf) must be an integer.") from None
+                raise AuthError("malformed", "Not Before claim (nbf) must be an integer.",
+                                "nbf must be an integer") from None
             if nbf > now + leeway:
-                raise AuthError("not_yet_valid", "The token is not yet valid (nbf)")
+                raise AuthError("not_yet_valid", "The token is not yet valid (nbf)", "nbf is in the future")
         try:
             exp = int(claims["exp"])  # int(): PyJWT takes 1.5 and "1700000000" too
         except (ValueError, TypeError, OverflowError):
-            raise AuthError("malformed", "Expiration Time claim (exp) must be an integer.") from None
+            raise AuthError("malformed", "Expiration Time claim (exp) must be an integer.",
+                            "exp must be an integer") from None
         if exp <= now - leeway:
             raise AuthError("expired", "Signature has expired")
         if self._issuer is not None:
             if "iss" not in claims:
-                raise AuthError("missing_claim", 'Token is missing the "iss" claim')
+                raise AuthError("missing_claim", 'Token is missing the "iss" claim', "iss")
             issuer = claims["iss"]
             if not isinstance(issuer, str) or issuer != self._issuer:
-                raise AuthError("bad_issuer", "Invalid issuer")
+                raise AuthError("bad_issuer", "Invalid issuer", "iss does not match PUSH_JWT_ISSUER")
         audience = claims.get("aud")  # an empty or false `aud` counts as none, as in PyJWT
         if self._audience is None:
             if audience:
-                raise AuthError("bad_audience", "Invalid audience: the token has one, none is configured")
+                raise AuthError("bad_audience", "Invalid audience: the token has one, none is configured",
+                                "aud is given, none is configured")
         else:
             if not audience:
-                raise AuthError("missing_claim", 'Token is missing the "aud" claim')
+                raise AuthError("missing_claim", 'Token is missing the "aud" claim', "aud")
             if isinstance(audience, str):
                 audience = [audience]
             if not isinstance(audience, list) or not all(isinstance(item, str) for item in audience):
-                raise AuthError("bad_audience", "Invalid claim format in token")
+                raise AuthError("bad_audience", "Invalid claim format in token",
+                                "aud must be a string or a list of strings")
             if self._audience not in audience:
-                raise AuthError("bad_audience", "Audience doesn't match")
+                raise AuthError("bad_audience", "Audience doesn't match", "aud does not include PUSH_JWT_AUDIENCE")
         if not isinstance(claims["sub"], str):
-            raise AuthError("invalid", "Subject must be a string")
+            raise AuthError("invalid", "Subject must be a string", "sub must be a string")
         if "jti" in claims and not isinstance(claims["jti"], str):
-            raise AuthError("invalid", "JWT ID must be a string")
+            raise AuthError("invalid", "JWT ID must be a string", "jti must be a string")
 
 
 def _identity_from(claims: dict[str, Any]) -> Identity:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
-        raise AuthError("bad_claims", "'sub' must be a non-empty string")
+        raise AuthError("bad_claims", "'sub' must be a non-empty string", "sub must be a non-empty string")
     topics = claims.get("topics")
     if topics is not None:
         if not isinstance(topics, list) or not all(isinstance(item, str) and item for item in topics):
-            raise AuthError("bad_claims", "'topics' must be a list of non-empty strings")
+            raise AuthError("bad_claims", "'topics' must be a list of non-empty strings",
+                            "topics must be a list of non-empty strings")
         topics = tuple(topics)
     info = claims.get("info", {})
     if not isinstance(info, dict):
-        raise AuthError("bad_claims", "'info' must be an object")
+        raise AuthError("bad_claims", "'info' must be an object", "info must be an object")
     return Identity(sub=sub, exp=float(claims["exp"]), topics=topics, info=info)
 
 

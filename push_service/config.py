@@ -51,9 +51,9 @@ OPTIONS: tuple[Option, ...] = (
            "development (default: missing keys are generated for this run) or production (missing keys are an error)"),
     Option("service_keys", "PUSH_SERVICE_KEY", values.comma_list,
            "publish key(s) for the HTTP API, comma-separated to allow rotation", secret=True),
-    Option("jwt_secret", "PUSH_JWT_SECRET", values.optional_text, "HMAC secret for client JWTs (HS256/384/512)", secret=True),
+    Option("jwt_secret", "PUSH_JWT_SECRET", values.hmac_secret, "HMAC secret for client JWTs (HS256/384/512)", secret=True),
     Option("jwt_public_key", "PUSH_JWT_PUBLIC_KEY", values.public_key,
-           "PEM public key (or a path to one) for client JWTs signed with RS*/PS*/ES*/EdDSA"),
+           "PEM public key (or a path to one) for client JWTs signed with RS*/PS*/ES*/EdDSA", secret=True),
     Option("jwt_algorithms", "PUSH_JWT_ALGORITHMS", values.jwt_algorithms,
            "comma-separated JWT algorithms accepted (default: HS256 with a secret; RS256, ES256 or EdDSA "
            "to match the public key)"),

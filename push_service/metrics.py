@@ -10,18 +10,43 @@ plain `+=` is enough.
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from push_service.topics import FAMILIES
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # The *_created series double the scrape size and no dashboard of ours reads them.
 disable_created_metrics()
+
+
+# Label values known in advance, given a 0 series at start: a family with no sample is invisible to
+# rate() and to alerts until its first event, and "absent" cannot be told from "zero".
+TRANSPORTS = ("websocket", "longpoll")
+ENDPOINTS = ("message", "channel", "thread", "community", "user", "broadcast", "batch")
+RECOVERY_RESULTS = ("recovered", "not_recovered")
+JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since")
+CONNECT_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
+                    "not_yet_valid", "expired", "bad_issuer", "bad_audience", "bad_claims",
+                    "origin", "vsn", "draining")
+DISCONNECTS = ("token expired", "heartbeat timeout", "server shutting down", "invalid message", "slow consumer",
+               "service restart")
+CLIENT_ERRORS = ("invalid_json", "bad_shape", "bad_topic", "bad_event", "bad_ref", "bad_join_ref",
+                 "unmatched_topic", "unhandled_event", "frame_too_big", "bad_typing")
 
 
 class Series:
@@ -76,6 +101,11 @@ class _Metric(Collector):
                 series = self._by_text[text] = self._series_type()
             self._series[values] = series
         return series
+
+    def preset(self, *values: Iterable[object]) -> None:
+        """A 0 series for each of these label values (one iterable per label name)."""
+        for combination in itertools.product(*values):
+            self.labels(*combination)
 
     def inc(self, amount: float = 1) -> None:
         """An unlabelled metric's increment."""
@@ -196,6 +226,18 @@ class Metrics:
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)
+        self.connections.preset(TRANSPORTS)
+        self.connects_refused.preset(CONNECT_REFUSALS)
+        self.joins.preset(FAMILIES)
+        self.leaves.preset(FAMILIES)
+        self.joins_refused.preset(JOIN_REFUSALS)
+        self.client_errors.preset(CLIENT_ERRORS)
+        self.disconnects.preset(DISCONNECTS)
+        self.published.preset(ENDPOINTS)
+        self.recoveries.preset(RECOVERY_RESULTS)
+        # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

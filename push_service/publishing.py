@@ -90,9 +90,12 @@ def authorized_object(keys: PublishKeys, authorization: str | None, raw: bytes) 
         raise ApiError(400, "body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
-    token = body.pop("token", None)
-    if authorization is None and not keys.check(token if isinstance(token, str) else None):
-        raise ApiError(401, "missing or invalid publish key (Authorization: Bearer <key>, or the body's token)")
+    token = body.pop("token", "")
+    if authorization is None:
+        if not keys.check(token if isinstance(token, str) else None):
+            raise ApiError(401, "missing or invalid publish key (Authorization: Bearer <key>, or the body's token)")
+    elif not isinstance(token, str):  # null included: the header decides, but a body is held to the spec
+        raise ApiError(400, "field 'token' must be a string (the publish key)")
     return body
 
 
@@ -116,6 +119,9 @@ def _id_field(body: dict[str, Any], field: str, hint: str = "") -> str:
     if value is None:
         raise ApiError(400, f"missing field {field!r}{hint}")
     if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        if isinstance(value, float) and abs(value) >= 2.0**63:  # orjson reads an integer beyond 64 bits so
+            raise ApiError(400, f"field {field!r} must be a non-empty string or an integer of at most 64 bits "
+                                "(send a larger id as a string)")
         raise ApiError(400, f"field {field!r} must be a non-empty string or an integer")
     return str(value)
 

@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
+import jwt
+
 from push_service.topics import FAMILIES
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -155,14 +157,32 @@ def jwt_algorithms(raw: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def hmac_secret(raw: str) -> str | None:
+    """An HMAC secret; a PEM or SSH key is refused here, since PyJWT would refuse it on every token."""
+    if not raw:
+        return None
+    try:
+        jwt.get_algorithm_by_name("HS256").prepare_key(raw)
+    except jwt.InvalidKeyError:
+        raise ValueError("is a PEM or SSH key, not an HMAC secret; a public key for RS*/PS*/ES*/EdDSA "
+                         "tokens goes in PUSH_JWT_PUBLIC_KEY") from None
+    return raw
+
+
 def public_key(raw: str) -> str | None:
-    """PEM text, or a path to a PEM file (handy for mounted Kubernetes secrets)."""
+    """PEM text, or a path to a PEM file (handy for mounted Kubernetes secrets). Errors never repeat the
+    value: it may be key material pasted without its PEM armour."""
     if not raw:
         return None
     if "-----BEGIN" in raw:
         return raw.replace("\\n", "\n")
-    with open(raw, encoding="utf-8") as handle:
-        return handle.read()
+    try:
+        with open(raw, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(f"expected PEM text (-----BEGIN PUBLIC KEY-----...) or the path of a readable PEM file "
+                         f"({reason})") from None
 
 
 _SECRET_QUERY = re.compile(r"((?:^|&)(?:password|token)=)[^&]*", re.IGNORECASE)

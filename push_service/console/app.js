@@ -112,7 +112,8 @@
     $("stat-connections").textContent = number(stats.connections.total);
     $("stat-transports").textContent = `${number(stats.connections.websocket)} websocket · ${number(stats.connections.longpoll)} long-poll`;
     $("stat-topics").textContent = number(stats.topics);
-    $("stat-presences").textContent = `${number(stats.presences)} tracked in presence`;
+    $("stat-presences").textContent =
+      `${number(stats.presence_topics)} tracked in presence · ${number(stats.presences)} presences`;
     $("stat-joins").textContent = `${number(c.joins)} total`;
     $("stat-messages").textContent = `${number(c.messages_published)} total`;
     $("stat-deliveries").textContent = `${number(c.frames_delivered)} total`;

@@ -97,6 +97,7 @@ def stats_of(node: Node, started: float) -> dict[str, Any]:
         },
         "connections": {"total": sum(connections.values()), **connections},
         "topics": node.hub.topic_count,
+        "presence_topics": node.presence.tracker.topic_count,
         "presences": _int(totals.get("push_presences", 0.0)),
         "counters": {name: _int(totals.get(metric, 0.0)) for name, metric in COUNTERS.items()},
     }

@@ -61,6 +61,10 @@ def state_payload(metas: Metas) -> dict[str, Any]:
 DiffCallback = Callable[[str, Diff], None]
 
 
+class PresenceUnavailable(Exception):
+    """The cluster's presence could not be read (the broker is away or too slow)."""
+
+
 class Tracker(ABC):
     """Tracks (topic, connection) -> (key, meta) and reports every change as a Diff."""
 
@@ -106,9 +110,19 @@ class Tracker(ABC):
 
     @abstractmethod
     def list(self, topic: str) -> Metas:
-        """Everyone present on a topic."""
+        """Everyone present on a topic, as this node's view has it."""
+
+    async def cluster_list(self, topic: str) -> Metas:
+        """Everyone present on a topic across the cluster, also where this node follows no replica of
+        it; PresenceUnavailable if that cannot be read."""
+        return self.list(topic)
 
     @property
     @abstractmethod
     def size(self) -> int:
         """Tracked entries (connections x topics) on this node's view."""
+
+    @property
+    @abstractmethod
+    def topic_count(self) -> int:
+        """Topics with at least one connection of this node tracked."""

@@ -57,3 +57,7 @@ class MemoryTracker(Tracker):
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._topics)

@@ -18,11 +18,12 @@ from typing import Any
 
 import orjson
 
-from push_service.presence.base import Diff, DiffCallback, Meta, Metas, Tracker, new_phx_ref
+from push_service.presence.base import Diff, DiffCallback, Meta, Metas, PresenceUnavailable, Tracker, new_phx_ref
 
 log = logging.getLogger("push_service.presence")
 
 Entry = tuple[str, Meta]  # (presence key, meta)
+READ_TIMEOUT = 5.0  # at least this long for a read of a topic this node follows no replica of
 
 
 def node_of(conn_id: str) -> str:
@@ -133,9 +134,29 @@ class ReplicatedTracker(Tracker):
             metas.setdefault(key, []).append(meta)
         return metas
 
+    async def cluster_list(self, topic: str) -> Metas:
+        if topic in self._replicas and topic not in self._loading:
+            return self.list(topic)
+        # No local subscriber, so no replica that signals keep current: read the store.
+        try:
+            entries = await asyncio.wait_for(self._read(topic), max(self._node_timeout, READ_TIMEOUT))
+        except Exception as exc:
+            log.warning("presence read failed", extra={"event": "presence_read_failed", "topic": topic,
+                                                       "error": f"{type(exc).__name__}: {exc}"})
+            raise PresenceUnavailable(f"{type(exc).__name__} reading presence of {topic}") from None
+        entries.update(self._local.get(topic, {}))
+        metas: Metas = {}
+        for key, meta in entries.values():
+            metas.setdefault(key, []).append(meta)
+        return metas
+
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._local)
 
     def _set(self, topic: str, conn_id: str, entry: Entry, previous: Meta | None) -> None:
         local = self._local.setdefault(topic, {})

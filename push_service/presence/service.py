@@ -31,6 +31,22 @@ TYPING_RATE = 5.0   # typing updates per second per connection, sustained
 TYPING_BURST = 5.0  # and in a burst
 
 
+# phoenix.js 1.6 and 1.7 Presence keep presences in plain objects, so a key that names an Object.prototype
+# member breaks syncState/syncDiff in every client on the topic. Such a key gets a "~" in front, and so does
+# one already starting with "~", so that distinct subs stay distinct keys.
+PROTOTYPE_MEMBERS = frozenset((
+    "__proto__", "constructor", "hasOwnProperty", "isPrototypeOf", "propertyIsEnumerable", "toLocaleString",
+    "toString", "valueOf", "__defineGetter__", "__defineSetter__", "__lookupGetter__", "__lookupSetter__"))
+KEY_ESCAPE = "~"
+
+
+def presence_key(sub: str) -> str:
+    """The presence key of a user: the JWT `sub`, escaped where it would break JS clients."""
+    if sub in PROTOTYPE_MEMBERS or sub.startswith(KEY_ESCAPE):
+        return KEY_ESCAPE + sub
+    return sub
+
+
 class TypingBudget:
     """A token bucket: TYPING_RATE a second, up to TYPING_BURST at once."""
 
@@ -72,7 +88,7 @@ class Presence:
         """Track the session on `topic`; returns the presence_state payload for the joiner."""
         identity = session.identity
         meta = {**identity.info, "online_at": str(int(time.time()))}
-        self.tracker.track(topic, session.id, identity.sub, meta)
+        self.tracker.track(topic, session.id, presence_key(identity.sub), meta)
         return state_payload(self.tracker.list(topic))
 
     def leave(self, session: Session, topic: str) -> None:
@@ -119,6 +135,10 @@ class Presence:
 
     def list(self, topic: str) -> Metas:
         return self.tracker.list(topic)
+
+    async def cluster_list(self, topic: str) -> Metas:
+        """Everyone present on `topic` on any node (PresenceUnavailable when the broker cannot tell)."""
+        return await self.tracker.cluster_list(topic)
 
     def _send_diff(self, topic: str, diff: Diff) -> None:
         self._metrics.presence_diffs.inc()

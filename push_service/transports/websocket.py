@@ -89,7 +89,7 @@ def admit(node: Node, origin: str | None, vsn: str | None, subprotocols: str | N
             token = token_from_subprotocols(subprotocols)
             identity = node.tokens.verify(query_token if token is None else token)
         except AuthError as exc:
-            raise Refusal(403, exc.reason, f"token refused: {exc.reason}") from None
+            raise Refusal(403, exc.reason, f"token refused: {exc.explanation}") from None
     except Refusal as refusal:
         refused(node, refusal)
         raise
@@ -116,7 +116,7 @@ def refused(node: Node, refusal: Refusal) -> None:
     node.metrics.connects_refused.labels(refusal.reason).inc()
     if refusal.reason != "draining":  # every client retries during a drain: the metric counts those, not the log
         log.info("connection refused", extra={"event": "connect_refused", "reason": refusal.reason,
-                                              "status": refusal.status})
+                                              "status": refusal.status, "error": refusal.message})
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

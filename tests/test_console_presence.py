@@ -1,0 +1,24 @@
+"""The console's presence figures: topics tracked in presence, and presences (connections x topics)."""
+
+from __future__ import annotations
+
+from conftest import PUBLISH_KEY
+from test_http_api import Api, api, client  # noqa: F401  (fixtures)
+
+AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+
+
+async def test_stats_tell_presence_topics_from_presences(api: Api) -> None:
+    # Two users on two tracked topics (and a lobby, not tracked): 2 topics in presence, 4 presences.
+    async with api.subscriber("room:topic:7", "room:topic:8", "room:lobby:1", sub="ada"), \
+            api.subscriber("room:topic:7", "room:topic:8", sub="bob"):
+        stats = (await api.get("/api/stats", headers=AUTH)).json()
+    assert (stats["topics"], stats["presence_topics"], stats["presences"]) == (3, 2, 4)
+    after = (await api.get("/api/stats", headers=AUTH)).json()
+    assert (after["presence_topics"], after["presences"]) == (0, 0)
+
+
+async def test_the_page_labels_each_figure_by_what_it_counts(api: Api) -> None:
+    script = (await api.get("/console/app.js")).body.decode()
+    assert "${number(stats.presence_topics)} tracked in presence" in script
+    assert "${number(stats.presences)} tracked in presence" not in script
