@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -45,6 +45,7 @@ CONNECT_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "m
                     "origin", "vsn", "draining")
 DISCONNECTS = ("token expired", "heartbeat timeout", "server shutting down", "invalid message", "slow consumer",
                "service restart")
+BROKER_PROTOCOL_ERRORS = ("not_resp2", "reply_too_large", "unasked_reply", "bad_push")
 CLIENT_ERRORS = ("invalid_json", "bad_shape", "bad_topic", "bad_event", "bad_ref", "bad_join_ref",
                  "unmatched_topic", "unhandled_event", "frame_too_big", "bad_typing")
 
@@ -146,6 +147,27 @@ class Gauge(_Metric):
         return super().collect()
 
 
+class CounterFunction(Collector):
+    """A labelled counter whose values are read from `source` (label value -> count) at each scrape:
+    for counts kept where no Metrics object reaches (a broker connection's protocol errors)."""
+
+    def __init__(self, name: str, documentation: str, labelname: str, known: Iterable[str],
+                 source: Callable[[], Mapping[str, int]], registry: CollectorRegistry) -> None:
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.labelname = labelname
+        self.known = tuple(known)
+        self.source = source
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.labelname])
+        counts = self.source()
+        for value in dict.fromkeys([*self.known, *counts]):
+            family.add_metric([value], counts.get(value, 0))
+        yield family
+
+
 class Histogram(Collector):
     """An unlabelled histogram: a count per bucket (a value goes to the first bucket whose upper bound
     is at or above it, as Prometheus's `le`), cumulated at scrape time, and the sum."""
@@ -223,6 +245,7 @@ class Metrics:
             "push_broker_up", "1 while the broker is connected and publishes are accepted", registry=registry)
         self.broker_reconnects = Counter(
             "push_broker_reconnects_total", "Broker connections re-established after a loss", registry=registry)
+        self.broker_protocol_errors: CounterFunction | None = None
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)
@@ -238,6 +261,12 @@ class Metrics:
         # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)
+
+    def count_broker_protocol_errors(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Export what the broker's connections count of bytes they could not use, by reason."""
+        self.broker_protocol_errors = CounterFunction(
+            "push_broker_protocol_errors_total", "Broker connections given up, or pushes dropped, for what the "
+            "broker sent, by reason", "reason", BROKER_PROTOCOL_ERRORS, source, self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -41,6 +41,7 @@ class Node:
         self.broker = broker or create_broker(settings, self.id, self._broker_state,
                                               self.metrics.history_evictions.inc)
         self._broker_was_up = False
+        self.metrics.count_broker_protocol_errors(self.broker.protocol_errors)
         self.tokens = TokenVerifier(settings)
         self.publish_keys = PublishKeys(settings.service_keys)
         self.origins = OriginPolicy(settings.allowed_origins)

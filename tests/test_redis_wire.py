@@ -22,6 +22,7 @@ from typing import Any
 import hiredis
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import until
 from brokers import BrokerProcess, free_port, proxy_to, require_binary, require_redis
@@ -32,6 +33,7 @@ from push_service.broker.redis_connection import ConnectionLost, RedisConnection
 from push_service.broker.resp import Parser, ProtocolError, ReplyError, command
 from push_service.config import Settings
 from push_service.hub import Broadcast
+from push_service.node import Node as PushNode
 
 TIMEOUT = 5.0
 # A stalled Redis is given up within a health check or two past COMMAND_TIMEOUT.
@@ -229,6 +231,13 @@ async def test_a_server_that_answers_more_than_was_asked_is_given_up(caplog: pyt
         assert redis_connection.PROTOCOL_ERRORS["unasked_reply"] == given_up_before + 1
         [line] = [record for record in caplog.records if getattr(record, "event", None) == "broker_protocol_error"]
         assert line.error == "redis answered a command never sent"  # type: ignore[attr-defined]
+        # ... and a Redis node's /metrics says so.
+        node = PushNode(Settings(broker="redis://127.0.0.1:1/0", service_keys=("k",), jwt_secret="s" * 32))
+        exposed = {sample.labels["reason"]: sample.value
+                   for family in text_string_to_metric_families(node.metrics.render().decode())
+                   if family.name == "push_broker_protocol_errors" for sample in family.samples}
+        assert exposed["unasked_reply"] == given_up_before + 1
+        assert exposed["reply_too_large"] == redis_connection.PROTOCOL_ERRORS["reply_too_large"]
     finally:
         server.close()
 

@@ -8,7 +8,7 @@ replicated trackers travel over the same per-topic channel, as `Signal`s.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
@@ -60,6 +60,10 @@ class Broker(ABC):
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
         """Where cluster-wide presence lives; None: presence is this node's alone."""
         return None
+
+    def protocol_errors(self) -> Mapping[str, int]:
+        """What this broker's connections refused of what the broker sent, by reason (metrics)."""
+        return {}
 
     @property
     @abstractmethod

@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.broker import envelope
 from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
@@ -31,7 +31,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("PUSH_BROKER=redis://... needs the redis extra: pip install 'push-service[redis]'") from exc
 
-from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
+from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, RedisConnection, endpoint
 from push_service.broker.resp import ReplyError
 
 log = logging.getLogger("push_service.broker")
@@ -233,6 +233,9 @@ class RedisBroker(Broker):
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
         return RedisPresenceStore(self._client, node_timeout)
 
+    def protocol_errors(self) -> Mapping[str, int]:
+        return PROTOCOL_ERRORS  # counted per process: a process runs one node
+
     @property
     def ready(self) -> bool:
         return self._ready
@@ -328,7 +331,7 @@ class RedisBroker(Broker):
     def _heard(self, reply: object) -> None:
         """What the pub/sub connection brings: messages, subscription confirmations, pongs."""
         if not isinstance(reply, list) or not reply:
-            log.warning("redis pub/sub error", extra={"event": "broker_error", "error": str(reply)[:200]})
+            log.warning("redis pub/sub error", extra={"event": "broker_error", "error": repr(reply[:200] if isinstance(reply, (bytes, str)) else reply)[:200]})
             if self._pubsub is not None:
                 self._pubsub.close()  # e.g. a refused SUBSCRIBE: start over rather than miss a topic
             return
