@@ -68,7 +68,8 @@ def frame_json_string(payload: bytes) -> bytes:
 
 # One Wire per protocol version, shared by every long-poll session: a broadcast is serialized
 # and quoted once per version, whatever the number of long-poll subscribers.
-WIRES = {V1: Wire(V1, frame_json_string), V2: Wire(V2, frame_json_string)}
+# What one send() queues may be a Run of several frames: they are joined by "," like the queue.
+WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, b",")}
 
 _STATUS_200 = b'{"status":200}'
 _STATUS_403 = b'{"status":403}'
