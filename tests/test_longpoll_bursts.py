@@ -2,6 +2,7 @@
 
 A poll answer is `{"messages": [<frame string>, ...]}`: every frame of a Run must be its own element,
 else the answer is not JSON and phoenix.js drops it (and every message in it) and reconnects.
+First the stock phoenix.js clients; then a property test against a WebSocket client of the same topics.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+import websockets
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
-from conftest import PUBLISH_KEY, ServerProcess, make_token
+from conftest import PUBLISH_KEY, ServerProcess, make_token, server_env, until
 from nodejs import NodeScript, node_binary, run_script
 from test_longpoll import LONGPOLL_CLIENT, RETRY_MS, VERSIONS, WINDOW
 
@@ -91,3 +97,160 @@ async def test_phoenix_longpoll_receives_every_concurrent_publish_once_in_order(
         # Every answer parsed, and one session all along: the client never had to reconnect.
         assert client.seen("console") == [], client.seen("console")[:3]
         assert len(client.seen("open")) == 1, client.events
+
+
+# --- property: a WebSocket client and a long-poll client of the same topics see the same frames
+
+PROPERTY_TOPICS = ["room:lobby:p0", "room:lobby:p1", "room:lobby:p2"]
+PROPERTY_WINDOW = 1.0
+EXAMPLE_TIMEOUT = 10.0
+
+# One publish: a single broadcast (topic, text) or a batch of them; a step is publishes sent at once.
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40) | st.sampled_from(
+    ['"', "\\", "</script>", "\u2028", "x" * 3000])
+_message = st.tuples(st.integers(0, len(PROPERTY_TOPICS) - 1), _text)
+_publish = st.lists(_message, min_size=1, max_size=6)
+_bursts = st.lists(st.lists(_publish, min_size=1, max_size=8), min_size=1, max_size=4)
+
+
+class PropertyClients:
+    """One WebSocket client (the `websockets` library) and one long-poll client (raw HTTP, as phoenix.js
+    polls) of PROPERTY_TOPICS on one server; each keeps the broadcast frames it gets, as text."""
+
+    def __init__(self, server: ServerProcess, http: aiohttp.ClientSession, vsn: str) -> None:
+        self.server, self.http, self.vsn = server, http, vsn
+        self.ws_frames: list[str] = []
+        self.lp_frames: list[str] = []
+        self.bad_answers: list[bytes] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ws: Any = None
+        self._lp_token: str | None = None
+        self._jwt = make_token()
+
+    def _join_frame(self, ref: int, topic: str) -> bytes:
+        if self.vsn == "1.0.0":
+            return orjson.dumps({"topic": topic, "event": "phx_join", "payload": {}, "ref": str(ref),
+                                 "join_ref": str(ref)})
+        return orjson.dumps([str(ref), str(ref), topic, "phx_join", {}])
+
+    def _is_broadcast(self, text: str) -> bool:
+        frame = orjson.loads(text)
+        event = frame["event"] if self.vsn == "1.0.0" else frame[3]
+        return not event.startswith("phx_")
+
+    async def start(self) -> None:
+        self._ws = await websockets.connect(f"{self.server.ws_url}?vsn={self.vsn}&token={self._jwt}")
+        for ref, topic in enumerate(PROPERTY_TOPICS, 1):
+            await self._ws.send(self._join_frame(ref, topic).decode())
+        for _ in PROPERTY_TOPICS:
+            assert not self._is_broadcast(await asyncio.wait_for(self._ws.recv(), TIMEOUT))
+        self._tasks.append(asyncio.create_task(self._read_ws()))
+        answer = await self._lp_request("GET")
+        assert answer["status"] == 410
+        self._lp_token = answer["token"]
+        body = b"\n".join(self._join_frame(ref, topic) for ref, topic in enumerate(PROPERTY_TOPICS, 1))
+        assert await self._lp_request("POST", data=body, headers={"Content-Type": "application/x-ndjson"}) == {
+            "status": 200}
+        replies = 0
+        while replies < len(PROPERTY_TOPICS):
+            answer = await self._lp_request("GET")
+            replies += len(answer.get("messages", []))
+        self._tasks.append(asyncio.create_task(self._poll()))
+
+    async def _lp_request(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        params = [("token", self._jwt), ("vsn", self.vsn)]
+        if self._lp_token is not None:
+            params.append(("token", self._lp_token))
+        async with self.http.request(method, f"{self.server.http_url}/socket/longpoll", params=params,
+                                     **kwargs) as response:
+            raw = await response.read()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.bad_answers.append(raw[:300])
+            return {"status": "unparsable"}
+
+    async def _read_ws(self) -> None:
+        async for text in self._ws:
+            if self._is_broadcast(text):
+                self.ws_frames.append(text)
+
+    async def _poll(self) -> None:
+        while True:
+            answer = await self._lp_request("GET")
+            if answer["status"] not in (200, 204):
+                return  # the session is gone (or unparsable): the comparison will tell
+            self.lp_frames.extend(text for text in answer["messages"] if self._is_broadcast(text))
+
+    async def take(self, count: int) -> tuple[list[str], list[str]]:
+        """Both clients' frames once each has `count` (or the time is up), and start afresh."""
+        await until(lambda: len(self.ws_frames) >= count and len(self.lp_frames) >= count or self.bad_answers,
+                    EXAMPLE_TIMEOUT, f"{count} frames on both transports")
+        ws, self.ws_frames = self.ws_frames, []
+        lp, self.lp_frames = self.lp_frames, []
+        return ws, lp
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ws is not None:
+            await self._ws.close()
+
+
+async def publish_step(http: aiohttp.ClientSession, server: ServerProcess, step: list[list[tuple[int, str]]],
+                       counter: list[int]) -> None:
+    """The step's publishes all at once: one message as /api/broadcast, several as one /api/batch."""
+    async def one(publish: list[tuple[int, str]]) -> None:
+        messages = []
+        for topic, text in publish:
+            counter[0] += 1
+            messages.append({"topic": PROPERTY_TOPICS[topic], "event": "new_msg",
+                             "payload": {"k": counter[0], "text": text}})
+        path, body = ("/api/broadcast", messages[0]) if len(messages) == 1 else ("/api/batch", {"messages": messages})
+        async with http.post(f"{server.http_url}{path}", json=body,
+                             headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as response:
+            assert response.status == 200, await response.text()
+
+    await asyncio.gather(*(one(publish) for publish in step))
+
+
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+def test_websocket_and_longpoll_clients_receive_identical_sequences(vsn: str) -> None:
+    """For random bursts (sizes, batches, concurrent publishes, topics), both transports' clients get the
+    same frames in the same order, and every poll answer is JSON. Synchronous: hypothesis drives the
+    examples on a loop of the test's own, against one server for all of them."""
+    loop = asyncio.new_event_loop()
+    server = ServerProcess(server_env(PUSH_LONGPOLL_WINDOW=str(PROPERTY_WINDOW)), [])
+    http = clients = None
+    try:
+        loop.run_until_complete(server.start())
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, loop=loop), loop=loop,
+                                     timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+        clients = PropertyClients(server, http, vsn)
+        loop.run_until_complete(clients.start())
+        counter = [0]
+
+        @hyp_settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
+                      database=None)
+        @given(bursts=_bursts)
+        def check(bursts: list[list[list[tuple[int, str]]]]) -> None:
+            async def example() -> None:
+                first = counter[0]
+                for step in bursts:
+                    await publish_step(http, server, step, counter)
+                ws, lp = await clients.take(counter[0] - first)
+                assert clients.bad_answers == [], clients.bad_answers[:2]
+                assert len(ws) == counter[0] - first
+                assert lp == ws
+
+            loop.run_until_complete(example())
+
+        check()
+    finally:
+        if clients is not None:
+            loop.run_until_complete(clients.close())
+        if http is not None:
+            loop.run_until_complete(http.close())
+        loop.run_until_complete(server.stop())
+        loop.close()
