@@ -97,6 +97,8 @@ OPTIONS: tuple[Option, ...] = (
            "how long a broadcast stays recoverable (default 300s)"),
     Option("history_max_bytes", "PUSH_HISTORY_MAX_BYTES", values.size,
            "memory broker: all topics' history together (default 64MiB; least recently published topics go first)"),
+    Option("history_max_topics", "PUSH_HISTORY_MAX_TOPICS", values.positive_int,
+           "memory broker: topics whose history is kept (default 50000; least recently published go first)"),
     Option("presence_topics", "PUSH_PRESENCE_TOPICS", values.presence_families,
            "topic families whose joins are tracked in presence, out of lobby, topic, community, user "
            "(default topic,community; none turns presence off)"),
@@ -140,6 +142,7 @@ class Settings:
     history_size: int = 100
     history_ttl: float = 300.0
     history_max_bytes: int = 64 * 1024 * 1024
+    history_max_topics: int = 50_000
     presence_topics: tuple[str, ...] = ("topic", "community")
     presence_diff_interval: float = 0.05
     typing_timeout: float = 5.0

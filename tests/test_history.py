@@ -285,7 +285,8 @@ def test_memory_positions_count_from_one_per_topic():
     assert [m.position.seq for m in a] == [1, 2, 3, 4]
     assert [m.position.seq for m in b] == [1, 2]
     assert len({m.position.epoch for m in a}) == 1 and len({m.position.epoch for m in b}) == 1
-    assert a[0].position.epoch != b[0].position.epoch
+    # Topics first published while no history was lost share the epoch (as NATS positions share the
+    # stream's): a position only ever counts within its own topic.
     # A topic nobody published to stands at 0 of its epoch, and that epoch is the one its first broadcast gets.
     empty = store.recover("room:c", None)
     assert (empty.position.seq, empty.recovered, empty.messages) == (0, True, [])
@@ -387,6 +388,52 @@ def test_memory_recover_with_a_limit_never_hands_out_messages_after_a_gap():
     assert (gap.recovered, gap.messages) == (False, [])
     first_page = store.recover("room:a", Position(epoch, 2), 2)
     assert (first_page.recovered, ns(first_page)) == (False, [2, 3])  # more missed than the limit
+
+
+def test_memory_reading_a_topic_nobody_published_to_keeps_no_record():
+    """A join reads history with a name the client chose: that must cost nothing once it is gone."""
+    store = MemoryHistory(100, 300, 1 << 20, clock=Clock())
+    quiet = [store.recover(f"room:lobby:{n}", None) for n in range(1000)]
+    assert store.topic_count == 0 and store.bytes == 0
+    assert {(r.position.seq, r.recovered, len(r.messages)) for r in quiet} == {(0, True, 0)}
+    # Rejoining with the quiet position: nothing was missed, then what came since.
+    since = quiet[0].position
+    assert store.recover("room:lobby:0", since).recovered
+    sent = fill(store, "room:lobby:0", 2)
+    recovered = store.recover("room:lobby:0", since)
+    assert (recovered.recovered, ns(recovered), recovered.position) == (True, [0, 1], sent[-1].position)
+    assert store.topic_count == 1
+
+
+def test_memory_keeps_at_most_max_topics_and_an_evicted_topic_is_not_recovered():
+    evicted = []
+    store = MemoryHistory(100, 300, 1 << 20, on_evict=lambda: evicted.append(1), clock=Clock(), max_topics=3)
+    quiet = store.recover("room:quiet", None).position  # seen empty before any eviction
+    first = [fill(store, f"room:{n}", 2)[-1] for n in range(3)]
+    assert (store.topic_count, evicted) == (3, [])
+    fill(store, "room:0", 1, start=2)  # room:0 is now the most recently published: room:1 goes next
+    fill(store, "room:3", 1)
+    assert (store.topic_count, len(evicted)) == (3, 1)
+    gone = store.recover("room:1", first[1].position)
+    assert (gone.recovered, gone.messages, gone.position.seq) == (False, [], 0)
+    assert store.recover("room:0", first[0].position).recovered
+    # A history was lost meanwhile: a topic seen empty before cannot vouch that it missed nothing.
+    assert store.recover("room:quiet", quiet).recovered is False
+    assert store.recover("room:1", None).recovered  # a fresh join is fine
+    # room:1 starts again in an epoch it never had: its old positions stay unrecoverable.
+    again = fill(store, "room:1", 3)
+    assert again[0].position.epoch != first[1].position.epoch
+    assert store.recover("room:1", first[1].position).recovered is False
+
+
+def test_memory_reclaims_topics_whose_history_expired():
+    clock = Clock()
+    store = MemoryHistory(100, 10, 1 << 20, clock=clock)
+    old = [fill(store, f"room:{n}", 1)[0] for n in range(100)]
+    clock.now += 11
+    fill(store, "room:new", 1)
+    assert store.topic_count == 1 and store.bytes == cost(message("room:new", 0))
+    assert store.recover("room:5", old[5].position).recovered is False
 
 
 # ===================================================================== 1. a live copy after the replay
