@@ -66,6 +66,24 @@ class Connection(Protocol):
         """Close from the server side; the transport then calls Session.closed()."""
 
 
+class _Ended:
+    """What a session holds in place of its connection once the transport is gone. The connection
+    refers to the session too: dropping the session's side of that cycle lets reference counting
+    free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
+
+    __slots__ = ("wire", "transport_name")
+
+    def __init__(self, conn: Connection) -> None:
+        self.wire = conn.wire
+        self.transport_name = conn.transport_name
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def close(self, disconnect: Disconnect) -> None:
+        pass
+
+
 class Channel:
     __slots__ = ("topic", "join_ref", "tracked", "joined", "reply_ref", "since")
 
@@ -317,6 +335,9 @@ class Session:
         self._drop_all_channels()
         self.node.presence.forget(self)
         self.node.forget(self)
+        if not isinstance(self.conn, _Ended):
+            ended = _Ended(self.conn)
+            self.conn, self._write = ended, ended.send
 
     def _drop_all_channels(self) -> None:
         for channel in list(self.channels.values()):
