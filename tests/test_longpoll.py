@@ -575,3 +575,34 @@ async def test_a_draining_node_refuses_new_sessions(http):
         assert refused == {"draining": 1}
     finally:
         await runner.cleanup()
+
+
+# --- caps on sessions (issue 14 item 5)
+
+
+@pytest.mark.parametrize("cap", ["sub", "address"])
+async def test_sessions_are_capped_per_user_and_per_address(cap, start_server, http, lp_node_client):
+    """Past the cap a new session is refused with a status phoenix.js retries with backoff (500), and
+    counted; once a session ends, there is room again."""
+    if cap == "sub":
+        server = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW), PUSH_LONGPOLL_MAX_SESSIONS_PER_SUB="3")
+        jwts = [make_token("same-user") for _ in range(4)]
+    else:
+        server = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW), PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS="3")
+        jwts = [make_token(f"user-{n}") for n in range(4)]
+    clients = [LongPollClient(http, server, jwt=jwt) for jwt in jwts]
+    for client in clients[:3]:
+        await client.connect()
+    async with http.get(clients[3].url, params=clients[3].params()) as response:
+        assert response.status == 429
+        assert orjson.loads(await response.read()) == {"status": 500}
+    counts = await metrics(http, server)
+    reason = "longpoll_sessions_per_sub" if cap == "sub" else "longpoll_sessions_per_address"
+    assert counts[("push_connects_refused_total", frozenset({("reason", reason)}))] == 1
+    assert await longpoll_connections(http, server) == 3
+    # Another user's, or another address's, sessions are not affected by this one's cap: phoenix.js,
+    # refused at first, connects with backoff as soon as one of the three expires (they stop polling).
+    async with lp_node_client("18", f"{server.http_url}/socket", token=jwts[3]) as client:
+        assert (await client.wait_event("join", topic=TOPIC, timeout=WINDOW * 1.5 + TIMEOUT))["status"] == "ok"
+        assert client.seen("open") and client.seen("error")
+        await assert_receives(client, http, server, 1)

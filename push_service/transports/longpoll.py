@@ -14,6 +14,9 @@ Wire facts, as Phoenix (lib/phoenix/transports/long_poll.ex) and phoenix.js (lon
   query holds two: the last one wins, as in Plug.
 * A session that sees no GET for 1.5 windows is closed (phoenix.js sends no heartbeats over
   long-poll: polling is its sign of life).
+* A user (JWT sub) and a remote address may hold at most PUSH_LONGPOLL_MAX_SESSIONS_PER_SUB and
+  PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS sessions: past that a new one is refused with HTTP 429 and
+  `{"status": 500}`, which phoenix.js retries with backoff.
 
 A session lives in this process only. Its token is `lp.<random key>.<HMAC of the key>`, signed with
 a secret drawn at start-up, so it cannot be guessed, forged or replayed on another node or after a
@@ -88,14 +91,17 @@ def _with_messages(status: int, token: str, frames: list[bytes]) -> bytes:
 class LongPollConnection:
     """A Session's view of one long-poll session: frames wait here until the client's next GET."""
 
-    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "_transport", "_frames",
-                 "_size", "_waiter")
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "_transport",
+                 "_frames", "_size", "_waiter")
     transport_name = "longpoll"
 
-    def __init__(self, transport: LongPollTransport, key: str, token: str, wire: Wire, now: float) -> None:
+    def __init__(self, transport: LongPollTransport, key: str, token: str, wire: Wire, now: float, sub: str,
+                 address: str) -> None:
         self.key = key
         self.token = token
         self.wire = wire
+        self.sub = sub  # whose sessions it counts among, for the caps
+        self.address = address
         self.session: Session | None = None
         self.polling = 0  # GETs waiting right now
         self.last_poll = now  # when the last GET started or ended
@@ -151,6 +157,9 @@ class LongPollTransport:
         self.window = node.settings.longpoll_window
         self._secret = secrets.token_bytes(32)
         self._conns: dict[str, LongPollConnection] = {}
+        # Live sessions per JWT sub and per remote address (no entry at 0), for the caps.
+        self._per_sub: dict[str, int] = {}
+        self._per_address: dict[str, int] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     # --- session tokens
@@ -206,6 +215,8 @@ class LongPollTransport:
             return
         conn.gone = True
         self._conns.pop(conn.key, None)
+        _count_down(self._per_sub, conn.sub)
+        _count_down(self._per_address, conn.address)
         conn._wake()
         if conn.session is not None:
             conn.session.closed()
@@ -297,10 +308,18 @@ class LongPollTransport:
             identity = node.tokens.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
         except AuthError as exc:
             return self._refuse(request, exc.reason)
+        sub, address = identity.sub, request.remote or ""
+        settings = node.settings
+        if self._per_sub.get(sub, 0) >= settings.longpoll_max_sessions_per_sub:
+            return self._refuse(request, "longpoll_sessions_per_sub", _STATUS_500, 429)
+        if self._per_address.get(address, 0) >= settings.longpoll_max_sessions_per_address:
+            return self._refuse(request, "longpoll_sessions_per_address", _STATUS_500, 429)
         key, token = self._new_token()
-        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now())
+        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now(), sub, address)
         conn.session = node.open_session(identity, conn, LongPollConnection.transport_name)
         self._conns[key] = conn
+        self._per_sub[sub] = self._per_sub.get(sub, 0) + 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         return self._answer(request, _with_messages(410, token, []))
 
     async def _poll(self, request: web.Request, conn: LongPollConnection) -> web.Response:
@@ -380,6 +399,14 @@ class LongPollTransport:
             if len(body) > limit:
                 return None
         return bytes(body)
+
+
+def _count_down(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def setup(app: web.Application, node: Node) -> LongPollTransport:
