@@ -658,6 +658,44 @@ async def test_history_off_means_null_refs_and_no_recovery(start_server):
             await other.heartbeat_is_next()
 
 
+async def _join_reply(http: aiohttp.ClientSession, server: ServerProcess, transport: str, vsn: str, topic: str,
+                      payload: dict[str, Any]) -> Frame:
+    """The reply to one join, over a fresh WebSocket or long-poll session, as (status, response)."""
+    if vsn == "1.0.0":
+        join = orjson.dumps({"topic": topic, "event": "phx_join", "payload": payload, "ref": "1", "join_ref": "1"})
+    else:
+        join = orjson.dumps(["1", "1", topic, "phx_join", payload])
+    if transport == "websocket":
+        async with http.ws_connect(f"{server.ws_url}?vsn={vsn}&token={make_token()}", timeout=bounded()) as ws:
+            await ws.send_str(join.decode())
+            reply = orjson.loads(await ws.receive_str(timeout=TIMEOUT))
+    else:
+        url, params = f"{server.http_url}/socket/longpoll", [("token", make_token()), ("vsn", vsn)]
+        async with http.get(url, params=params, timeout=bounded()) as response:
+            params.append(("token", orjson.loads(await response.read())["token"]))
+        async with http.post(url, params=params, data=join, timeout=bounded()) as response:
+            assert orjson.loads(await response.read()) == {"status": 200}
+        async with http.get(url, params=params, timeout=bounded()) as response:
+            reply = orjson.loads(orjson.loads(await response.read())["messages"][0])
+    body = reply["payload"] if vsn == "1.0.0" else reply[4]
+    return body["status"], body["response"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+async def test_with_history_off_a_join_with_since_is_told_recovered_false(
+        start_server, transport, vsn):
+    """History off: `since` present, whatever it holds (the pattern `() => ({since: lastPos})` sends null,
+    as refs are null then). The reply must say recovered: false, never leave it out (the client would not
+    refetch) nor refuse the join (phoenix.js would rejoin in a loop)."""
+    off = await start_server(PUSH_HISTORY_SIZE="0", PUSH_LONGPOLL_WINDOW="1")
+    async with aiohttp.ClientSession() as http:
+        for since in (None, "abc~1", "17", 5):
+            assert await _join_reply(http, off, transport, vsn, lobby(), {"since": since}) == (
+                "ok", {"recovered": False}), since
+        assert await _join_reply(http, off, transport, vsn, lobby(), {}) == ("ok", {})  # no since: Phoenix's reply
+
+
 async def test_recovery_metrics(start_server):
     server = await history_server(start_server)
     topic = lobby()
