@@ -54,8 +54,11 @@ AUTH_TOKEN_HEADER = "x-phoenix-authtoken"  # phoenix.js >= 1.8 `authToken` over 
 NDJSON = "application/x-ndjson"
 # A session with no GET for this many windows is closed (Phoenix: trunc(window_ms * 1.5)).
 INACTIVE_WINDOWS = 1.5
-# A POST body may hold this many PUSH_MAX_FRAME_BYTES (1MiB by default); each frame is checked too.
-BODY_FRAMES = 16
+# An nd-JSON batch POST may hold this many PUSH_MAX_FRAME_BYTES (256KiB by default) in at most this many
+# lines (Phoenix 1.8.6: splitting a body costs memory per line); each frame is checked too. A batch is what
+# phoenix.js queued while its previous POST was out: a rejoin of every channel fits many times over.
+BATCH_FRAMES = 4
+MAX_BATCH_LINES = 200
 ALLOW_METHODS = "get, post, options"
 ALLOW_HEADERS = ("accept", "content-type", AUTH_TOKEN_HEADER, SESSION_HEADER)
 JSON_UTF8 = "application/json; charset=utf-8"
@@ -348,12 +351,17 @@ class LongPollTransport:
         session = conn.session
         metrics = self.node.metrics
         frame_limit = self.node.settings.max_frame_bytes
-        body = await self._read_body(request, frame_limit * BODY_FRAMES)
+        batch = request.content_type == NDJSON
+        body = await self._read_body(request, frame_limit * BATCH_FRAMES if batch else frame_limit)
         if body is None:
-            metrics.client_errors.labels("body_too_big").inc()
+            metrics.client_errors.labels("body_too_big" if batch else "frame_too_big").inc()
             session.disconnect(TOO_BIG)
             return self._answer(request, _STATUS_413)
-        if request.content_type == NDJSON:
+        if batch:
+            if body.count(b"\n") + (not body.endswith(b"\n")) > MAX_BATCH_LINES:
+                metrics.client_errors.labels("batch_too_many_lines").inc()
+                session.disconnect(TOO_BIG)
+                return self._answer(request, _STATUS_413)
             lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
             frames = [line for line in lines if line]
         else:
@@ -363,7 +371,7 @@ class LongPollTransport:
             if conn.gone:
                 break
             frame: str | bytes
-            if request.content_type != NDJSON or raw[:1] in (b"[", b"{"):
+            if not batch or raw[:1] in (b"[", b"{"):
                 if len(raw) > frame_limit:
                     metrics.client_errors.labels("frame_too_big").inc()
                     session.disconnect(TOO_BIG)
