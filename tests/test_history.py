@@ -696,6 +696,22 @@ async def test_with_history_off_a_join_with_since_is_told_recovered_false(
         assert await _join_reply(http, off, transport, vsn, lobby(), {}) == ("ok", {})  # no since: Phoenix's reply
 
 
+async def test_history_max_topics_evicts_the_least_recently_published_and_its_clients_refetch(start_server):
+    server = await history_server(start_server, PUSH_HISTORY_MAX_TOPICS="2")
+    first, second, third = lobby(), lobby(), lobby()
+    async with aiohttp.ClientSession() as http:
+        await publish(http, server, first, {"n": 0})
+        seen = await latest_position(http, server, first)
+        await publish(http, server, first, {"n": 1})
+        await publish(http, server, second, {"n": 0})
+        await publish(http, server, third, {"n": 0})  # over the cap: `first` goes
+        assert await metric(http, server, "push_history_evictions_total") == 1
+        async with connect(http, server) as client:
+            response = await client.join_ok(first, {"since": seen})
+            assert response["recovered"] is False and pos(response["position"]).seq == 0
+            await client.heartbeat_is_next()  # nothing replayed: a refetch, never a silent gap
+
+
 async def test_recovery_metrics(start_server):
     server = await history_server(start_server)
     topic = lobby()
