@@ -666,7 +666,7 @@ async def _join_reply(http: aiohttp.ClientSession, server: ServerProcess, transp
     else:
         join = orjson.dumps(["1", "1", topic, "phx_join", payload])
     if transport == "websocket":
-        async with http.ws_connect(f"{server.ws_url}?vsn={vsn}&token={make_token()}", timeout=bounded()) as ws:
+        async with http.ws_connect(f"{server.ws_url}?vsn={vsn}&token={make_token()}") as ws:
             await ws.send_str(join.decode())
             reply = orjson.loads(await ws.receive_str(timeout=TIMEOUT))
     else:
@@ -689,7 +689,7 @@ async def test_with_history_off_a_join_with_since_is_told_recovered_false(
     as refs are null then). The reply must say recovered: false, never leave it out (the client would not
     refetch) nor refuse the join (phoenix.js would rejoin in a loop)."""
     off = await start_server(PUSH_HISTORY_SIZE="0", PUSH_LONGPOLL_WINDOW="1")
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=bounded()) as http:
         for since in (None, "abc~1", "17", 5):
             assert await _join_reply(http, off, transport, vsn, lobby(), {"since": since}) == (
                 "ok", {"recovered": False}), since
