@@ -77,6 +77,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("longpoll_window", "PUSH_LONGPOLL_WINDOW", values.positive_duration,
            "how long a long-poll GET waits for messages before answering 204; a session with no GET for "
            "1.5 times this is closed (default 10s, as Phoenix)"),
+    Option("longpoll_max_sessions_per_sub", "PUSH_LONGPOLL_MAX_SESSIONS_PER_SUB", values.positive_int,
+           "long-poll sessions one user (JWT sub) may hold at once (default 50)"),
+    Option("longpoll_max_sessions_per_address", "PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS", values.positive_int,
+           "long-poll sessions one remote address may hold at once (default 1000; behind a reverse proxy every "
+           "client shares its address: raise it)"),
     Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", values.size,
            "unsent bytes a subscriber may queue before it is disconnected as a slow consumer (default 1MiB)"),
     Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", values.choice("lobby", "thread"),
@@ -97,6 +102,8 @@ OPTIONS: tuple[Option, ...] = (
            "how long a broadcast stays recoverable (default 300s)"),
     Option("history_max_bytes", "PUSH_HISTORY_MAX_BYTES", values.size,
            "memory broker: all topics' history together (default 64MiB; least recently published topics go first)"),
+    Option("history_max_topics", "PUSH_HISTORY_MAX_TOPICS", values.positive_int,
+           "memory broker: topics whose history is kept (default 50000; least recently published go first)"),
     Option("presence_topics", "PUSH_PRESENCE_TOPICS", values.presence_families,
            "topic families whose joins are tracked in presence, out of lobby, topic, community, user "
            "(default topic,community; none turns presence off)"),
@@ -131,6 +138,8 @@ class Settings:
     max_publish_bytes: int = 1024 * 1024
     max_topics_per_connection: int = 100
     longpoll_window: float = 10.0
+    longpoll_max_sessions_per_sub: int = 50
+    longpoll_max_sessions_per_address: int = 1000
     send_buffer_bytes: int = 1024 * 1024
     api_message_topic: str = "lobby"
     broker: str = "memory"
@@ -140,6 +149,7 @@ class Settings:
     history_size: int = 100
     history_ttl: float = 300.0
     history_max_bytes: int = 64 * 1024 * 1024
+    history_max_topics: int = 50_000
     presence_topics: tuple[str, ...] = ("topic", "community")
     presence_diff_interval: float = 0.05
     typing_timeout: float = 5.0

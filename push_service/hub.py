@@ -20,13 +20,16 @@ from push_service.protocol import Message, Serializer
 
 
 class Wire:
-    """How one transport carries one protocol version: the serializer plus the transport's framing."""
+    """How one transport carries one protocol version: the serializer plus the transport's framing,
+    and what goes between two framed messages written together (`separator`)."""
 
-    __slots__ = ("serializer", "frame")
+    __slots__ = ("serializer", "frame", "separator")
 
-    def __init__(self, serializer: Serializer, frame: Callable[[bytes], bytes]) -> None:
+    def __init__(self, serializer: Serializer, frame: Callable[[bytes], bytes], separator: bytes = b"") -> None:
         self.serializer = serializer
         self.frame = frame
+        # WebSocket frames delimit themselves; long-poll frames are elements of a JSON array.
+        self.separator = separator
 
     def encode(self, message: Message) -> bytes:
         return self.frame(self.serializer.encode(message))
@@ -77,8 +80,9 @@ class Broadcast:
 
 
 class Run:
-    """Consecutive broadcasts on one topic, delivered as one write: their frames, concatenated
-    once per wire, so a subscriber costs one syscall however many messages came together."""
+    """Consecutive broadcasts on one topic, delivered as one write: their frames, joined by the
+    wire's separator once per wire, so a subscriber costs one syscall however many messages came
+    together."""
 
     __slots__ = ("topic", "parts", "_encoded")
 
@@ -91,7 +95,7 @@ class Run:
         try:
             return self._encoded[wire]
         except KeyError:
-            data = self._encoded[wire] = b"".join([part.encoded(wire) for part in self.parts])
+            data = self._encoded[wire] = wire.separator.join([part.encoded(wire) for part in self.parts])
             return data
 
 

@@ -239,7 +239,8 @@ class Metrics:
         self.replayed = Counter(
             "push_replayed_messages_total", "Missed broadcasts sent to recovering clients", registry=registry)
         self.history_evictions = Counter(
-            "push_history_evictions_total", "Topics whose history was dropped to stay within PUSH_HISTORY_MAX_BYTES",
+            "push_history_evictions_total",
+            "Topics whose history was dropped to stay within PUSH_HISTORY_MAX_BYTES or PUSH_HISTORY_MAX_TOPICS",
             registry=registry)
         self.broker_up = Gauge(
             "push_broker_up", "1 while the broker is connected and publishes are accepted", registry=registry)

@@ -43,12 +43,20 @@ DRAIN = Disconnect(1012, "service restart")
 
 
 _BAD_SINCE = object()
+# A join that asks to recover with nothing to recover from: its reply says recovered: false.
+_UNUSABLE_SINCE = object()
 
 
-def _since(payload: Any) -> Position | None | object:
-    """The join's `since` position, None without one, _BAD_SINCE when it is not a position."""
-    if not isinstance(payload, dict) or payload.get("since") is None:
+def _since(payload: Any, history: bool) -> Position | None | object:
+    """The join's `since` position; None without one; _UNUSABLE_SINCE when history is off, whatever it
+    holds, null included (refs are null then, so `{since: lastPos}` sends null): nothing can be vouched
+    for, and a refusal would make phoenix.js rejoin in a loop; _BAD_SINCE when it is not a position."""
+    if not isinstance(payload, dict) or "since" not in payload:
         return None
+    if not history:
+        return _UNUSABLE_SINCE
+    if payload["since"] is None:
+        return None  # history on: the join reply's position is where the client starts
     try:
         return Position.parse(payload["since"])
     except ValueError:
@@ -66,16 +74,35 @@ class Connection(Protocol):
         """Close from the server side; the transport then calls Session.closed()."""
 
 
+class _Ended:
+    """What a session holds in place of its connection once the transport is gone. The connection
+    refers to the session too: dropping the session's side of that cycle lets reference counting
+    free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
+
+    __slots__ = ("wire", "transport_name")
+
+    def __init__(self, conn: Connection) -> None:
+        self.wire = conn.wire
+        self.transport_name = conn.transport_name
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def close(self, disconnect: Disconnect) -> None:
+        pass
+
+
 class Channel:
     __slots__ = ("topic", "join_ref", "tracked", "joined", "reply_ref", "since")
 
-    def __init__(self, topic: Topic, join_ref: Any, tracked: bool, reply_ref: Any, since: Position | None) -> None:
+    def __init__(self, topic: Topic, join_ref: Any, tracked: bool, reply_ref: Any,
+                 since: Position | None | object) -> None:
         self.topic = topic
         self.join_ref = join_ref
         self.tracked = tracked  # in presence
         self.joined = False  # the ok reply was sent (it waits for the subscription and any recovery)
         self.reply_ref = reply_ref  # the join push's ref, for that reply
-        self.since = since  # the last position the client saw, when it asks to recover
+        self.since = since  # the last position the client saw, when it asks to recover (or _UNUSABLE_SINCE)
 
 
 class Session:
@@ -182,7 +209,7 @@ class Session:
         elif not may_join(self.identity, topic, self.node.settings.require_topics_claim):
             metrics.joins_refused.labels("unauthorized").inc()
             self._reply(join_ref, message, "error", {"reason": "unauthorized"})
-        elif (since := _since(message.payload)) is _BAD_SINCE:
+        elif (since := _since(message.payload, self.node.history_enabled)) is _BAD_SINCE:
             metrics.joins_refused.labels("bad_since").inc()
             self._reply(join_ref, message, "error", {"reason": "bad since: a position is <epoch>~<seq>, "
                                                                "as received in a broadcast's ref"})
@@ -211,7 +238,8 @@ class Session:
         if self._held is None:
             self._held = {}
         self._held[channel.topic.name] = []
-        self.node.recover(channel.topic.name, channel.since, lambda recovery: self._recovered(channel, recovery))
+        since = channel.since if isinstance(channel.since, Position) else None
+        self.node.recover(channel.topic.name, since, lambda recovery: self._recovered(channel, recovery))
 
     def _recovered(self, channel: Channel, recovery: Recovery | None) -> None:
         name = channel.topic.name
@@ -223,7 +251,7 @@ class Session:
         response: dict[str, Any] = {}
         if recovery is not None:
             response["position"] = str(recovery.position)
-        replay = recovery is not None and recovery.recovered and channel.since is not None
+        replay = recovery is not None and recovery.recovered and isinstance(channel.since, Position)
         if channel.since is not None:
             response["recovered"] = replay
             self.node.metrics.recoveries.labels("recovered" if replay else "not_recovered").inc()
@@ -317,6 +345,9 @@ class Session:
         self._drop_all_channels()
         self.node.presence.forget(self)
         self.node.forget(self)
+        if not isinstance(self.conn, _Ended):
+            ended = _Ended(self.conn)
+            self.conn, self._write = ended, ended.send
 
     def _drop_all_channels(self) -> None:
         for channel in list(self.channels.values()):

@@ -285,7 +285,8 @@ def test_memory_positions_count_from_one_per_topic():
     assert [m.position.seq for m in a] == [1, 2, 3, 4]
     assert [m.position.seq for m in b] == [1, 2]
     assert len({m.position.epoch for m in a}) == 1 and len({m.position.epoch for m in b}) == 1
-    assert a[0].position.epoch != b[0].position.epoch
+    # Topics first published while no history was lost share the epoch (as NATS positions share the
+    # stream's): a position only ever counts within its own topic.
     # A topic nobody published to stands at 0 of its epoch, and that epoch is the one its first broadcast gets.
     empty = store.recover("room:c", None)
     assert (empty.position.seq, empty.recovered, empty.messages) == (0, True, [])
@@ -387,6 +388,52 @@ def test_memory_recover_with_a_limit_never_hands_out_messages_after_a_gap():
     assert (gap.recovered, gap.messages) == (False, [])
     first_page = store.recover("room:a", Position(epoch, 2), 2)
     assert (first_page.recovered, ns(first_page)) == (False, [2, 3])  # more missed than the limit
+
+
+def test_memory_reading_a_topic_nobody_published_to_keeps_no_record():
+    """A join reads history with a name the client chose: that must cost nothing once it is gone."""
+    store = MemoryHistory(100, 300, 1 << 20, clock=Clock())
+    quiet = [store.recover(f"room:lobby:{n}", None) for n in range(1000)]
+    assert store.topic_count == 0 and store.bytes == 0
+    assert {(r.position.seq, r.recovered, len(r.messages)) for r in quiet} == {(0, True, 0)}
+    # Rejoining with the quiet position: nothing was missed, then what came since.
+    since = quiet[0].position
+    assert store.recover("room:lobby:0", since).recovered
+    sent = fill(store, "room:lobby:0", 2)
+    recovered = store.recover("room:lobby:0", since)
+    assert (recovered.recovered, ns(recovered), recovered.position) == (True, [0, 1], sent[-1].position)
+    assert store.topic_count == 1
+
+
+def test_memory_keeps_at_most_max_topics_and_an_evicted_topic_is_not_recovered():
+    evicted = []
+    store = MemoryHistory(100, 300, 1 << 20, on_evict=lambda: evicted.append(1), clock=Clock(), max_topics=3)
+    quiet = store.recover("room:quiet", None).position  # seen empty before any eviction
+    first = [fill(store, f"room:{n}", 2)[-1] for n in range(3)]
+    assert (store.topic_count, evicted) == (3, [])
+    fill(store, "room:0", 1, start=2)  # room:0 is now the most recently published: room:1 goes next
+    fill(store, "room:3", 1)
+    assert (store.topic_count, len(evicted)) == (3, 1)
+    gone = store.recover("room:1", first[1].position)
+    assert (gone.recovered, gone.messages, gone.position.seq) == (False, [], 0)
+    assert store.recover("room:0", first[0].position).recovered
+    # A history was lost meanwhile: a topic seen empty before cannot vouch that it missed nothing.
+    assert store.recover("room:quiet", quiet).recovered is False
+    assert store.recover("room:1", None).recovered  # a fresh join is fine
+    # room:1 starts again in an epoch it never had: its old positions stay unrecoverable.
+    again = fill(store, "room:1", 3)
+    assert again[0].position.epoch != first[1].position.epoch
+    assert store.recover("room:1", first[1].position).recovered is False
+
+
+def test_memory_reclaims_topics_whose_history_expired():
+    clock = Clock()
+    store = MemoryHistory(100, 10, 1 << 20, clock=clock)
+    old = [fill(store, f"room:{n}", 1)[0] for n in range(100)]
+    clock.now += 11
+    fill(store, "room:new", 1)
+    assert store.topic_count == 1 and store.bytes == cost(message("room:new", 0))
+    assert store.recover("room:5", old[5].position).recovered is False
 
 
 # ===================================================================== 1. a live copy after the replay
@@ -609,6 +656,60 @@ async def test_history_off_means_null_refs_and_no_recovery(start_server):
         async with connect(http, server, sub="u2") as other:
             assert await other.join_ok(topic, {"since": "abc~1"}) == {"recovered": False}
             await other.heartbeat_is_next()
+
+
+async def _join_reply(http: aiohttp.ClientSession, server: ServerProcess, transport: str, vsn: str, topic: str,
+                      payload: dict[str, Any]) -> Frame:
+    """The reply to one join, over a fresh WebSocket or long-poll session, as (status, response)."""
+    if vsn == "1.0.0":
+        join = orjson.dumps({"topic": topic, "event": "phx_join", "payload": payload, "ref": "1", "join_ref": "1"})
+    else:
+        join = orjson.dumps(["1", "1", topic, "phx_join", payload])
+    if transport == "websocket":
+        async with http.ws_connect(f"{server.ws_url}?vsn={vsn}&token={make_token()}") as ws:
+            await ws.send_str(join.decode())
+            reply = orjson.loads(await ws.receive_str(timeout=TIMEOUT))
+    else:
+        url, params = f"{server.http_url}/socket/longpoll", [("token", make_token()), ("vsn", vsn)]
+        async with http.get(url, params=params, timeout=bounded()) as response:
+            params.append(("token", orjson.loads(await response.read())["token"]))
+        async with http.post(url, params=params, data=join, timeout=bounded()) as response:
+            assert orjson.loads(await response.read()) == {"status": 200}
+        async with http.get(url, params=params, timeout=bounded()) as response:
+            reply = orjson.loads(orjson.loads(await response.read())["messages"][0])
+    body = reply["payload"] if vsn == "1.0.0" else reply[4]
+    return body["status"], body["response"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+@pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
+async def test_with_history_off_a_join_with_since_is_told_recovered_false(
+        start_server, transport, vsn):
+    """History off: `since` present, whatever it holds (the pattern `() => ({since: lastPos})` sends null,
+    as refs are null then). The reply must say recovered: false, never leave it out (the client would not
+    refetch) nor refuse the join (phoenix.js would rejoin in a loop)."""
+    off = await start_server(PUSH_HISTORY_SIZE="0", PUSH_LONGPOLL_WINDOW="1")
+    async with aiohttp.ClientSession(timeout=bounded()) as http:
+        for since in (None, "abc~1", "17", 5):
+            assert await _join_reply(http, off, transport, vsn, lobby(), {"since": since}) == (
+                "ok", {"recovered": False}), since
+        assert await _join_reply(http, off, transport, vsn, lobby(), {}) == ("ok", {})  # no since: Phoenix's reply
+
+
+async def test_history_max_topics_evicts_the_least_recently_published_and_its_clients_refetch(start_server):
+    server = await history_server(start_server, PUSH_HISTORY_MAX_TOPICS="2")
+    first, second, third = lobby(), lobby(), lobby()
+    async with aiohttp.ClientSession() as http:
+        await publish(http, server, first, {"n": 0})
+        seen = await latest_position(http, server, first)
+        await publish(http, server, first, {"n": 1})
+        await publish(http, server, second, {"n": 0})
+        await publish(http, server, third, {"n": 0})  # over the cap: `first` goes
+        assert await metric(http, server, "push_history_evictions_total") == 1
+        async with connect(http, server) as client:
+            response = await client.join_ok(first, {"since": seen})
+            assert response["recovered"] is False and pos(response["position"]).seq == 0
+            await client.heartbeat_is_next()  # nothing replayed: a refetch, never a silent gap
 
 
 async def test_recovery_metrics(start_server):

@@ -303,7 +303,7 @@ async def test_frames_over_max_frame_bytes_are_refused(start_server, http):
     big = orjson.dumps(["1", "1", TOPIC, "phx_join", {"pad": "x" * 2000}])
     assert await client.post(big) == {"status": 413}
     assert await client.get() == {"status": 410}
-    # A body over 16 frames' worth is refused before it is parsed.
+    # A batch over 4 frames' worth is refused before it is parsed.
     client = LongPollClient(http, server)
     await client.connect()
     small = orjson.dumps([None, "1", "phoenix", "heartbeat", {}])
@@ -575,3 +575,98 @@ async def test_a_draining_node_refuses_new_sessions(http):
         assert refused == {"draining": 1}
     finally:
         await runner.cleanup()
+
+
+# --- caps on sessions (issue 14 item 5)
+
+
+@pytest.mark.parametrize("cap", ["sub", "address"])
+async def test_sessions_are_capped_per_user_and_per_address(cap, start_server, http, lp_node_client):
+    """Past the cap a new session is refused with a status phoenix.js retries with backoff (500), and
+    counted; once a session ends, there is room again."""
+    if cap == "sub":
+        server = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW), PUSH_LONGPOLL_MAX_SESSIONS_PER_SUB="3")
+        jwts = [make_token("same-user") for _ in range(4)]
+    else:
+        server = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW), PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS="3")
+        jwts = [make_token(f"user-{n}") for n in range(4)]
+    clients = [LongPollClient(http, server, jwt=jwt) for jwt in jwts]
+    for client in clients[:3]:
+        await client.connect()
+    async with http.get(clients[3].url, params=clients[3].params()) as response:
+        assert response.status == 429
+        assert orjson.loads(await response.read()) == {"status": 500}
+    counts = await metrics(http, server)
+    reason = "longpoll_sessions_per_sub" if cap == "sub" else "longpoll_sessions_per_address"
+    assert counts[("push_connects_refused_total", frozenset({("reason", reason)}))] == 1
+    assert await longpoll_connections(http, server) == 3
+    # Another user's, or another address's, sessions are not affected by this one's cap: phoenix.js,
+    # refused at first, connects with backoff as soon as one of the three expires (they stop polling).
+    async with lp_node_client("18", f"{server.http_url}/socket", token=jwts[3]) as client:
+        assert (await client.wait_event("join", topic=TOPIC, timeout=WINDOW * 1.5 + TIMEOUT))["status"] == "ok"
+        assert client.seen("open") and client.seen("error")
+        await assert_receives(client, http, server, 1)
+
+
+# --- Phoenix 1.8.x protocol updates (issue 14 item 15)
+
+
+async def test_the_session_token_in_the_header_alone_serves_polls_and_posts(lp_server, http):
+    """Phoenix 1.9 moves the session token to `x-phoenix-longpoll-token`: the query keeps the JWT only."""
+    client = LongPollClient(http, lp_server)
+    session = (await client.connect())["token"]
+    header = {"x-phoenix-longpoll-token": session}
+    query = [("token", client.jwt), ("vsn", "2.0.0")]
+    _, body = await client.request("POST", params=query, headers=header,
+                                   data=orjson.dumps(["1", "1", TOPIC, "phx_join", {}]))
+    assert body == {"status": 200}
+    _, body = await client.request("GET", params=query, headers=header)
+    assert body["status"] == 200 and body["token"] == session
+    assert orjson.loads(body["messages"][0])[:4] == ["1", "1", TOPIC, "phx_reply"]
+    assert await longpoll_connections(http, lp_server) == 1
+
+
+async def test_a_null_join_ref_is_accepted_on_non_join_messages(lp_server, http):
+    """Phoenix 1.8.3 dropped frames with a stale join_ref, and 1.8.12 restored nil: null means "this
+    topic's current join", a different one is a stale frame (ignored)."""
+    client = LongPollClient(http, lp_server, jwt=make_token("typist"))
+    await client.connect()
+    await client.join(PRESENCE_TOPIC)
+    await client.join(TOPIC)
+    assert await client.post(["0", "7", PRESENCE_TOPIC, "user:typing", {"typing": True}]) == {"status": 200}  # stale
+    assert await client.post([None, "8", PRESENCE_TOPIC, "user:typing", {"typing": True}]) == {"status": 200}
+    assert await client.post([None, "9", TOPIC, "phx_leave", {}]) == {"status": 200}
+    frames = []
+    while not any(frame[3] == "phx_close" for frame in frames):
+        frames += await client.frames()
+    replies = [frame for frame in frames if frame[3] in ("phx_reply", "phx_close")]
+    join_ref = "2"  # the second join's (LongPollClient counts refs from 1)
+    assert replies == [["1", "8", PRESENCE_TOPIC, "phx_reply", {"status": "ok", "response": {}}],
+                       [join_ref, "9", TOPIC, "phx_reply", {"status": "ok", "response": {}}],
+                       [join_ref, join_ref, TOPIC, "phx_close", {}]], frames
+
+
+BATCH_LINES = 200  # push_service.transports.longpoll.MAX_BATCH_LINES
+
+
+async def test_ndjson_batches_are_bounded_in_lines_and_bytes(start_server, http):
+    """Phoenix 1.8.6: splitting a batch body costs memory per line. A batch holds at most BATCH_LINES lines
+    and 4 frames' worth of bytes; past either it is refused (413) before it is split, and the session ends."""
+    server = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW), PUSH_MAX_FRAME_BYTES="4KiB")
+    heartbeat = orjson.dumps([None, "1", "phoenix", "heartbeat", {}])
+    client = LongPollClient(http, server)
+    await client.connect()
+    assert await client.post(*[heartbeat] * BATCH_LINES, ndjson=True) == {"status": 200}
+    assert len(await client.frames()) == BATCH_LINES
+    for body, reason in ((b"\n".join([heartbeat] * (BATCH_LINES + 1)), "batch_too_many_lines"),
+                         (b"\n" * 3000, "batch_too_many_lines"),  # blank lines count: they are split too
+                         (b"\n".join([orjson.dumps([None, "1", "phoenix", "heartbeat", {"pad": "x" * 3500}])] * 5),
+                          "body_too_big")):  # five frames under the limit, over four frames' worth together
+        client = LongPollClient(http, server)
+        await client.connect()
+        _, answer = await client.request("POST", data=body, headers={"Content-Type": "application/x-ndjson"})
+        assert answer == {"status": 413}, reason
+        assert await client.get() == {"status": 410}
+        counts = await metrics(http, server)
+        assert counts[("push_client_errors_total", frozenset({("reason", reason)}))] >= 1
+    assert await longpoll_connections(http, server) == 1

@@ -18,7 +18,8 @@ class MemoryBroker(Broker):
         settings = settings or Settings()
         self._deliver: Deliver | None = None
         self._history = (MemoryHistory(settings.history_size, settings.history_ttl, settings.history_max_bytes,
-                                       on_evict) if settings.history_size else None)
+                                       on_evict, max_topics=settings.history_max_topics)
+                         if settings.history_size else None)
 
     async def start(self, deliver: Deliver, confirmed: Confirmed, signal: Signal) -> None:
         self._deliver = deliver

@@ -14,13 +14,15 @@ Wire facts, as Phoenix (lib/phoenix/transports/long_poll.ex) and phoenix.js (lon
   query holds two: the last one wins, as in Plug.
 * A session that sees no GET for 1.5 windows is closed (phoenix.js sends no heartbeats over
   long-poll: polling is its sign of life).
+* A user (JWT sub) and a remote address may hold at most PUSH_LONGPOLL_MAX_SESSIONS_PER_SUB and
+  PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS sessions: past that a new one is refused with HTTP 429 and
+  `{"status": 500}`, which phoenix.js retries with backoff.
 
 A session lives in this process only. Its token is `lp.<random key>.<HMAC of the key>`, signed with
 a secret drawn at start-up, so it cannot be guessed, forged or replayed on another node or after a
 restart: there it is answered 410 ("session gone") and phoenix.js connects afresh.
 
-Frames are queued as JSON string literals: the shared Wire of each protocol version serializes a
-broadcast and quotes it once for every long-poll subscriber, and a poll's answer is a byte join.
+A session's frames wait in its LongPollConnection (longpoll_connection.py) until the next GET.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ import orjson
 from aiohttp import web
 
 from push_service.auth import AuthError
-from push_service.hub import Wire
 from push_service.node import Node
-from push_service.protocol import V1, V2, negotiate
-from push_service.session import Disconnect, Session
+from push_service.protocol import negotiate
+from push_service.session import Disconnect
+from push_service.transports.longpoll_connection import WIRES, LongPollConnection
 
 log = logging.getLogger("push_service.longpoll")
 
@@ -51,24 +53,17 @@ AUTH_TOKEN_HEADER = "x-phoenix-authtoken"  # phoenix.js >= 1.8 `authToken` over 
 NDJSON = "application/x-ndjson"
 # A session with no GET for this many windows is closed (Phoenix: trunc(window_ms * 1.5)).
 INACTIVE_WINDOWS = 1.5
-# A POST body may hold this many PUSH_MAX_FRAME_BYTES (1MiB by default); each frame is checked too.
-BODY_FRAMES = 16
+# An nd-JSON batch POST may hold this many PUSH_MAX_FRAME_BYTES (256KiB by default) in at most this many
+# lines (Phoenix 1.8.6: splitting a body costs memory per line); each frame is checked too. A batch is what
+# phoenix.js queued while its previous POST was out: a rejoin of every channel fits many times over.
+BATCH_FRAMES = 4
+MAX_BATCH_LINES = 200
 ALLOW_METHODS = "get, post, options"
 ALLOW_HEADERS = ("accept", "content-type", AUTH_TOKEN_HEADER, SESSION_HEADER)
 JSON_UTF8 = "application/json; charset=utf-8"
 
 TOO_BIG = Disconnect(1009, "message too big")
 INVALID_FRAME = Disconnect(1007, "invalid message")
-
-
-def frame_json_string(payload: bytes) -> bytes:
-    """A serialized frame as the JSON string that goes into a poll answer's `messages`."""
-    return orjson.dumps(payload.decode("utf-8", "replace"))
-
-
-# One Wire per protocol version, shared by every long-poll session: a broadcast is serialized
-# and quoted once per version, whatever the number of long-poll subscribers.
-WIRES = {V1: Wire(V1, frame_json_string), V2: Wire(V2, frame_json_string)}
 
 _STATUS_200 = b'{"status":200}'
 _STATUS_403 = b'{"status":403}'
@@ -84,64 +79,6 @@ def _with_messages(status: int, token: str, frames: list[bytes]) -> bytes:
                      b',"messages":[', b",".join(frames), b"]}"))
 
 
-class LongPollConnection:
-    """A Session's view of one long-poll session: frames wait here until the client's next GET."""
-
-    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "_transport", "_frames",
-                 "_size", "_waiter")
-    transport_name = "longpoll"
-
-    def __init__(self, transport: LongPollTransport, key: str, token: str, wire: Wire, now: float) -> None:
-        self.key = key
-        self.token = token
-        self.wire = wire
-        self.session: Session | None = None
-        self.polling = 0  # GETs waiting right now
-        self.last_poll = now  # when the last GET started or ended
-        self.gone = False
-        self._transport = transport
-        self._frames: list[bytes] = []
-        self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
-
-    def send(self, data: bytes) -> None:
-        if self.gone:
-            return
-        self._frames.append(data)
-        self._size += len(data)
-        self._wake()
-        if self._size > self._transport.node.settings.send_buffer_bytes and self.session is not None:
-            self.session.overflowed()  # nobody has polled for a while and the frames pile up
-
-    def close(self, disconnect: Disconnect) -> None:
-        """Server-side close (token expiry, drain, slow consumer, ...): a waiting GET answers at once."""
-        self._transport.end(self)
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def take(self) -> list[bytes]:
-        frames, self._frames, self._size = self._frames, [], 0
-        return frames
-
-    async def wait(self, timeout: float) -> None:
-        """Until a frame is queued or the session ends, at most `timeout` seconds. A newer GET takes
-        over the wake-up; an older one then waits out its window, as in Phoenix."""
-        if self._frames or self.gone:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-
-
 class LongPollTransport:
     """The sessions of this node's long-poll clients, the request handler and one inactivity timer."""
 
@@ -150,6 +87,9 @@ class LongPollTransport:
         self.window = node.settings.longpoll_window
         self._secret = secrets.token_bytes(32)
         self._conns: dict[str, LongPollConnection] = {}
+        # Live sessions per JWT sub and per remote address (no entry at 0), for the caps.
+        self._per_sub: dict[str, int] = {}
+        self._per_address: dict[str, int] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     # --- session tokens
@@ -205,6 +145,8 @@ class LongPollTransport:
             return
         conn.gone = True
         self._conns.pop(conn.key, None)
+        _count_down(self._per_sub, conn.sub)
+        _count_down(self._per_address, conn.address)
         conn._wake()
         if conn.session is not None:
             conn.session.closed()
@@ -296,10 +238,18 @@ class LongPollTransport:
             identity = node.tokens.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
         except AuthError as exc:
             return self._refuse(request, exc.reason)
+        sub, address = identity.sub, request.remote or ""
+        settings = node.settings
+        if self._per_sub.get(sub, 0) >= settings.longpoll_max_sessions_per_sub:
+            return self._refuse(request, "longpoll_sessions_per_sub", _STATUS_500, 429)
+        if self._per_address.get(address, 0) >= settings.longpoll_max_sessions_per_address:
+            return self._refuse(request, "longpoll_sessions_per_address", _STATUS_500, 429)
         key, token = self._new_token()
-        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now())
+        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now(), sub, address)
         conn.session = node.open_session(identity, conn, LongPollConnection.transport_name)
         self._conns[key] = conn
+        self._per_sub[sub] = self._per_sub.get(sub, 0) + 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         return self._answer(request, _with_messages(410, token, []))
 
     async def _poll(self, request: web.Request, conn: LongPollConnection) -> web.Response:
@@ -328,12 +278,17 @@ class LongPollTransport:
         session = conn.session
         metrics = self.node.metrics
         frame_limit = self.node.settings.max_frame_bytes
-        body = await self._read_body(request, frame_limit * BODY_FRAMES)
+        batch = request.content_type == NDJSON
+        body = await self._read_body(request, frame_limit * BATCH_FRAMES if batch else frame_limit)
         if body is None:
-            metrics.client_errors.labels("body_too_big").inc()
+            metrics.client_errors.labels("body_too_big" if batch else "frame_too_big").inc()
             session.disconnect(TOO_BIG)
             return self._answer(request, _STATUS_413)
-        if request.content_type == NDJSON:
+        if batch:
+            if body.count(b"\n") + (not body.endswith(b"\n")) > MAX_BATCH_LINES:
+                metrics.client_errors.labels("batch_too_many_lines").inc()
+                session.disconnect(TOO_BIG)
+                return self._answer(request, _STATUS_413)
             lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
             frames = [line for line in lines if line]
         else:
@@ -343,7 +298,7 @@ class LongPollTransport:
             if conn.gone:
                 break
             frame: str | bytes
-            if request.content_type != NDJSON or raw[:1] in (b"[", b"{"):
+            if not batch or raw[:1] in (b"[", b"{"):
                 if len(raw) > frame_limit:
                     metrics.client_errors.labels("frame_too_big").inc()
                     session.disconnect(TOO_BIG)
@@ -379,6 +334,14 @@ class LongPollTransport:
             if len(body) > limit:
                 return None
         return bytes(body)
+
+
+def _count_down(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def setup(app: web.Application, node: Node) -> LongPollTransport:

@@ -19,6 +19,7 @@
 //   {"event":"join","topic":...,"status":"ok"|"error"|"timeout","response":...}
 //   {"event":"message","topic":...,"name":...,"payload":...}
 //   {"event":"channel_error"|"channel_close","topic":...}
+//   {"event":"console","msg":...}  (phoenix's console.log, e.g. "failed to parse JSON response")
 // It runs until it is killed, or until its stdin is closed.
 
 import { parseArgs } from "node:util";
@@ -52,6 +53,8 @@ if (version !== "18") {
 const { Socket, LongPoll } = await import(`phoenix${version}`);
 
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+// phoenix.js reports a poll answer it cannot parse with console.log: keep stdout one JSON object a line.
+console.log = (...args) => emit({ event: "console", msg: args.map(String).join(" ").slice(0, 300) });
 
 const options = {
   transport: opts.mode === "longpoll" ? LongPoll : WebSocket,

@@ -1,0 +1,91 @@
+"""A long-poll session's connection: the frames waiting for the client's next GET.
+
+Frames are queued as JSON string literals: the shared Wire of each protocol version serializes a
+broadcast and quotes it once for every long-poll subscriber, and a poll's answer is a byte join.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import orjson
+
+from push_service.hub import Wire
+from push_service.protocol import V1, V2
+from push_service.session import Disconnect, Session
+
+if TYPE_CHECKING:
+    from push_service.transports.longpoll import LongPollTransport
+
+
+def frame_json_string(payload: bytes) -> bytes:
+    """A serialized frame as the JSON string that goes into a poll answer's `messages`."""
+    return orjson.dumps(payload.decode("utf-8", "replace"))
+
+
+# One Wire per protocol version, shared by every long-poll session: a broadcast is serialized
+# and quoted once per version, whatever the number of long-poll subscribers.
+# What one send() queues may be a Run of several frames: they are joined by "," like the queue.
+WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, b",")}
+
+
+class LongPollConnection:
+    """A Session's view of one long-poll session: frames wait here until the client's next GET."""
+
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "_transport",
+                 "_frames", "_size", "_waiter")
+    transport_name = "longpoll"
+
+    def __init__(self, transport: LongPollTransport, key: str, token: str, wire: Wire, now: float, sub: str,
+                 address: str) -> None:
+        self.key = key
+        self.token = token
+        self.wire = wire
+        self.sub = sub  # whose sessions it counts among, for the caps
+        self.address = address
+        self.session: Session | None = None
+        self.polling = 0  # GETs waiting right now
+        self.last_poll = now  # when the last GET started or ended
+        self.gone = False
+        self._transport = transport
+        self._frames: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def send(self, data: bytes) -> None:
+        if self.gone:
+            return
+        self._frames.append(data)
+        self._size += len(data)
+        self._wake()
+        if self._size > self._transport.node.settings.send_buffer_bytes and self.session is not None:
+            self.session.overflowed()  # nobody has polled for a while and the frames pile up
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Server-side close (token expiry, drain, slow consumer, ...): a waiting GET answers at once."""
+        self._transport.end(self)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def take(self) -> list[bytes]:
+        frames, self._frames, self._size = self._frames, [], 0
+        return frames
+
+    async def wait(self, timeout: float) -> None:
+        """Until a frame is queued or the session ends, at most `timeout` seconds. A newer GET takes
+        over the wake-up; an older one then waits out its window, as in Phoenix."""
+        if self._frames or self.gone:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
