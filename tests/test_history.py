@@ -1239,3 +1239,34 @@ async def test_phoenix_js_recovers_on_another_redis_node(start_server, recover_c
         await publish(http, b, topic, {"n": 4})
         await client.message(4)
         assert client.messages() == [(n, f"{epoch}~{n + 1}") for n in range(5)]
+
+
+async def test_redis_joins_of_quiet_topics_leave_nothing_behind_past_the_history_ttl(start_server):
+    """A join records its topic's epoch in Redis (so a later first publish keeps the position the joiner
+    was given), but for a topic nobody publishes to that record lives PUSH_HISTORY_TTL, not a day: a
+    client joining many made-up names leaves nothing behind for long."""
+    import redis.asyncio as aioredis
+
+    url = require_redis()
+    server = await history_server(start_server, PUSH_BROKER=url, PUSH_HISTORY_TTL="2",
+                                  PUSH_MAX_TOPICS_PER_CONNECTION="300")
+    quiet = [lobby() for _ in range(200)]
+    published = lobby()
+    client = aioredis.from_url(url)
+    try:
+        async with aiohttp.ClientSession() as http, connect(http, server) as phx:
+            for topic in quiet:
+                await phx.join_ok(topic)
+            joined_at = (await phx.join_ok(published))["position"]
+            await publish(http, server, published, {"n": 1})
+            assert (await phx.broadcasts(1))[0][1] == f"{pos(joined_at).epoch}~1"  # the joiner's epoch is kept
+        ttls = [await client.pttl(f"push:{{{topic}}}:meta") for topic in quiet]
+        assert all(0 < ttl <= 2000 for ttl in ttls), f"quiet topics' records outlive PUSH_HISTORY_TTL: {ttls[:5]}"
+        assert await client.ttl(f"push:{{{published}}}:meta") > 3600  # a published topic keeps its numbering
+
+        async def quiet_left() -> bool:
+            return not any([await client.exists(f"push:{{{topic}}}:meta") for topic in quiet])
+
+        await until(quiet_left, 10, "quiet topics' records gone")
+    finally:
+        await client.aclose()

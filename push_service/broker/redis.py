@@ -84,6 +84,9 @@ class RedisBroker(Broker):
         self._history_ttl = settings.history_ttl
         # The counter outlives the stream, so a stream that expired never reuses a position.
         self._meta_ttl = int(max(settings.history_ttl * 10, 86400))
+        # A join records a quiet topic's epoch for this long only: a client joining made-up names must not
+        # leave a key a day each. A joiner's position outlasting it is answered recovered: false, never a gap.
+        self._quiet_ttl_ms = max(1000, int(settings.history_ttl * 1000))
         self.node_id = node_id
         self._url = url
         self._on_state = on_state or (lambda up: None)
@@ -156,7 +159,7 @@ class RedisBroker(Broker):
         try:
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hsetnx(meta, "e", new_epoch())  # a topic never published to gets its epoch now
-                pipe.expire(meta, self._meta_ttl, nx=True)
+                pipe.pexpire(meta, self._quiet_ttl_ms, nx=True)  # a publish extends it to _meta_ttl
                 pipe.hmget(meta, "e", "s")
                 if since is None:
                     pipe.xrevrange(stream, count=count)
