@@ -46,3 +46,14 @@ async def test_a_refused_token_names_the_failing_claim(server, token, explanatio
     logged = await server.wait_for_log(lambda line: line.get("event") == "connect_refused", timeout=5)
     assert logged["error"] == f"token refused: {explanation}", logged
     assert token not in str(server.log_lines)  # the token itself is never logged
+
+
+@pytest.mark.parametrize(("token", "explanation"), CASES[:3], ids=[case[1] for case in CASES[:3]])
+async def test_a_refused_longpoll_token_names_the_failing_claim_in_the_log(server, token, explanation):
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.http_url}/socket/longpoll", params={"vsn": "2.0.0", "token": token},
+            timeout=aiohttp.ClientTimeout(total=5)) as response:
+        assert await response.json() == {"status": 403}  # phoenix.js's long-poll protocol has no room for more
+    logged = await server.wait_for_log(lambda line: line.get("event") == "connect_refused", timeout=5)
+    assert logged["error"] == f"token refused: {explanation}", logged
+    assert logged["transport"] == "longpoll"

@@ -174,10 +174,12 @@ class LongPollTransport:
             response.headers["Access-Control-Allow-Origin"] = "*"
 
     def _refuse(self, request: web.Request, reason: str, body: bytes = _STATUS_403,
-                status: int = 200) -> web.Response:
+                status: int = 200, error: str | None = None) -> web.Response:
         self.node.metrics.connects_refused.labels(reason).inc()
-        log.info("connection refused", extra={"event": "connect_refused", "reason": reason,
-                                              "transport": LongPollConnection.transport_name})
+        fields = {"event": "connect_refused", "reason": reason, "transport": LongPollConnection.transport_name}
+        if error is not None:
+            fields["error"] = error  # the answer has no room for it: the operator reads it here
+        log.info("connection refused", extra=fields)
         return self._answer(request, body, status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -237,7 +239,7 @@ class LongPollTransport:
         try:
             identity = node.tokens.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
         except AuthError as exc:
-            return self._refuse(request, exc.reason)
+            return self._refuse(request, exc.reason, error=f"token refused: {exc.explanation}")
         sub, address = identity.sub, request.remote or ""
         settings = node.settings
         if self._per_sub.get(sub, 0) >= settings.longpoll_max_sessions_per_sub:
