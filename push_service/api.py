@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from push_service import publishing
 from push_service.broker import BrokerUnavailable
@@ -174,6 +174,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     route = request.match_info.route.resource
     label = route.canonical if route is not None else "unmatched"
     try:
+        if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: its framing is faulty (HTTP/1.0 has no chunked bodies); llhttp lets it through.
+            request.protocol.keep_alive(False)
+            raise ApiError(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
         response = await handler(request)
     except ApiError as exc:
         response = json_response({"error": exc.message}, exc.status)

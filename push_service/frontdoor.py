@@ -8,20 +8,28 @@ Why: on the paths that carry the load, aiohttp's per-request and per-socket mach
 than the work itself (measured with benchmarks/run.py: a publish request took about 60 µs of CPU
 in aiohttp, 13 µs here; a socket held an aiohttp request and a handler task for its lifetime).
 Both HTTP front ends apply the same publish rules (publishing.py).
+
+Hostile input: request heads are read with llhttp (http1.HeadReader) and a malformed one is answered 400
+and closed; every partial request (head or body, on any connection the listener serves, aiohttp's
+included) is cut PUSH_HANDSHAKE_TIMEOUT after it began; and open connections are capped at
+PUSH_MAX_CONNECTIONS, over which a new one is answered 503 instead of the process running out of files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, Protocol, cast
 
 import orjson
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from push_service import publishing
-from push_service.http1 import MAX_HEAD_BYTES, Request, has_token, json_answer, parse_head, request_id
+from push_service.http1 import BadRequest, HeadReader, Request, has_token, json_answer, new_request_id, request_id
 from push_service.node import Node
 from push_service.publishing import ApiError
 from push_service.transports import websocket
@@ -32,10 +40,35 @@ log = logging.getLogger("push_service.api")
 # (aiohttp's keep-alive timeout is 75 s). Counting sweeps spares a clock read per request.
 SWEEP_INTERVAL = 15.0
 IDLE_SWEEPS = 5
-# A new connection that has not sent its first request head within PUSH_HANDSHAKE_TIMEOUT is cut by
-# a sweep every timeout/HEAD_SWEEPS, so between 1 and 1 + 1/HEAD_SWEEPS timeouts after it came. One
-# timer for all of them instead of one per connection: a connect is the hot path of a reconnect storm.
+# A request (head and body) not whole within PUSH_HANDSHAKE_TIMEOUT of its first byte (of the connect,
+# for a connection's first) is cut by a sweep every timeout/HEAD_SWEEPS, so between 1 and
+# 1 + 1/HEAD_SWEEPS timeouts after it began. One timer for all of them instead of one per connection: a
+# connect is the hot path of a reconnect storm.
 HEAD_SWEEPS = 4
+# Files the process keeps for itself when PUSH_MAX_CONNECTIONS is derived from its limit of open files:
+# the listening socket, broker connections, logs, the event loop's own; and refused connections, each
+# open for the moment its 503 takes.
+FILES_HEADROOM = 64
+# Refused connections waiting to read their 503 before they close; beyond this many they are cut at once.
+MAX_LINGERING = 64
+
+
+def default_max_connections() -> int:
+    """The open-files limit, less a tenth of it (at least FILES_HEADROOM) for the process's other files."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(1, soft - max(FILES_HEADROOM, soft // 10))
+
+
+class Deadline(Protocol):
+    def timed_out(self) -> None: ...
+
+
+def refuse(transport: asyncio.Transport, status: int, message: str) -> None:
+    """Answer `status` with a JSON error and close: what follows on the connection is not read."""
+    transport.write(json_answer(status, orjson.dumps({"error": message}), new_request_id(), close=True))
+    transport.close()
 
 
 class Listener:
@@ -48,46 +81,73 @@ class Listener:
         self.routes = publishing.routes(node.settings)
         self._publishers: dict[PublishConnection, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        # Connections waiting for their first request head, by the head sweep interval they came in
-        # (oldest first); the last one is filling.
-        self._heads: list[dict[FrontDoor, None]] = [{}]
+        # Connections in the middle of a request, by the head sweep interval it began in (oldest first);
+        # the last one is filling.
+        self._heads: list[dict[Deadline, None]] = [{}]
         self._head_sweeper: asyncio.TimerHandle | None = None
+        settings = node.settings
+        self.max_connections = settings.max_connections or default_max_connections()
+        # Open connections this module sees close: front door, publish and aiohttp's. A WebSocket the
+        # front door upgraded is counted by the sessions' gauge from then on.
+        self.open = 0
+        self.lingering = 0  # refused connections reading their 503
+        self._websockets = node.metrics.connections.labels("websocket")
+        self._request_timeout = settings.handshake_timeout
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)
 
-    def awaiting_head(self, door: FrontDoor) -> dict[FrontDoor, None]:
-        """Cut `door` unless it leaves the returned set (its head came, or it closed) in time."""
+    def full(self) -> bool:
+        return self.open + self._websockets.value >= self.max_connections
+
+    def awaiting(self, connection: Deadline) -> dict[Deadline, None]:
+        """Cut `connection` unless it leaves the returned set (its request came whole, or it closed) in time."""
         current = self._heads[-1]
-        current[door] = None
+        current[connection] = None
         if self._head_sweeper is None:
             self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
         return current
 
     def _head_interval(self) -> float:
-        return self.node.settings.handshake_timeout / HEAD_SWEEPS
+        return self._request_timeout / HEAD_SWEEPS
 
     def _sweep_heads(self) -> None:
         heads = self._heads
         heads.append({})
         if len(heads) > HEAD_SWEEPS + 1:  # the oldest set came at least HEAD_SWEEPS intervals ago
-            for door in list(heads.pop(0)):  # a copy: a door leaves the set as its connection is lost
-                door.timed_out()
+            for connection in list(heads.pop(0)):  # a copy: a connection leaves the set as it is lost
+                connection.timed_out()
         if any(heads):
             self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
         else:
             self._heads, self._head_sweeper = [{}], None
 
+    def timed_out(self, transport: asyncio.Transport, what: str) -> None:
+        """A request not whole in time: 408, or a cut when the client reads no answers either."""
+        self.node.metrics.client_errors.labels("request_timeout").inc()
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            refuse(transport, 408, f"{what} not received within {self._request_timeout:g}s (PUSH_HANDSHAKE_TIMEOUT)")
+
+    def bad_request(self, transport: asyncio.Transport, error: BadRequest) -> None:
+        self.node.metrics.client_errors.labels("bad_http_request").inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("bad request", extra={"event": "http_bad_request", "status": error.status,
+                                            "error": error.message})
+        refuse(transport, error.status, error.message)
+
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """aiohttp serves the connection from here on, starting with `data`."""
-        protocol = self.http()
+        http = cast(Any, self.http)  # web.Server: its handler class is built here to keep the deadlines
+        protocol = AiohttpConnection(self, http, loop=http._loop, **http._kwargs)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:
             protocol.data_received(data)
 
-    def publisher(self, transport: asyncio.Transport, data: bytes) -> None:
-        connection = PublishConnection(self, transport)
+    def publisher(self, transport: asyncio.Transport, data: bytes, reader: HeadReader) -> None:
+        connection = PublishConnection(self, transport, reader)
         transport.set_protocol(connection)
         self._publishers[connection] = None
         if self._sweeper is None:
@@ -116,38 +176,73 @@ class Listener:
 class FrontDoor(asyncio.Protocol):
     """Reads a connection's first request head and hands the connection to whoever serves it."""
 
-    __slots__ = ("_listener", "_transport", "_head", "_waiting")
+    __slots__ = ("_listener", "_transport", "_head", "_waiting", "_reader", "_refused")
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._head = b""
+        self._reader: HeadReader | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
+        listener = self._listener
+        full = listener.full()
+        listener.open += 1
         # A connection that does not finish its first request head in time is cut (aiohttp's own
         # keep-alive timeout applies once it has the connection).
-        self._waiting = self._listener.awaiting_head(self)
+        self._waiting = listener.awaiting(self)
+        if full:
+            self._refuse_for_capacity()
+
+    def _refuse_for_capacity(self) -> None:
+        listener = self._listener
+        listener.node.metrics.connects_refused.labels("too_many_connections").inc()
+        transport = self._transport
+        body = orjson.dumps({"error": f"too many open connections ({listener.max_connections}, "
+                                      "PUSH_MAX_CONNECTIONS); retry later or on another replica"})
+        transport.write(json_answer(503, body, new_request_id(), close=True))
+        if listener.lingering >= MAX_LINGERING:
+            transport.abort()
+            return
+        # Closing now would reset a connection whose request is on its way, and the client might never
+        # see the 503: it closes after its first bytes are read (or at the head deadline).
+        self._refused = True
+        listener.lingering += 1
+        transport.write_eof()
 
     def timed_out(self) -> None:
         self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._transport.close()
+            return
         head = self._head + data if self._head else data
-        end = head.find(b"\r\n\r\n")
-        if end < 0 and len(head) <= MAX_HEAD_BYTES:
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = HeadReader()
+        try:
+            end = reader.read(head)
+        except BadRequest as error:
+            self._waiting.pop(self, None)
+            self._listener.bad_request(self._transport, error)
+            return
+        if end < 0:
             self._head = head
             return
         self._waiting.pop(self, None)
         listener = self._listener
-        request = parse_head(head[:end]) if end >= 0 else None
-        if request is None:
-            listener.hand_over(self._transport, head)
-        elif websocket.takes(request):
-            websocket.accept(listener.node, self._transport, request, head[end + 4:])
-        elif request.method == "POST" and request.path in listener.routes:
-            listener.publisher(self._transport, head)
+        request = cast(Request, reader.request)
+        transport = self._transport
+        if websocket.takes(request):
+            websocket.accept(listener.node, transport, request, head[end:])
+            if transport.get_protocol() is not self:  # a WebSocket now: counted by the sessions' gauge
+                listener.open -= 1
+        elif request.method == "POST" and request.path in listener.routes and not request.upgrade:
+            listener.publisher(transport, head, reader)
         else:
-            listener.hand_over(self._transport, head)
+            listener.hand_over(transport, head)
 
     def eof_received(self) -> bool | None:
         self._waiting.pop(self, None)
@@ -155,6 +250,46 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting.pop(self, None)
+        listener = self._listener
+        listener.open -= 1
+        if self._refused:
+            listener.lingering -= 1
+
+
+class AiohttpConnection(RequestHandler):
+    """aiohttp's protocol, with the listener's deadline on a partial request head and its count of open
+    connections. A request waiting for its body is the handler's (api.read_body has its deadline)."""
+
+    __slots__ = ("_listener", "_waiting")
+
+    def __init__(self, listener: Listener, server: web.Server, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._listener = listener
+        self._waiting: dict[Deadline, None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # aiohttp waits for a request (`_waiter`) and these bytes did not complete one: part of a head.
+        waiter = self._waiter
+        partial = waiter is not None and not waiter.done() and not self._messages
+        if partial and self._waiting is None:
+            self._waiting = self._listener.awaiting(self)
+        elif not partial and self._waiting is not None:
+            self._waiting.pop(self, None)
+            self._waiting = None
+
+    def timed_out(self) -> None:
+        self._waiting = None
+        if self.transport is not None:
+            self._listener.timed_out(cast(asyncio.Transport, self.transport), "request head")
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._waiting is not None:
+            self._waiting.pop(self, None)
+            self._waiting = None
+        self._listener.open -= 1
+        super().connection_lost(exc)
 
 
 def _mimetype(content_type: str | None) -> str:
@@ -168,9 +303,10 @@ class PublishConnection(asyncio.Protocol):
     chunked body, `Expect`, a body over PUSH_MAX_PUBLISH_BYTES) hands the connection, from that
     request on, to aiohttp."""
 
-    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_idle_sweeps")
+    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_idle_sweeps", "_reader",
+                 "_waiting")
 
-    def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
+    def __init__(self, listener: Listener, transport: asyncio.Transport, reader: HeadReader) -> None:
         self._listener = listener
         self._node = listener.node
         self._transport = transport
@@ -178,6 +314,8 @@ class PublishConnection(asyncio.Protocol):
         self._pending: asyncio.Task[None] | None = None  # a publish waiting for the broker
         self._closed = False
         self._idle_sweeps = 0  # sweeps since the last request
+        self._reader = reader  # the current request's head, read or being read
+        self._waiting: dict[Deadline, None] | None = None  # while a request is partly here
 
     def data_received(self, data: bytes) -> None:
         self._buffer = self._buffer + data if self._buffer else data
@@ -185,38 +323,61 @@ class PublishConnection(asyncio.Protocol):
             self._serve()
 
     def _serve(self) -> None:
-        routes = self._listener.routes
+        routes, reader = self._listener.routes, self._reader
         while not self._closed:
             buffer = self._buffer
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    self._hand_over()
+            try:
+                end = reader.read(buffer)
+            except BadRequest as error:
+                self._close_with(error)
                 return
-            request = parse_head(buffer[:end])
-            route = routes.get(request.path) if request is not None else None
-            length = self._plain_length(request) if route is not None and request is not None else None
-            if route is None or request is None or length is None:
+            if end < 0:
+                self._await_rest()
+                return
+            request = cast(Request, reader.request)
+            route = routes.get(request.path)
+            length = self._plain_length(request) if route is not None else None
+            if route is None or length is None:
                 self._hand_over()
                 return
-            body_end = end + 4 + length
+            body_end = end + length
             if len(buffer) < body_end:
-                return  # the rest of the body is on its way
+                self._await_rest()  # the rest of the body is on its way
+                return
             self._buffer = buffer[body_end:]
+            reader.restart()
             self._idle_sweeps = 0
-            pending = self._handle(route, request, buffer[end + 4:body_end])
+            if self._waiting is not None:
+                self._waiting.pop(self, None)
+                self._waiting = None
+            pending = self._handle(route, request, buffer[end:body_end])
             if pending is not None:
                 self._pending = asyncio.create_task(pending)
                 return
+
+    def _await_rest(self) -> None:
+        if self._buffer and self._waiting is None:
+            self._waiting = self._listener.awaiting(self)
+
+    def timed_out(self) -> None:
+        self._waiting = None
+        self._closed = True
+        self._listener.forget(self)
+        self._listener.timed_out(self._transport, "request")
+
+    def _close_with(self, error: BadRequest) -> None:
+        self._closed = True
+        self._forget()
+        self._listener.bad_request(self._transport, error)
 
     def _plain_length(self, request: Request) -> int | None:
         """The body's length when the request is a plain publish this connection serves, else None."""
         headers = request.headers
         text = headers.get("content-length")
-        if (request.method != "POST" or text is None or not text.isdigit() or "transfer-encoding" in headers
-                or "expect" in headers):
+        if (request.method != "POST" or text is None or "transfer-encoding" in headers or "expect" in headers
+                or not request.http11 or request.upgrade):
             return None
-        length = int(text)
+        length = int(text)  # digits only, and at most 20 of them: llhttp has checked
         return length if length <= self._node.settings.max_publish_bytes else None
 
     def _handle(self, route: publishing.Route, request: Request, raw: bytes) -> Awaitable[None] | None:
@@ -273,8 +434,14 @@ class PublishConnection(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         self._closed = True
-        self._listener.forget(self)
+        self._forget()
         self._listener.hand_over(self._transport, self._buffer)
+
+    def _forget(self) -> None:
+        self._listener.forget(self)
+        if self._waiting is not None:
+            self._waiting.pop(self, None)
+            self._waiting = None
 
     def swept(self) -> None:
         self._idle_sweeps += 1
@@ -287,7 +454,7 @@ class PublishConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closed = True
-        self._listener.forget(self)
+        self._forget()
         self._transport.close()
 
     # --- asyncio.Protocol
@@ -302,6 +469,7 @@ class PublishConnection(asyncio.Protocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._listener.open -= 1
         if not self._closed:
             self._closed = True
-            self._listener.forget(self)
+            self._forget()
