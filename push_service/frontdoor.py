@@ -49,8 +49,9 @@ HEAD_SWEEPS = 4
 # the listening socket, broker connections, logs, the event loop's own; and refused connections, each
 # open for the moment its 503 takes.
 FILES_HEADROOM = 64
-# Refused connections waiting to read their 503 before they close; beyond this many they are cut at once.
-MAX_LINGERING = 64
+# Refused connections waiting to read their 503 before they close (within the headroom); beyond this many
+# a refused connection is closed at once.
+MAX_LINGERING = FILES_HEADROOM // 2
 
 
 def default_max_connections() -> int:
@@ -268,18 +269,20 @@ class AiohttpConnection(RequestHandler):
         self._waiting: dict[Deadline, None] | None = None
 
     def data_received(self, data: bytes) -> None:
+        requests = self._request_count
         super().data_received(data)
-        # aiohttp waits for a request (`_waiter`) and these bytes did not complete one: part of a head.
-        waiter = self._waiter
-        partial = waiter is not None and not waiter.done() and not self._messages
-        if partial and self._waiting is None:
-            self._waiting = self._listener.awaiting(self)
-        elif not partial and self._waiting is not None:
-            self._waiting.pop(self, None)
-            self._waiting = None
+        if self._request_count != requests:  # a request head came whole
+            if self._waiting is not None:
+                self._waiting.pop(self, None)
+                self._waiting = None
+        elif not self._request_in_progress and self._waiting is None:
+            self._waiting = self._listener.awaiting(self)  # part of a head, and no handler at work
 
     def timed_out(self) -> None:
         self._waiting = None
+        if self._request_in_progress or self._messages:  # its head is judged once the handler is done
+            self._waiting = self._listener.awaiting(self)
+            return
         if self.transport is not None:
             self._listener.timed_out(cast(asyncio.Transport, self.transport), "request head")
         self.force_close()
