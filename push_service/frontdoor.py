@@ -2,34 +2,30 @@
 
 - An upgrade to /socket/websocket: transports/websocket.py. The socket never enters aiohttp.
 - A POST to a publish path: a `PublishConnection`, a lean keep-alive HTTP/1.1 server for publishes.
-- Anything else, or anything not strictly well-formed: aiohttp, with the bytes read so far.
+- Anything else: aiohttp, with the bytes read so far.
+- A head that is not well-formed (http1.HeadReader, on llhttp): answered 400 here, and closed.
 
 Why: on the paths that carry the load, aiohttp's per-request and per-socket machinery cost more
 than the work itself (measured with benchmarks/run.py: a publish request took about 60 µs of CPU
 in aiohttp, 13 µs here; a socket held an aiohttp request and a handler task for its lifetime).
 Both HTTP front ends apply the same publish rules (publishing.py).
 
-Hostile input: request heads are read with llhttp (http1.HeadReader) and a malformed one is answered 400
-and closed; every partial request (head or body, on any connection the listener serves, aiohttp's
-included) is cut PUSH_HANDSHAKE_TIMEOUT after it began; and open connections are capped at
-PUSH_MAX_CONNECTIONS, over which a new one is answered 503 instead of the process running out of files.
+Request deadlines and the cap on open connections are limits.py's, for these connections and aiohttp's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import orjson
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from push_service import publishing
-from push_service.http1 import BadRequest, HeadReader, Request, has_token, json_answer, new_request_id, request_id
+from push_service.http1 import HeadReader, Request, has_token, json_answer, request_id
+from push_service.limits import AiohttpConnection, Deadline, Guard
 from push_service.node import Node
 from push_service.publishing import ApiError
 from push_service.transports import websocket
@@ -37,41 +33,9 @@ from push_service.transports import websocket
 log = logging.getLogger("push_service.api")
 
 # An idle publish connection is closed after IDLE_SWEEPS sweeps without a request: 75 to 90 s
-# (aiohttp's keep-alive timeout is 75 s). Counting sweeps spares a clock read per request.
+# (aiohttp's keep-alive timeout, as app.py sets it, is 75 s). Counting sweeps spares a clock read per request.
 SWEEP_INTERVAL = 15.0
 IDLE_SWEEPS = 5
-# A request (head and body) not whole within PUSH_HANDSHAKE_TIMEOUT of its first byte (of the connect,
-# for a connection's first) is cut by a sweep every timeout/HEAD_SWEEPS, so between 1 and
-# 1 + 1/HEAD_SWEEPS timeouts after it began. One timer for all of them instead of one per connection: a
-# connect is the hot path of a reconnect storm.
-HEAD_SWEEPS = 4
-# Files the process keeps for itself when PUSH_MAX_CONNECTIONS is derived from its limit of open files:
-# the listening socket, broker connections, logs, the event loop's own; and refused connections, each
-# open for the moment its 503 takes.
-FILES_HEADROOM = 64
-# Refused connections waiting to read their 503 before they close (within the headroom); beyond this many
-# a refused connection is closed at once.
-MAX_LINGERING = FILES_HEADROOM // 2
-
-
-def default_max_connections() -> int:
-    """The open-files limit, less a tenth of it (at least FILES_HEADROOM) for the process's other files."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 1_000_000
-    return max(1, soft - max(FILES_HEADROOM, soft // 10))
-
-
-class Deadline(Protocol):
-    def timed_out(self) -> None: ...
-
-
-def refuse(transport: asyncio.Transport, status: int, message: str) -> None:
-    """Answer `status` with a JSON error and close: what follows on the connection is not read."""
-    transport.write(json_answer(status, orjson.dumps({"error": message}), new_request_id(), close=True))
-    transport.close()
-
-
 class Listener:
     """The protocol factory of the listening socket; it also keeps the publish connections, for the
     idle sweep (one timer for all of them) and for closing them at shutdown."""
@@ -82,66 +46,15 @@ class Listener:
         self.routes = publishing.routes(node.settings)
         self._publishers: dict[PublishConnection, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        # Connections in the middle of a request, by the head sweep interval it began in (oldest first);
-        # the last one is filling.
-        self._heads: list[dict[Deadline, None]] = [{}]
-        self._head_sweeper: asyncio.TimerHandle | None = None
-        settings = node.settings
-        self.max_connections = settings.max_connections or default_max_connections()
-        # Open connections this module sees close: front door, publish and aiohttp's. A WebSocket the
-        # front door upgraded is counted by the sessions' gauge from then on.
-        self.open = 0
-        self.lingering = 0  # refused connections reading their 503
-        self._websockets = node.metrics.connections.labels("websocket")
-        self._request_timeout = settings.handshake_timeout
+        self.guard = Guard(node)
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)
 
-    def full(self) -> bool:
-        return self.open + self._websockets.value >= self.max_connections
-
-    def awaiting(self, connection: Deadline) -> dict[Deadline, None]:
-        """Cut `connection` unless it leaves the returned set (its request came whole, or it closed) in time."""
-        current = self._heads[-1]
-        current[connection] = None
-        if self._head_sweeper is None:
-            self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
-        return current
-
-    def _head_interval(self) -> float:
-        return self._request_timeout / HEAD_SWEEPS
-
-    def _sweep_heads(self) -> None:
-        heads = self._heads
-        heads.append({})
-        if len(heads) > HEAD_SWEEPS + 1:  # the oldest set came at least HEAD_SWEEPS intervals ago
-            for connection in list(heads.pop(0)):  # a copy: a connection leaves the set as it is lost
-                connection.timed_out()
-        if any(heads):
-            self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
-        else:
-            self._heads, self._head_sweeper = [{}], None
-
-    def timed_out(self, transport: asyncio.Transport, what: str) -> None:
-        """A request not whole in time: 408, or a cut when the client reads no answers either."""
-        self.node.metrics.client_errors.labels("request_timeout").inc()
-        if transport.get_write_buffer_size():
-            transport.abort()
-        else:
-            refuse(transport, 408, f"{what} not received within {self._request_timeout:g}s (PUSH_HANDSHAKE_TIMEOUT)")
-
-    def bad_request(self, transport: asyncio.Transport, error: BadRequest) -> None:
-        self.node.metrics.client_errors.labels("bad_http_request").inc()
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("bad request", extra={"event": "http_bad_request", "status": error.status,
-                                            "error": error.message})
-        refuse(transport, error.status, error.message)
-
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """aiohttp serves the connection from here on, starting with `data`."""
         http = cast(Any, self.http)  # web.Server: its handler class is built here to keep the deadlines
-        protocol = AiohttpConnection(self, http, loop=http._loop, **http._kwargs)
+        protocol = AiohttpConnection(self.guard, http, loop=http._loop, **http._kwargs)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:
@@ -168,10 +81,10 @@ class Listener:
         """At shutdown: close the publish connections (aiohttp closes its own)."""
         for connection in list(self._publishers):
             connection.close_if_idle()
-        for timer in (self._sweeper, self._head_sweeper):
-            if timer is not None:
-                timer.cancel()
-        self._sweeper = self._head_sweeper = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.guard.close()
 
 
 class FrontDoor(asyncio.Protocol):
@@ -187,30 +100,13 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
-        listener = self._listener
-        full = listener.full()
-        listener.open += 1
-        # A connection that does not finish its first request head in time is cut (aiohttp's own
-        # keep-alive timeout applies once it has the connection).
-        self._waiting = listener.awaiting(self)
+        guard = self._listener.guard
+        full = guard.full()
+        guard.open += 1
+        # A connection that does not finish its first request head in time is cut.
+        self._waiting = guard.awaiting(self)
         if full:
-            self._refuse_for_capacity()
-
-    def _refuse_for_capacity(self) -> None:
-        listener = self._listener
-        listener.node.metrics.connects_refused.labels("too_many_connections").inc()
-        transport = self._transport
-        body = orjson.dumps({"error": f"too many open connections ({listener.max_connections}, "
-                                      "PUSH_MAX_CONNECTIONS); retry later or on another replica"})
-        transport.write(json_answer(503, body, new_request_id(), close=True))
-        if listener.lingering >= MAX_LINGERING:
-            transport.abort()
-            return
-        # Closing now would reset a connection whose request is on its way, and the client might never
-        # see the 503: it closes after its first bytes are read (or at the head deadline).
-        self._refused = True
-        listener.lingering += 1
-        transport.write_eof()
+            self._refused = guard.refuse_connection(self._transport)
 
     def timed_out(self) -> None:
         self._transport.abort()
@@ -225,9 +121,9 @@ class FrontDoor(asyncio.Protocol):
             reader = self._reader = HeadReader()
         try:
             end = reader.read(head)
-        except BadRequest as error:
+        except Exception as error:  # a BadRequest, or a head that breaks this code: never an exception out
             self._waiting.pop(self, None)
-            self._listener.bad_request(self._transport, error)
+            self._listener.guard.bad_request(self._transport, error)
             return
         if end < 0:
             self._head = head
@@ -239,7 +135,7 @@ class FrontDoor(asyncio.Protocol):
         if websocket.takes(request):
             websocket.accept(listener.node, transport, request, head[end:])
             if transport.get_protocol() is not self:  # a WebSocket now: counted by the sessions' gauge
-                listener.open -= 1
+                listener.guard.open -= 1
         elif request.method == "POST" and request.path in listener.routes and not request.upgrade:
             listener.publisher(transport, head, reader)
         else:
@@ -251,48 +147,10 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting.pop(self, None)
-        listener = self._listener
-        listener.open -= 1
+        guard = self._listener.guard
+        guard.open -= 1
         if self._refused:
-            listener.lingering -= 1
-
-
-class AiohttpConnection(RequestHandler):
-    """aiohttp's protocol, with the listener's deadline on a partial request head and its count of open
-    connections. A request waiting for its body is the handler's (api.read_body has its deadline)."""
-
-    __slots__ = ("_listener", "_waiting")
-
-    def __init__(self, listener: Listener, server: web.Server, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
-        self._listener = listener
-        self._waiting: dict[Deadline, None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        requests = self._request_count
-        super().data_received(data)
-        if self._request_count != requests:  # a request head came whole
-            if self._waiting is not None:
-                self._waiting.pop(self, None)
-                self._waiting = None
-        elif not self._request_in_progress and self._waiting is None:
-            self._waiting = self._listener.awaiting(self)  # part of a head, and no handler at work
-
-    def timed_out(self) -> None:
-        self._waiting = None
-        if self._request_in_progress or self._messages:  # its head is judged once the handler is done
-            self._waiting = self._listener.awaiting(self)
-            return
-        if self.transport is not None:
-            self._listener.timed_out(cast(asyncio.Transport, self.transport), "request head")
-        self.force_close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._waiting is not None:
-            self._waiting.pop(self, None)
-            self._waiting = None
-        self._listener.open -= 1
-        super().connection_lost(exc)
+            guard.lingering -= 1
 
 
 def _mimetype(content_type: str | None) -> str:
@@ -331,7 +189,7 @@ class PublishConnection(asyncio.Protocol):
             buffer = self._buffer
             try:
                 end = reader.read(buffer)
-            except BadRequest as error:
+            except Exception as error:  # as in FrontDoor.data_received
                 self._close_with(error)
                 return
             if end < 0:
@@ -360,18 +218,18 @@ class PublishConnection(asyncio.Protocol):
 
     def _await_rest(self) -> None:
         if self._buffer and self._waiting is None:
-            self._waiting = self._listener.awaiting(self)
+            self._waiting = self._listener.guard.awaiting(self)
 
     def timed_out(self) -> None:
         self._waiting = None
         self._closed = True
         self._listener.forget(self)
-        self._listener.timed_out(self._transport, "request")
+        self._listener.guard.timed_out(self._transport, "request")
 
-    def _close_with(self, error: BadRequest) -> None:
+    def _close_with(self, error: Exception) -> None:
         self._closed = True
         self._forget()
-        self._listener.bad_request(self._transport, error)
+        self._listener.guard.bad_request(self._transport, error)
 
     def _plain_length(self, request: Request) -> int | None:
         """The body's length when the request is a plain publish this connection serves, else None."""
@@ -472,7 +330,7 @@ class PublishConnection(asyncio.Protocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._listener.open -= 1
+        self._listener.guard.open -= 1
         if not self._closed:
             self._closed = True
             self._forget()

@@ -57,10 +57,11 @@ class Request:
 
 class HeadReader:
     """Reads one request head from the start of a buffer that grows as bytes arrive; `restart()` before the
-    next request of the connection. The bytes after the head (its body) are the caller's: llhttp is
-    given the head only, so a body is never parsed as a request."""
+    next request of the connection. llhttp judges the bytes as they come; the head it accepted is then
+    split here, with no call back per header. The bytes after the head (its body) are the caller's: llhttp
+    is given the head only, so a body is never parsed as a request."""
 
-    __slots__ = ("request", "_parser", "_fed", "_url", "_headers", "_lines", "_hosts")
+    __slots__ = ("request", "_parser", "_fed", "_upgrade")
 
     def __init__(self) -> None:
         self.restart()
@@ -69,9 +70,7 @@ class HeadReader:
         self.request: Request | None = None
         self._parser = httptools.HttpRequestParser(self)  # cheaper than resetting one (no API for it)
         self._fed = 0
-        self._url = b""
-        self._headers: dict[str, str] = {}
-        self._lines = self._hosts = 0
+        self._upgrade = False
 
     def read(self, buffer: bytes) -> int:
         """Where the head in `buffer` ends (the index after its blank line), or -1 while it is incomplete.
@@ -85,49 +84,40 @@ class HeadReader:
             try:
                 self._parser.feed_data(buffer if not self._fed and stop == len(buffer) else buffer[self._fed:stop])
             except httptools.HttpParserUpgrade:
-                pass  # the head is whole; the request says it upgrades (request.upgrade)
-            except httptools.HttpParserCallbackError as exc:
-                cause = exc.__context__
-                raise cause if isinstance(cause, BadRequest) else BadRequest(400, "bad request") from None
+                self._upgrade = True  # the head is whole, and asks to switch protocols
             except httptools.HttpParserError as exc:
                 raise BadRequest(400, f"bad request: {exc}") from None
             self._fed = stop
         if end < 0:
             return -1
-        if self.request is None:  # blank lines before a request line
-            raise BadRequest(400, "bad request: no request line")
+        if self.request is None:
+            self.request = self._split(buffer[:end].decode("latin-1"))
         return stop
 
-    # --- llhttp's callbacks
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("ascii").lower()  # llhttp lets only token characters through
-        text = value.decode("latin-1").rstrip(" \t")  # llhttp keeps trailing whitespace
-        headers = self._headers
-        headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        self._lines += 1
-        if key == "host":
-            self._hosts += 1
-
-    def on_headers_complete(self) -> None:
-        parser = self._parser
-        version = parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise BadRequest(505, f"HTTP/{version} is not supported")
-        http11 = version == "1.1"
-        if self._lines > MAX_HEADERS:
+    def _split(self, head: str) -> Request:
+        """The request in a head llhttp accepted; what it leaves to the server is checked here."""
+        lines = head.split("\r\n")
+        request_line = lines[0].split(" ")
+        if len(request_line) != 3:  # llhttp lets a repeated space through; blank lines before it, too
+            raise BadRequest(400, "bad request: malformed request line")
+        method, target, version = request_line
+        if version != "HTTP/1.1" and version != "HTTP/1.0":
+            raise BadRequest(505, f"{version} is not supported")
+        if len(lines) > MAX_HEADERS + 1:
             raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
-        if self._hosts > 1 or (http11 and not self._hosts):
-            raise BadRequest(400, "bad request: an HTTP/1.1 request needs exactly one Host header")
-        headers = self._headers
-        if not http11 and "transfer-encoding" in headers:
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            name, value = name.lower(), value.strip(" \t")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        host = headers.get("host")
+        # Repeats are joined with a comma, which no single Host value holds.
+        if (host is None and version == "HTTP/1.1") or (host is not None and "," in host):
+            raise BadRequest(400, "bad request: a request needs exactly one Host header")
+        if version == "HTTP/1.0" and "transfer-encoding" in headers:
             raise BadRequest(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
-        path, _, query = self._url.decode("latin-1").partition("?")
-        self.request = Request(parser.get_method().decode("ascii"), path, query, headers, http11,
-                               parser.should_upgrade())
+        path, _, query = target.partition("?")
+        return Request(method, path, query, headers, version == "HTTP/1.1", self._upgrade)
 
 
 def has_token(value: str | None, token: str) -> bool:
