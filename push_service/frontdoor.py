@@ -132,7 +132,7 @@ class FrontDoor(asyncio.Protocol):
         listener = self._listener
         request = cast(Request, reader.request)
         transport = self._transport
-        if websocket.takes(request):
+        if request.http11 and websocket.takes(request):
             websocket.accept(listener.node, transport, request, head[end:])
             if transport.get_protocol() is not self:  # a WebSocket now: counted by the sessions' gauge
                 listener.guard.open -= 1

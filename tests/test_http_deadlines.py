@@ -216,3 +216,54 @@ async def test_a_client_leaving_mid_body_is_a_client_abort_not_a_server_error(
     assert await counter(server, 'push_http_requests_total{method="POST",route="/api/broadcast",status="499"}') == 1
     assert await counter(server, 'push_client_errors_total{reason="client_abort"}') == 1
     assert not [entry for entry in server.log_lines if entry.get("level") in ("error", "critical")]
+
+
+async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> None:
+    """In process, to read the count PUSH_MAX_CONNECTIONS is checked against: a connection that leaves
+    by any path must leave it, or the cap would close the door on clients that are not there."""
+    import aiohttp
+
+    from conftest import JWT_SECRET, make_token
+    from push_service import app as application
+    from push_service.config import Settings
+
+    settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0,
+                        handshake_timeout=DEADLINE)
+    runner, port = await application.start(settings)
+    try:
+        guard = next(iter(runner.sites))._listener.guard  # type: ignore[attr-defined]
+
+        async def exchange(*requests: bytes) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for request in requests:
+                writer.write(request)
+                if request.endswith(b"\r\n\r\n") or request.endswith(BODY):
+                    await read_answer(reader)
+            writer.close()
+
+        await exchange(HEALTH)  # aiohttp
+        await exchange(PUBLISH, PUBLISH)  # the publish connection
+        await exchange(PUBLISH, HEALTH)  # the publish connection, then aiohttp
+        await exchange(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")  # 400
+        await exchange(PUBLISH, b"POST /api/broadcast HTTP/1.1\r\nHost: x\r\nX: a\x00\r\n\r\n")  # 400 on it
+        await exchange(HEAD[:20])  # left half way
+        await exchange(HEALTH, HEAD[:20])
+        async with aiohttp.ClientSession() as http:
+            # The front door's WebSocket, then one upgraded on a keep-alive connection of aiohttp's.
+            async with http.ws_connect(f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={make_token()}"):
+                pass
+            connector = aiohttp.TCPConnector(limit=1)
+            async with aiohttp.ClientSession(connector=connector) as pooled:
+                async with pooled.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    await response.read()
+                async with pooled.ws_connect(f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={make_token()}"):
+                    pass
+        # Idle connections kept: a held partial head and a held body are cut by the deadline.
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        held[0][1].write(HEAD[:20])
+        held[1][1].write(HEAD + b"Content-Length: 100\r\n\r\n")
+        await until(lambda: guard.open == 0, TIMEOUT, "no connection counted open")
+        for _, writer in held:
+            writer.close()
+    finally:
+        await runner.cleanup()
