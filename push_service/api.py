@@ -42,20 +42,24 @@ class RequestTimeout(Exception):
     """A request body that did not come whole within PUSH_HANDSHAKE_TIMEOUT."""
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its request body was whole."""
+
+
 async def read_body(request: web.Request, limit: int) -> bytes | None:
     """The whole body, or None when it is longer than `limit`. It must come within PUSH_HANDSHAKE_TIMEOUT
-    (RequestTimeout); a client that leaves half way raises ConnectionError."""
+    (else RequestTimeout); a client that leaves half way raises ClientGone."""
     length = request.content_length
     if length is not None and length > limit:
         return None
     content = request.content
-    if content.is_eof():  # the usual small body came with its head: no timer, no read (and copy) of the end
-        body = content.read_nowait()
-        return body if len(body) <= limit else None
     timeout = request.app[NODE].settings.handshake_timeout
     chunks: list[bytes] = []
     size = 0
     try:
+        if content.is_eof():  # the usual small body came with its head: no timer, no read (and copy) of the end
+            body = content.read_nowait()
+            return body if len(body) <= limit else None
         async with asyncio.timeout(timeout):
             while chunk := await content.read(65536):
                 size += len(chunk)
@@ -64,6 +68,8 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestTimeout(f"request body not received within {timeout:g}s (PUSH_HANDSHAKE_TIMEOUT)") from None
+    except ConnectionError:
+        raise ClientGone() from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -210,8 +216,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
             request.transport.write(json_answer(408, orjson.dumps({"error": str(exc)}), answer_id, close=True))
         request.protocol.force_close()
         response = json_response({"error": str(exc)}, 408)  # not written: the connection is closed
-    except ConnectionError:
-        # The client left mid-request (mid-body, most often): its doing, and nobody reads an answer.
+    except ClientGone:
+        # The client left mid-body: its doing, and nobody reads an answer.
         request.app[NODE].metrics.client_errors.labels("client_abort").inc()
         log.info("client left mid-request", extra={"event": "http_client_abort", "request_id": answer_id,
                                                     "route": label})
