@@ -33,9 +33,12 @@ from push_service.transports import websocket
 log = logging.getLogger("push_service.api")
 
 # An idle publish connection is closed after IDLE_SWEEPS sweeps without a request: 75 to 90 s
-# (aiohttp's keep-alive timeout, as app.py sets it, is 75 s). Counting sweeps spares a clock read per request.
+# (aiohttp's keep-alive timeout, as app.py sets it, is 75 s). Counting sweeps spares a clock read per
+# request.
 SWEEP_INTERVAL = 15.0
 IDLE_SWEEPS = 5
+
+
 class Listener:
     """The protocol factory of the listening socket; it also keeps the publish connections, for the
     idle sweep (one timer for all of them) and for closing them at shutdown."""

@@ -179,7 +179,8 @@ async def test_partial_requests_are_cut_and_the_server_keeps_answering(server: L
     assert not [entry for entry in server.log_lines if entry.get("level") in ("error", "critical")]
 
 
-async def test_over_max_connections_a_connection_is_answered_503(start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+async def test_over_max_connections_a_connection_is_answered_503(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     server = await start_server(PUSH_MAX_CONNECTIONS="3", PUSH_HANDSHAKE_TIMEOUT="30")
     held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
