@@ -209,12 +209,13 @@ class PublishConnection(asyncio.Protocol):
                 self._await_rest()  # the rest of the body is on its way
                 return
             self._buffer = buffer[body_end:]
-            reader.restart()
+            raw = buffer[end:body_end]
+            reader.finish(raw)
             self._idle_sweeps = 0
             if self._waiting is not None:
                 self._waiting.pop(self, None)
                 self._waiting = None
-            pending = self._handle(route, request, buffer[end:body_end])
+            pending = self._handle(route, request, raw)
             if pending is not None:
                 self._pending = asyncio.create_task(pending)
                 return

@@ -56,10 +56,10 @@ class Request:
 
 
 class HeadReader:
-    """Reads one request head from the start of a buffer that grows as bytes arrive; `restart()` before the
-    next request of the connection. llhttp judges the bytes as they come; the head it accepted is then
-    split here, with no call back per header. The bytes after the head (its body) are the caller's: llhttp
-    is given the head only, so a body is never parsed as a request."""
+    """Reads one request head from the start of a buffer that grows as bytes arrive; `finish(body)` before
+    the next request of the connection. llhttp judges the bytes as they come; the head it accepted is then
+    split here, with no call back per header. The body is the caller's to take (by Content-Length): llhttp
+    is given the head, then exactly that body, so a body is never parsed as a request."""
 
     __slots__ = ("request", "_parser", "_fed", "_upgrade")
 
@@ -71,6 +71,16 @@ class HeadReader:
         self._parser = httptools.HttpRequestParser(self)  # cheaper than resetting one (no API for it)
         self._fed = 0
         self._upgrade = False
+
+    def finish(self, body: bytes) -> None:
+        """The request's Content-Length body, for llhttp to reach the end of the request: then it reads the
+        next head without a new parser (a publish connection's requests, one after the other)."""
+        self.request, self._fed, self._upgrade = None, 0, False
+        if body:
+            try:
+                self._parser.feed_data(body)
+            except httptools.HttpParserError:
+                self._parser = httptools.HttpRequestParser(self)
 
     def read(self, buffer: bytes) -> int:
         """Where the head in `buffer` ends (the index after its blank line), or -1 while it is incomplete.
@@ -105,11 +115,15 @@ class HeadReader:
             raise BadRequest(505, f"{version} is not supported")
         if len(lines) > MAX_HEADERS + 1:
             raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.lower(), value.strip(" \t")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        del lines[0]
+        # llhttp let no CR, LF or other control character into a value: strip() takes only spaces and tabs.
+        headers = {(field := line.partition(":"))[0].lower(): field[2].strip() for line in lines}
+        if len(headers) != len(lines):  # a name repeated: its values joined, in order
+            headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                name, value = name.lower(), value.strip()
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
         host = headers.get("host")
         # Repeats are joined with a comma, which no single Host value holds.
         if (host is None and version == "HTTP/1.1") or (host is not None and "," in host):
