@@ -122,9 +122,9 @@ class Guard:
             # Ours to fix, but the client's bytes that found it: a warning, and the client gets a 400.
             log.warning("request head not read", exc_info=error, extra={"event": "http_bad_request"})
             error = BadRequest(400, "bad request")
-        elif log.isEnabledFor(logging.DEBUG):
-            log.debug("bad request", extra={"event": "http_bad_request", "status": error.status,
-                                            "error": error.message})
+        elif log.isEnabledFor(logging.INFO):  # as aiohttp's refusals (logs.MalformedRequestFilter): no quote
+            log.info("malformed request refused", extra={"event": "http_malformed", "status": error.status,
+                                                         "error": error.message})
         refuse(transport, error.status, error.message)
 
     def close(self) -> None:
