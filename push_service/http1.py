@@ -1,12 +1,12 @@
 """HTTP/1.1 without I/O, for the requests the front door answers itself (WebSocket upgrades and
-publishes): request heads read with llhttp (httptools, the parser aiohttp uses too) and the bytes of a
-JSON answer.
+publishes): request heads read with llhttp (through httptools; aiohttp's own parser is llhttp too) and
+the bytes of a JSON answer.
 
 llhttp refuses what RFC 9112 calls malformed or ambiguous (Content-Length with Transfer-Encoding, a
 repeated Content-Length, obsolete line folding, bare CR or LF, control characters, bad header names);
 `HeadReader` adds what llhttp leaves to the server: one Host, a bounded number and size of header lines,
-HTTP/1.0 or 1.1, and no Transfer-Encoding in HTTP/1.0. Such a request is answered 400 here and its
-connection closed, since its framing cannot be trusted.
+HTTP/1.0 or 1.1, and no Transfer-Encoding in HTTP/1.0. Such a request is answered 400 (431, 505) here
+and its connection closed, since its framing cannot be trusted.
 """
 
 from __future__ import annotations
@@ -64,11 +64,8 @@ class HeadReader:
     __slots__ = ("request", "_parser", "_fed", "_upgrade")
 
     def __init__(self) -> None:
-        self.restart()
-
-    def restart(self) -> None:
         self.request: Request | None = None
-        self._parser = httptools.HttpRequestParser(self)  # cheaper than resetting one (no API for it)
+        self._parser = httptools.HttpRequestParser(self)
         self._fed = 0
         self._upgrade = False
 
@@ -79,7 +76,7 @@ class HeadReader:
         if body:
             try:
                 self._parser.feed_data(body)
-            except httptools.HttpParserError:
+            except httptools.HttpParserError:  # not for a Content-Length body; a fresh parser all the same
                 self._parser = httptools.HttpRequestParser(self)
 
     def read(self, buffer: bytes) -> int:
