@@ -5,18 +5,19 @@ Every answer is JSON with an honest status code: 200 on success, never 200 with 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from push_service import publishing
 from push_service.broker import BrokerUnavailable
 from push_service.history.position import Position
-from push_service.http1 import request_id
+from push_service.http1 import json_answer, request_id
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import NODE, Node
 from push_service.presence.base import Metas, PresenceUnavailable, state_payload
@@ -26,6 +27,8 @@ from push_service.topics import parse_topic
 log = logging.getLogger("push_service.api")
 
 STARTED = web.RequestKey("started", float)  # time.time() when the request arrived
+# The status a request counts as when its client left before the answer (nginx's convention).
+CLIENT_CLOSED = 499
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -35,20 +38,38 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 # --- request reading
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+class RequestTimeout(Exception):
+    """A request body that did not come whole within PUSH_HANDSHAKE_TIMEOUT."""
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request body was whole."""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than `limit`. It must come within PUSH_HANDSHAKE_TIMEOUT
+    (else RequestTimeout); a client that leaves half way raises ClientGone."""
     length = request.content_length
     if length is not None and length > limit:
-        raise publishing.too_large(limit)
+        return None
     content = request.content
+    timeout = request.app[NODE].settings.handshake_timeout
     chunks: list[bytes] = []
     size = 0
-    while chunk := await content.read(65536):
-        size += len(chunk)
-        if size > limit:
-            raise publishing.too_large(limit)
-        chunks.append(chunk)
-        if content.at_eof():  # the usual small body comes whole: no read (and copy) just to hear the end
-            break
+    try:
+        if content.is_eof():  # the usual small body came with its head: no timer, no read (and copy) of the end
+            body = content.read_nowait()
+            return body if len(body) <= limit else None
+        async with asyncio.timeout(timeout):
+            while chunk := await content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {timeout:g}s (PUSH_HANDSHAKE_TIMEOUT)") from None
+    except ConnectionError:
+        raise ClientGone() from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -73,7 +94,9 @@ def publish_handler(route: publishing.Route) -> Handler:
         node: Node = request.app[NODE]
         authorization = request.headers.get("Authorization")
         publishing.check_head(node.publish_keys, authorization, request.content_type)
-        raw = await _read_body(request, node.settings.max_publish_bytes)
+        raw = await read_body(request, node.settings.max_publish_bytes)
+        if raw is None:
+            raise publishing.too_large(node.settings.max_publish_bytes)
         body = publishing.authorized_object(node.publish_keys, authorization, raw)
         published, delivered = publishing.publish(node, route, body, request[STARTED])
         if not isinstance(delivered, int):
@@ -185,6 +208,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     route = request.match_info.route.resource
     label = route.canonical if route is not None else "unmatched"
     try:
+        if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: its framing is faulty (HTTP/1.0 has no chunked bodies); llhttp lets it through.
+            request.protocol.keep_alive(False)
+            raise ApiError(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
         response = await handler(request)
     except ApiError as exc:
         response = json_response({"error": exc.message}, exc.status)
@@ -193,6 +220,19 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = json_response({"error": exc.reason.lower()}, exc.status)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
+    except RequestTimeout as exc:
+        request.app[NODE].metrics.client_errors.labels("request_timeout").inc()
+        # Answered here and closed: aiohttp would otherwise linger on to read the rest of the body.
+        if request.transport is not None:
+            request.transport.write(json_answer(408, orjson.dumps({"error": str(exc)}), answer_id, close=True))
+        request.protocol.force_close()
+        response = json_response({"error": str(exc)}, 408)  # not written: the connection is closed
+    except ClientGone:
+        # The client left mid-body: its doing, and nobody reads an answer.
+        request.app[NODE].metrics.client_errors.labels("client_abort").inc()
+        log.info("client left mid-request", extra={"event": "http_client_abort", "request_id": answer_id,
+                                                    "route": label})
+        response = json_response({"error": "client closed the connection"}, CLIENT_CLOSED)
     except Exception:
         log.exception("unhandled error", extra={"event": "http_error", "request_id": answer_id, "route": label})
         response = json_response({"error": "internal server error"}, 500)

@@ -18,10 +18,15 @@ from push_service.transports import longpoll, websocket
 
 log = logging.getLogger("push_service")
 
+KEEPALIVE_TIMEOUT = 75.0
+
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
     node = Node(settings, broker)
-    app = web.Application(middlewares=[api.errors_and_metrics], handler_args={"access_log": None})
+    # aiohttp 3.14 keeps an idle keep-alive connection for an hour; 75 s (its former default, and nginx's)
+    # frees the socket of a client gone quiet sooner.
+    app = web.Application(middlewares=[api.errors_and_metrics],
+                          handler_args={"access_log": None, "keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[NODE] = node
     api.add_routes(app, node)
     app.router.add_get("/socket/websocket", websocket.handle)

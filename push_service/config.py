@@ -69,7 +69,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("heartbeat_timeout", "PUSH_HEARTBEAT_TIMEOUT", values.positive_duration,
            "close a socket that sends no frame for this long (default 60s)"),
     Option("handshake_timeout", "PUSH_HANDSHAKE_TIMEOUT", values.positive_duration,
-           "close a new connection that has not sent its first request head within this time (default 10s)"),
+           "close a connection whose request (head and body) is not whole this long after it began, or that "
+           "sends no request this long after connecting (default 10s)"),
+    Option("max_connections", "PUSH_MAX_CONNECTIONS", values.non_negative_int,
+           "open connections beyond which a new one is answered 503 (default 0: the open-files limit less a "
+           "tenth of it, at least 64, kept for the process's own files)"),
     Option("max_frame_bytes", "PUSH_MAX_FRAME_BYTES", values.size, "largest client WebSocket message (default 64KiB)"),
     Option("max_publish_bytes", "PUSH_MAX_PUBLISH_BYTES", values.size, "largest HTTP publish body (default 1MiB)"),
     Option("max_topics_per_connection", "PUSH_MAX_TOPICS_PER_CONNECTION", values.positive_int,
@@ -134,6 +138,7 @@ class Settings:
     require_topics_claim: bool = False
     heartbeat_timeout: float = 60.0
     handshake_timeout: float = 10.0
+    max_connections: int = 0
     max_frame_bytes: int = 64 * 1024
     max_publish_bytes: int = 1024 * 1024
     max_topics_per_connection: int = 100

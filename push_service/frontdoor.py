@@ -2,12 +2,15 @@
 
 - An upgrade to /socket/websocket: transports/websocket.py. The socket never enters aiohttp.
 - A POST to a publish path: a `PublishConnection`, a lean keep-alive HTTP/1.1 server for publishes.
-- Anything else, or anything not strictly well-formed: aiohttp, with the bytes read so far.
+- Anything else: aiohttp, with the bytes read so far.
+- A head that is not well-formed (http1.HeadReader, on llhttp): answered 400 here, and closed.
 
 Why: on the paths that carry the load, aiohttp's per-request and per-socket machinery cost more
 than the work itself (measured with benchmarks/run.py: a publish request took about 60 µs of CPU
 in aiohttp, 13 µs here; a socket held an aiohttp request and a handler task for its lifetime).
 Both HTTP front ends apply the same publish rules (publishing.py).
+
+Request deadlines and the cap on open connections are limits.py's, for these connections and aiohttp's.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
 from push_service import publishing
-from push_service.http1 import MAX_HEAD_BYTES, Request, has_token, json_answer, parse_head, request_id
+from push_service.http1 import HeadReader, Request, has_token, json_answer, request_id
+from push_service.limits import AiohttpConnection, Deadline, Guard
 from push_service.node import Node
 from push_service.publishing import ApiError
 from push_service.transports import websocket
@@ -29,13 +33,10 @@ from push_service.transports import websocket
 log = logging.getLogger("push_service.api")
 
 # An idle publish connection is closed after IDLE_SWEEPS sweeps without a request: 75 to 90 s
-# (aiohttp's keep-alive timeout is 75 s). Counting sweeps spares a clock read per request.
+# (aiohttp's keep-alive timeout, as app.py sets it, is 75 s). Counting sweeps spares a clock read per
+# request.
 SWEEP_INTERVAL = 15.0
 IDLE_SWEEPS = 5
-# A new connection that has not sent its first request head within PUSH_HANDSHAKE_TIMEOUT is cut by
-# a sweep every timeout/HEAD_SWEEPS, so between 1 and 1 + 1/HEAD_SWEEPS timeouts after it came. One
-# timer for all of them instead of one per connection: a connect is the hot path of a reconnect storm.
-HEAD_SWEEPS = 4
 
 
 class Listener:
@@ -48,46 +49,22 @@ class Listener:
         self.routes = publishing.routes(node.settings)
         self._publishers: dict[PublishConnection, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        # Connections waiting for their first request head, by the head sweep interval they came in
-        # (oldest first); the last one is filling.
-        self._heads: list[dict[FrontDoor, None]] = [{}]
-        self._head_sweeper: asyncio.TimerHandle | None = None
+        self.guard = Guard(node)
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)
 
-    def awaiting_head(self, door: FrontDoor) -> dict[FrontDoor, None]:
-        """Cut `door` unless it leaves the returned set (its head came, or it closed) in time."""
-        current = self._heads[-1]
-        current[door] = None
-        if self._head_sweeper is None:
-            self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
-        return current
-
-    def _head_interval(self) -> float:
-        return self.node.settings.handshake_timeout / HEAD_SWEEPS
-
-    def _sweep_heads(self) -> None:
-        heads = self._heads
-        heads.append({})
-        if len(heads) > HEAD_SWEEPS + 1:  # the oldest set came at least HEAD_SWEEPS intervals ago
-            for door in list(heads.pop(0)):  # a copy: a door leaves the set as its connection is lost
-                door.timed_out()
-        if any(heads):
-            self._head_sweeper = asyncio.get_running_loop().call_later(self._head_interval(), self._sweep_heads)
-        else:
-            self._heads, self._head_sweeper = [{}], None
-
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """aiohttp serves the connection from here on, starting with `data`."""
-        protocol = self.http()
+        http = cast(Any, self.http)  # web.Server: its handler class is built here to keep the deadlines
+        protocol = AiohttpConnection(self.guard, http, loop=http._loop, **http._kwargs)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:
             protocol.data_received(data)
 
-    def publisher(self, transport: asyncio.Transport, data: bytes) -> None:
-        connection = PublishConnection(self, transport)
+    def publisher(self, transport: asyncio.Transport, data: bytes, reader: HeadReader) -> None:
+        connection = PublishConnection(self, transport, reader)
         transport.set_protocol(connection)
         self._publishers[connection] = None
         if self._sweeper is None:
@@ -107,47 +84,65 @@ class Listener:
         """At shutdown: close the publish connections (aiohttp closes its own)."""
         for connection in list(self._publishers):
             connection.close_if_idle()
-        for timer in (self._sweeper, self._head_sweeper):
-            if timer is not None:
-                timer.cancel()
-        self._sweeper = self._head_sweeper = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self.guard.close()
 
 
 class FrontDoor(asyncio.Protocol):
     """Reads a connection's first request head and hands the connection to whoever serves it."""
 
-    __slots__ = ("_listener", "_transport", "_head", "_waiting")
+    __slots__ = ("_listener", "_transport", "_head", "_waiting", "_reader", "_refused")
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._head = b""
+        self._reader: HeadReader | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
-        # A connection that does not finish its first request head in time is cut (aiohttp's own
-        # keep-alive timeout applies once it has the connection).
-        self._waiting = self._listener.awaiting_head(self)
+        guard = self._listener.guard
+        full = guard.full()
+        guard.open += 1
+        # A connection that does not finish its first request head in time is cut.
+        self._waiting = guard.awaiting(self)
+        if full:
+            self._refused = guard.refuse_connection(self._transport)
 
     def timed_out(self) -> None:
         self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            self._transport.close()
+            return
         head = self._head + data if self._head else data
-        end = head.find(b"\r\n\r\n")
-        if end < 0 and len(head) <= MAX_HEAD_BYTES:
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = HeadReader()
+        try:
+            end = reader.read(head)
+        except Exception as error:  # a BadRequest, or a head that breaks this code: never an exception out
+            self._waiting.pop(self, None)
+            self._listener.guard.bad_request(self._transport, error)
+            return
+        if end < 0:
             self._head = head
             return
         self._waiting.pop(self, None)
         listener = self._listener
-        request = parse_head(head[:end]) if end >= 0 else None
-        if request is None:
-            listener.hand_over(self._transport, head)
-        elif websocket.takes(request):
-            websocket.accept(listener.node, self._transport, request, head[end + 4:])
-        elif request.method == "POST" and request.path in listener.routes:
-            listener.publisher(self._transport, head)
+        request = cast(Request, reader.request)
+        transport = self._transport
+        if request.http11 and websocket.takes(request):
+            websocket.accept(listener.node, transport, request, head[end:])
+            if transport.get_protocol() is not self:  # a WebSocket now: counted by the sessions' gauge
+                listener.guard.open -= 1
+        elif request.method == "POST" and request.path in listener.routes and not request.upgrade:
+            listener.publisher(transport, head, reader)
         else:
-            listener.hand_over(self._transport, head)
+            listener.hand_over(transport, head)
 
     def eof_received(self) -> bool | None:
         self._waiting.pop(self, None)
@@ -155,6 +150,10 @@ class FrontDoor(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._waiting.pop(self, None)
+        guard = self._listener.guard
+        guard.open -= 1
+        if self._refused:
+            guard.lingering -= 1
 
 
 def _mimetype(content_type: str | None) -> str:
@@ -168,9 +167,10 @@ class PublishConnection(asyncio.Protocol):
     chunked body, `Expect`, a body over PUSH_MAX_PUBLISH_BYTES) hands the connection, from that
     request on, to aiohttp."""
 
-    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_idle_sweeps")
+    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_idle_sweeps", "_reader",
+                 "_waiting")
 
-    def __init__(self, listener: Listener, transport: asyncio.Transport) -> None:
+    def __init__(self, listener: Listener, transport: asyncio.Transport, reader: HeadReader) -> None:
         self._listener = listener
         self._node = listener.node
         self._transport = transport
@@ -178,6 +178,8 @@ class PublishConnection(asyncio.Protocol):
         self._pending: asyncio.Task[None] | None = None  # a publish waiting for the broker
         self._closed = False
         self._idle_sweeps = 0  # sweeps since the last request
+        self._reader = reader  # the current request's head, read or being read
+        self._waiting: dict[Deadline, None] | None = None  # while a request is partly here
 
     def data_received(self, data: bytes) -> None:
         self._buffer = self._buffer + data if self._buffer else data
@@ -185,38 +187,62 @@ class PublishConnection(asyncio.Protocol):
             self._serve()
 
     def _serve(self) -> None:
-        routes = self._listener.routes
+        routes, reader = self._listener.routes, self._reader
         while not self._closed:
             buffer = self._buffer
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    self._hand_over()
+            try:
+                end = reader.read(buffer)
+            except Exception as error:  # as in FrontDoor.data_received
+                self._close_with(error)
                 return
-            request = parse_head(buffer[:end])
-            route = routes.get(request.path) if request is not None else None
-            length = self._plain_length(request) if route is not None and request is not None else None
-            if route is None or request is None or length is None:
+            if end < 0:
+                self._await_rest()
+                return
+            request = cast(Request, reader.request)
+            route = routes.get(request.path)
+            length = self._plain_length(request) if route is not None else None
+            if route is None or length is None:
                 self._hand_over()
                 return
-            body_end = end + 4 + length
+            body_end = end + length
             if len(buffer) < body_end:
-                return  # the rest of the body is on its way
+                self._await_rest()  # the rest of the body is on its way
+                return
             self._buffer = buffer[body_end:]
+            raw = buffer[end:body_end]
+            reader.finish(raw)
             self._idle_sweeps = 0
-            pending = self._handle(route, request, buffer[end + 4:body_end])
+            if self._waiting is not None:
+                self._waiting.pop(self, None)
+                self._waiting = None
+            pending = self._handle(route, request, raw)
             if pending is not None:
                 self._pending = asyncio.create_task(pending)
                 return
+
+    def _await_rest(self) -> None:
+        if self._buffer and self._waiting is None:
+            self._waiting = self._listener.guard.awaiting(self)
+
+    def timed_out(self) -> None:
+        self._waiting = None
+        self._closed = True
+        self._listener.forget(self)
+        self._listener.guard.timed_out(self._transport, "request")
+
+    def _close_with(self, error: Exception) -> None:
+        self._closed = True
+        self._forget()
+        self._listener.guard.bad_request(self._transport, error)
 
     def _plain_length(self, request: Request) -> int | None:
         """The body's length when the request is a plain publish this connection serves, else None."""
         headers = request.headers
         text = headers.get("content-length")
-        if (request.method != "POST" or text is None or not text.isdigit() or "transfer-encoding" in headers
-                or "expect" in headers):
+        if (request.method != "POST" or text is None or "transfer-encoding" in headers or "expect" in headers
+                or not request.http11 or request.upgrade):
             return None
-        length = int(text)
+        length = int(text)  # digits only, and at most 20 of them: llhttp has checked
         return length if length <= self._node.settings.max_publish_bytes else None
 
     def _handle(self, route: publishing.Route, request: Request, raw: bytes) -> Awaitable[None] | None:
@@ -273,8 +299,14 @@ class PublishConnection(asyncio.Protocol):
 
     def _hand_over(self) -> None:
         self._closed = True
-        self._listener.forget(self)
+        self._forget()
         self._listener.hand_over(self._transport, self._buffer)
+
+    def _forget(self) -> None:
+        self._listener.forget(self)
+        if self._waiting is not None:
+            self._waiting.pop(self, None)
+            self._waiting = None
 
     def swept(self) -> None:
         self._idle_sweeps += 1
@@ -287,7 +319,7 @@ class PublishConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closed = True
-        self._listener.forget(self)
+        self._forget()
         self._transport.close()
 
     # --- asyncio.Protocol
@@ -302,6 +334,7 @@ class PublishConnection(asyncio.Protocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._listener.guard.open -= 1
         if not self._closed:
             self._closed = True
-            self._listener.forget(self)
+            self._forget()

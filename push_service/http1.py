@@ -1,8 +1,12 @@
 """HTTP/1.1 without I/O, for the requests the front door answers itself (WebSocket upgrades and
-publishes): a strict request-head parser and the bytes of a JSON answer.
+publishes): request heads read with llhttp (through httptools; aiohttp's own parser is llhttp too) and
+the bytes of a JSON answer.
 
-Strict on purpose: a head this parser does not take whole (anything unusual: obsolete line
-folding, control characters, HTTP/1.0, a chunked body) is handed to aiohttp, which answers it.
+llhttp refuses what RFC 9112 calls malformed or ambiguous (Content-Length with Transfer-Encoding, a
+repeated Content-Length, obsolete line folding, bare CR or LF, control characters, bad header names);
+`HeadReader` adds what llhttp leaves to the server: one Host, a bounded number and size of header lines,
+HTTP/1.0 or 1.1, and no Transfer-Encoding in HTTP/1.0. Such a request is answered 400 (431, 505) here
+and its connection closed, since its framing cannot be trusted.
 """
 
 from __future__ import annotations
@@ -11,50 +15,120 @@ import random
 import re
 from urllib.parse import unquote_plus
 
+import httptools
+
 # A caller's X-Request-Id is kept when it looks like one; otherwise the answer carries a new one.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# A longer head is not ours to judge: aiohttp answers it (431/400).
+# A longer request head is refused (431), however it arrives: the head is held in memory until whole.
 MAX_HEAD_BYTES = 16384
+# As aiohttp's default limit: more header lines than any client of ours sends.
+MAX_HEADERS = 128
 
 REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           413: "Payload Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+           408: "Request Timeout", 413: "Payload Too Large", 415: "Unsupported Media Type",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+           503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+
+
+class BadRequest(Exception):
+    """A request whose head cannot be served: answered with `status` and closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class Request:
-    """A request head: method, path, raw query, and headers by lower-case name (repeats joined by ", ")."""
+    """A request head: method, path, raw query, and headers by lower-case name (repeats joined by ", ").
+    `http11`: HTTP/1.1 (else 1.0); `upgrade`: the request asks to switch protocols."""
 
-    __slots__ = ("method", "path", "query", "headers")
+    __slots__ = ("method", "path", "query", "headers", "http11", "upgrade")
 
-    def __init__(self, method: str, path: str, query: str, headers: dict[str, str]) -> None:
+    def __init__(self, method: str, path: str, query: str, headers: dict[str, str], http11: bool = True,
+                 upgrade: bool = False) -> None:
         self.method = method
         self.path = path
         self.query = query
         self.headers = headers
+        self.http11 = http11
+        self.upgrade = upgrade
 
 
-def parse_head(head: bytes) -> Request | None:
-    """The request in a head (without its final blank line), or None when it is not strictly well-formed
-    HTTP/1.1."""
-    try:
-        text = head.decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    if not text.replace("\r\n", "").isprintable():
-        return None  # control characters (NUL, DEL, a bare LF...)
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or parts[2] != "HTTP/1.1":
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip() or line[0] in " \t":
-            return None
-        name, value = name.lower(), value.strip()
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    path, _, query = parts[1].partition("?")
-    return Request(parts[0], path, query, headers)
+class HeadReader:
+    """Reads one request head from the start of a buffer that grows as bytes arrive; `finish(body)` before
+    the next request of the connection. llhttp judges the bytes as they come; the head it accepted is then
+    split here, with no call back per header. The body is the caller's to take (by Content-Length): llhttp
+    is given the head, then exactly that body, so a body is never parsed as a request."""
+
+    __slots__ = ("request", "_parser", "_fed", "_upgrade")
+
+    def __init__(self) -> None:
+        self.request: Request | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._fed = 0
+        self._upgrade = False
+
+    def finish(self, body: bytes) -> None:
+        """The request's Content-Length body, for llhttp to reach the end of the request: then it reads the
+        next head without a new parser (a publish connection's requests, one after the other)."""
+        self.request, self._fed, self._upgrade = None, 0, False
+        if body:
+            try:
+                self._parser.feed_data(body)
+            except httptools.HttpParserError:  # not for a Content-Length body; a fresh parser all the same
+                self._parser = httptools.HttpRequestParser(self)
+
+    def read(self, buffer: bytes) -> int:
+        """Where the head in `buffer` ends (the index after its blank line), or -1 while it is incomplete.
+        Raises BadRequest as soon as the bytes so far cannot begin a request we serve."""
+        end = buffer.find(b"\r\n\r\n")
+        # llhttp refuses a bare CR or LF, so the first blank line of a head it accepts is its end.
+        stop = end + 4 if end >= 0 else len(buffer)
+        if stop > MAX_HEAD_BYTES:
+            raise BadRequest(431, f"request head is larger than {MAX_HEAD_BYTES} bytes")
+        if stop > self._fed:
+            try:
+                self._parser.feed_data(buffer if not self._fed and stop == len(buffer) else buffer[self._fed:stop])
+            except httptools.HttpParserUpgrade:
+                self._upgrade = True  # the head is whole, and asks to switch protocols
+            except httptools.HttpParserError as exc:
+                raise BadRequest(400, f"bad request: {exc}") from None
+            self._fed = stop
+        if end < 0:
+            return -1
+        if self.request is None:
+            self.request = self._split(buffer[:end].decode("latin-1"))
+        return stop
+
+    def _split(self, head: str) -> Request:
+        """The request in a head llhttp accepted; what it leaves to the server is checked here."""
+        lines = head.split("\r\n")
+        request_line = lines[0].split(" ")
+        if len(request_line) != 3:  # llhttp lets a repeated space through; blank lines before it, too
+            raise BadRequest(400, "bad request: malformed request line")
+        method, target, version = request_line
+        if version != "HTTP/1.1" and version != "HTTP/1.0":
+            raise BadRequest(505, f"{version} is not supported")
+        if len(lines) > MAX_HEADERS + 1:
+            raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
+        del lines[0]
+        # llhttp let no CR, LF or other control character into a value: strip() takes only spaces and tabs.
+        headers = {(field := line.partition(":"))[0].lower(): field[2].strip() for line in lines}
+        if len(headers) != len(lines):  # a name repeated: its values joined, in order
+            headers = {}
+            for line in lines:
+                name, _, value = line.partition(":")
+                name, value = name.lower(), value.strip()
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        host = headers.get("host")
+        # Repeats are joined with a comma, which no single Host value holds.
+        if (host is None and version == "HTTP/1.1") or (host is not None and "," in host):
+            raise BadRequest(400, "bad request: a request needs exactly one Host header")
+        if version == "HTTP/1.0" and "transfer-encoding" in headers:
+            raise BadRequest(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
+        path, _, query = target.partition("?")
+        return Request(method, path, query, headers, version == "HTTP/1.1", self._upgrade)
 
 
 def has_token(value: str | None, token: str) -> bool:

@@ -38,6 +38,7 @@ import secrets
 import orjson
 from aiohttp import web
 
+from push_service.api import read_body
 from push_service.auth import AuthError
 from push_service.node import Node
 from push_service.protocol import negotiate
@@ -327,15 +328,8 @@ class LongPollTransport:
 
     @staticmethod
     async def _read_body(request: web.Request, limit: int) -> bytes | None:
-        """The whole body, or None when it is longer than `limit`."""
-        if request.content_length is not None and request.content_length > limit:
-            return None
-        body = bytearray()
-        while chunk := await request.content.read(65536):
-            body += chunk
-            if len(body) > limit:
-                return None
-        return bytes(body)
+        """The whole body, or None when it is longer than `limit` (api.read_body: with its deadline)."""
+        return await read_body(request, limit)
 
 
 def _count_down(counts: dict[str, int], key: str) -> None:
