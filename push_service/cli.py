@@ -100,13 +100,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run the server on uvloop when it is installed (the `fast` extra), else on asyncio's own loop."""
+    """Run the server on uvloop (a default dependency where it builds), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
+        _log_runtime("asyncio")
         asyncio.run(main)
         return
+    _log_runtime(f"uvloop {uvloop.__version__}")
     uvloop.run(main)
+
+
+def _log_runtime(loop: str) -> None:
+    """Say what the process runs on: a slower fallback should be seen in the first lines of the log."""
+    from importlib.metadata import PackageNotFoundError, version
+    import logging
+
+    def installed(name: str) -> str:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            return "none"
+
+    logging.getLogger("push_service").info("runtime", extra={
+        "event": "runtime", "python": sys.version.split()[0], "loop": loop,
+        "http_parser": f"llhttp ({installed('httptools')})", "redis_parser": installed("hiredis")})
 
 
 def _worker(settings: Settings) -> None:

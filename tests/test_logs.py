@@ -419,3 +419,12 @@ async def test_broker_secret_is_redacted_while_the_broker_is_down(capturing_serv
         if not down:
             missing_warning.append(url.split(":")[0])
     assert not missing_warning
+
+
+async def test_serve_says_which_loop_and_parsers_it_runs_on(server):
+    """The default install is the fast one (uvloop, llhttp, hiredis), and the start log says so: a
+    process that fell back to a slower part is seen in its first lines."""
+    line = await server.wait_for_log(lambda line: line.get("event") == "runtime", timeout=5)
+    assert line["loop"].startswith("uvloop "), line
+    assert line["http_parser"].startswith("llhttp (httptools "), line
+    assert line["redis_parser"].startswith("hiredis "), line
