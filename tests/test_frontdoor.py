@@ -154,7 +154,7 @@ async def test_an_idle_publish_connection_is_closed_by_the_sweep():
     settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
     runner, port = await application.start(settings)
     try:
-        listener = next(iter(runner.sites))._listener  # type: ignore[attr-defined]
+        listener = runner.app[application.DOOR].listener
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
         idle, busy = Raw(reader, writer), Raw(busy_reader, busy_writer)

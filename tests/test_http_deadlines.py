@@ -239,7 +239,7 @@ async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> 
                         handshake_timeout=DEADLINE)
     runner, port = await application.start(settings)
     try:
-        guard = next(iter(runner.sites))._listener.guard  # type: ignore[attr-defined]
+        guard = runner.app[application.DOOR].listener.guard
 
         async def exchange(*requests: bytes) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
