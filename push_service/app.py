@@ -20,7 +20,6 @@ log = logging.getLogger("push_service")
 
 KEEPALIVE_TIMEOUT = 75.0
 BACKLOG = 4096
-DOOR = web.AppKey("door", "Door")
 
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
@@ -73,6 +72,9 @@ class Door:
             self.server.close()
         if self.listener is not None:
             self.listener.close()
+
+
+DOOR = web.AppKey("door", Door)
 
 
 class ListenError(OSError):

@@ -357,3 +357,19 @@ async def test_requests_behind_a_declined_upgrade_are_served_and_their_deadline_
         assert rest.startswith(b"HTTP/1.1 408 ") and time.monotonic() - sent < CUT_WITHIN, rest
     finally:
         writer.close()
+
+
+async def test_a_malformed_request_on_an_aiohttp_connection_is_answered_once(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+    """aiohttp answers it 400 and closes; the deadline of the connection's wrapper adds no 408 to that."""
+    server = await start_server(PUSH_HANDSHAKE_TIMEOUT=str(DEADLINE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HEALTH)
+        assert (await read_answer(reader))[0] == 200
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), CUT_WITHIN + TIMEOUT)
+        assert rest.split(b" ", 2)[1] == b"400" and rest.count(b"HTTP/1.") == 1, rest  # (aiohttp says HTTP/1.0)
+    finally:
+        writer.close()
+    assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 0
