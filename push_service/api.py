@@ -18,6 +18,7 @@ from push_service import publishing
 from push_service.broker import BrokerUnavailable
 from push_service.history.position import Position
 from push_service.http1 import json_answer, request_id
+from push_service.limits import AIOHTTP_CONNECTIONS
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import NODE, Node
 from push_service.presence.base import Metas, PresenceUnavailable, state_payload
@@ -207,6 +208,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     answer_id = request_id(request.headers.get("X-Request-Id"))
     route = request.match_info.route.resource
     label = route.canonical if route is not None else "unmatched"
+    connection = AIOHTTP_CONNECTIONS.get(request.transport) if request.transport is not None else None
+    if connection is not None:
+        connection.handled += 1
+        connection.handling = connection.handled  # for the deadline of a request pipelined behind this one
     try:
         if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
             # RFC 9112 6.1: its framing is faulty (HTTP/1.0 has no chunked bodies); llhttp lets it through.
@@ -236,6 +241,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("unhandled error", extra={"event": "http_error", "request_id": answer_id, "route": label})
         response = json_response({"error": "internal server error"}, 500)
+    finally:
+        if connection is not None:
+            connection.handling = 0
     if not response.prepared:  # an upgraded WebSocket has sent its headers already
         response.headers["X-Request-Id"] = answer_id
     node: Node = request.app[NODE]

@@ -19,6 +19,7 @@ from push_service.transports import longpoll, websocket
 log = logging.getLogger("push_service")
 
 KEEPALIVE_TIMEOUT = 75.0
+BACKLOG = 4096
 
 
 def create_app(settings: Settings, broker: Broker | None = None) -> web.Application:
@@ -40,28 +41,40 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         await node.stop()
 
     app.on_startup.append(start)
+    app[DOOR] = door = Door()
+    app.on_shutdown.append(door.close)  # first: no new connection while the open ones are closed
     # on_shutdown runs before aiohttp cancels handlers: sockets get a close frame (1001) first.
     app.on_shutdown.append(stop)
     return app
 
 
-class Site(web.TCPSite):
-    """aiohttp's TCP site with our front door on the listening socket: a connection whose first request
-    is a WebSocket upgrade or a publish never enters aiohttp (see frontdoor.py)."""
+class Door:
+    """The listening socket, with our front door on it: a connection whose first request is a WebSocket
+    upgrade or a publish never enters aiohttp (see frontdoor.py); aiohttp's runner keeps the application's
+    startup and cleanup. Closed first thing at shutdown, as a site of aiohttp's would be."""
 
-    __slots__ = ("_listener",)
+    def __init__(self) -> None:
+        self.listener: frontdoor.Listener | None = None
+        self.server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        await web.BaseSite.start(self)
-        assert self._runner.server is not None
-        self._listener = frontdoor.Listener(self._runner.app[NODE], self._runner.server)
-        self._server = await asyncio.get_running_loop().create_server(
-            self._listener, self._host, self._port, backlog=self._backlog, reuse_port=self._reuse_port)
-        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+    async def open(self, runner: web.AppRunner, host: str | None, port: int, reuse_port: bool | None) -> int:
+        """Listen (OSError if the address cannot be had); returns the bound port."""
+        assert runner.server is not None, "the runner is set up first"
+        listener = frontdoor.Listener(runner.app[NODE], runner.server)
+        self.server = await asyncio.get_running_loop().create_server(
+            listener, host, port, backlog=BACKLOG, reuse_port=reuse_port)
+        self.listener = listener
+        return int(self.server.sockets[0].getsockname()[1]) if self.server.sockets else port
 
-    async def stop(self) -> None:
-        await super().stop()
-        self._listener.close()
+    async def close(self, _: web.Application | None = None) -> None:
+        """Stop accepting; the connections open are aiohttp's (and the node's) to close."""
+        if self.server is not None:
+            self.server.close()
+        if self.listener is not None:
+            self.listener.close()
+
+
+DOOR = web.AppKey("door", Door)
 
 
 class ListenError(OSError):
@@ -82,13 +95,12 @@ async def start(settings: Settings, reuse_port: bool = False) -> tuple[web.AppRu
     """The application, listening; returns its runner (cleanup() stops it) and the bound port."""
     runner = web.AppRunner(create_app(settings), handle_signals=False, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = Site(runner, settings.host, settings.port, backlog=4096, reuse_port=reuse_port or None)
     try:
-        await site.start()
+        port = await runner.app[DOOR].open(runner, settings.host, settings.port, reuse_port or None)
     except OSError as exc:
         await runner.cleanup()
         raise ListenError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from exc
-    return runner, site.port
+    return runner, port
 
 
 async def serve(settings: Settings, announce: Callable[[int], None] | None = None, reuse_port: bool = False) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import cast
 
 import orjson
 
@@ -56,8 +56,7 @@ class Listener:
 
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """aiohttp serves the connection from here on, starting with `data`."""
-        http = cast(Any, self.http)  # web.Server: its handler class is built here to keep the deadlines
-        protocol = AiohttpConnection(self.guard, http, loop=http._loop, **http._kwargs)
+        protocol = AiohttpConnection(self.guard, self.http())
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         if data:

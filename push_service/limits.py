@@ -2,7 +2,8 @@
 many connections may be open. The front door's connections and aiohttp's (`AiohttpConnection`) share them.
 
 - A request (head and body) not whole within PUSH_HANDSHAKE_TIMEOUT of its first byte (of the connect,
-  for a connection's first request) is answered 408 and closed.
+  for a connection's first request) is answered 408 and closed; cut without an answer when a handler is
+  still at work on an earlier request of the connection (the 408 would be read as that one's answer).
 - Over PUSH_MAX_CONNECTIONS open connections, a new one is answered 503 and closed, rather than the process
   running out of files (where accept() fails and every client, /healthz included, waits).
 """
@@ -12,11 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
+import httptools
 import orjson
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from push_service.http1 import BadRequest, json_answer, new_request_id
 from push_service.node import Node
@@ -107,10 +107,11 @@ class Guard:
         else:
             self._partial, self._sweeper = [{}], None
 
-    def timed_out(self, transport: asyncio.Transport, what: str) -> None:
-        """A request not whole in time: 408, or a cut when the client reads no answers either."""
+    def timed_out(self, transport: asyncio.Transport, what: str, answer: bool = True) -> None:
+        """A request not whole in time: 408, or a cut when the client reads no answers either (or `answer`
+        is False)."""
         self.node.metrics.client_errors.labels("request_timeout").inc()
-        if transport.get_write_buffer_size():
+        if not answer or transport.get_write_buffer_size():
             transport.abort()
         else:
             refuse(transport, 408, f"{what} not received within {self.timeout:g}s (PUSH_HANDSHAKE_TIMEOUT)")
@@ -133,39 +134,123 @@ class Guard:
             self._sweeper = None
 
 
-class AiohttpConnection(RequestHandler):
-    """aiohttp's protocol, with the guard's deadline on a partial request head and its count of open
-    connections. A request waiting for its body is the handler's (api.read_body has the same deadline)."""
+class AiohttpConnection(asyncio.Protocol):
+    """aiohttp's protocol (from web.Server, its public factory), wrapped: every byte passes through here first,
+    to an httptools parser of our own beside aiohttp's, which says when a request begins and when it is whole.
+    The guard's deadline runs from a request's first byte to its last (head and body), whatever aiohttp's
+    handler is doing; a request our parser refuses is aiohttp's to answer. Behind an upgrade head, the bytes
+    that follow are kept for `taken_over` (websocket.handle)."""
 
-    __slots__ = ("_guard", "_waiting")
+    __slots__ = ("handled", "handling", "_begun", "_guard", "_http", "_parser", "_transport", "_waiting", "_tail", "_upgraded")
 
-    def __init__(self, guard: Guard, server: web.Server, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
+    def __init__(self, guard: Guard, http: asyncio.Protocol) -> None:
+        # Requests given to aiohttp's handlers so far, and which of them (1, 2...) one is at work on, or 0: set
+        # by api.errors_and_metrics. aiohttp handles a connection's requests one at a time, in order.
+        self.handled = self.handling = 0
+        self._begun = 0  # requests begun (as handled, counted from 1)
         self._guard = guard
+        self._http = http
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
         self._waiting: dict[Deadline, None] | None = None
+        # After an upgrade head: what followed it (None before one, and once past MAX_UPGRADE_TAIL).
+        self._tail: bytes | None = None
+        self._upgraded = False
+
+    # --- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._begun += 1
+        if self._waiting is None:
+            self._waiting = self._guard.awaiting(self)
+
+    def on_message_complete(self) -> None:
+        self._stop_clock()
+
+    # --- asyncio.Protocol, forwarded
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        AIOHTTP_CONNECTIONS[transport] = self
+        self._http.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        requests = self._request_count
-        super().data_received(data)
-        if self._request_count != requests:  # a request head came whole
-            if self._waiting is not None:
-                self._waiting.pop(self, None)
-                self._waiting = None
-        elif not self._request_in_progress and self._waiting is None:
-            self._waiting = self._guard.awaiting(self)  # part of a head, and no handler at work
+        tail = self._tail
+        if tail:
+            self._tail = tail + data if len(tail) <= MAX_UPGRADE_TAIL else None
+        elif tail is not None:
+            self._tail = data
+        if self._parser is not None:
+            self._parse(data)
+        self._http.data_received(data)
+
+    def _parse(self, data: bytes) -> None:
+        while self._parser is not None:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                # What follows is either taken over (websocket.handle) or, the upgrade declined, read by
+                # aiohttp as further requests: a new parser reads it as requests too.
+                data = data[upgrade.args[0]:]
+                self._parser, self._tail, self._upgraded = httptools.HttpRequestParser(self), data, True
+            except httptools.HttpParserError:  # aiohttp's parser judges the same bytes, and answers
+                self._parser = None
+                self._stop_clock()
+
+    def eof_received(self) -> bool | None:
+        return self._http.eof_received()
+
+    def pause_writing(self) -> None:
+        self._http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._http.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._forget()
+        self._http.connection_lost(exc)
+
+    # --- ours
 
     def timed_out(self) -> None:
         self._waiting = None
-        if self._request_in_progress or self._messages:  # its head is judged once the handler is done
-            self._waiting = self._guard.awaiting(self)
-            return
-        if self.transport is not None:
-            self._guard.timed_out(cast(asyncio.Transport, self.transport), "request head")
-        self.force_close()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            # A 408 now would be read as the answer to an earlier request a handler is still at work on.
+            earlier_at_work = 0 < self.handling < self._begun
+            self._guard.timed_out(transport, "request", answer=not earlier_at_work)
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def _stop_clock(self) -> None:
         if self._waiting is not None:
             self._waiting.pop(self, None)
             self._waiting = None
-        self._guard.open -= 1
-        super().connection_lost(exc)
+
+    def _forget(self) -> None:
+        """No longer counted: the connection is lost, or a protocol of ours took it over."""
+        if self._transport is not None:
+            AIOHTTP_CONNECTIONS.pop(self._transport, None)
+            self._transport = None
+            self._stop_clock()
+            self._guard.open -= 1
+
+    def upgrade_tail(self) -> bytes | None:
+        tail, self._tail = self._tail, None
+        self._forget()
+        return tail if tail is not None or not self._upgraded else None
+
+
+# aiohttp's connections by transport: for websocket.handle to take one over, and for api.errors_and_metrics
+# to say when a handler is at work on one.
+AIOHTTP_CONNECTIONS: dict[asyncio.BaseTransport, AiohttpConnection] = {}
+# Bytes kept behind an upgrade head until its handler runs (aiohttp pauses reading at as many); past this
+# much, they are let go, and a takeover refused.
+MAX_UPGRADE_TAIL = 65536
+
+
+def taken_over(transport: asyncio.BaseTransport) -> bytes | None:
+    """websocket.handle takes the connection from aiohttp: what the client sent behind its upgrade head (None
+    if that was more than MAX_UPGRADE_TAIL). The connection is no longer counted here (the sessions' gauge
+    counts it)."""
+    connection = AIOHTTP_CONNECTIONS.get(transport)
+    return connection.upgrade_tail() if connection is not None else b""

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 import aiohttp
 import orjson
+import pytest
 
 from conftest import JWT_SECRET, PUBLISH_KEY, make_token
 from push_service import app as application
@@ -154,7 +155,7 @@ async def test_an_idle_publish_connection_is_closed_by_the_sweep():
     settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
     runner, port = await application.start(settings)
     try:
-        listener = next(iter(runner.sites))._listener  # type: ignore[attr-defined]
+        listener = runner.app[application.DOOR].listener
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
         idle, busy = Raw(reader, writer), Raw(busy_reader, busy_writer)
@@ -172,3 +173,18 @@ async def test_an_idle_publish_connection_is_closed_by_the_sweep():
         busy_writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_the_listening_socket_is_closed_by_cleanup_and_its_port_is_the_bound_one():
+    settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
+    runner, port = await application.start(settings)
+    try:
+        assert port != 0
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+    finally:
+        await runner.cleanup()
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)

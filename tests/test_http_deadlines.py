@@ -239,7 +239,7 @@ async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> 
                         handshake_timeout=DEADLINE)
     runner, port = await application.start(settings)
     try:
-        guard = next(iter(runner.sites))._listener.guard  # type: ignore[attr-defined]
+        guard = runner.app[application.DOOR].listener.guard
 
         async def exchange(*requests: bytes) -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -275,3 +275,101 @@ async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> 
             writer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_a_partial_request_pipelined_behind_a_busy_handler_is_cut_in_time(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+    """The deadline runs from a request's first byte, whatever aiohttp's handler is doing: a long-poll GET
+    that waits for messages (30 s here) does not shelter the partial head sent behind it. The connection is
+    cut without an answer: a 408 would be read as the long-poll's."""
+    from conftest import make_token
+
+    server = await start_server(PUSH_HANDSHAKE_TIMEOUT=str(DEADLINE), PUSH_LONGPOLL_WINDOW="30")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        poll = f"/socket/longpoll?vsn=2.0.0&token={make_token()}"
+        writer.write(f"GET {poll} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, _, body = await read_answer(reader)
+        session = orjson.loads(body)["token"]
+        assert status == 200 and orjson.loads(body)["status"] == 410, body
+        sent = time.monotonic()
+        writer.write(f"GET {poll}&token={session} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + HEALTH[:20])
+        rest = b""
+        try:
+            while chunk := await asyncio.wait_for(reader.read(65536), TIMEOUT):
+                rest += chunk
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - sent < CUT_WITHIN, "the partial head waited for the long-poll to end"
+        # Cut without a 408, which the client would read as the answer to its long-poll.
+        assert rest == b"", rest
+    finally:
+        writer.close()
+    assert await get(server, "/healthz") == (200, b'{"status":"ok"}')
+    assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 1
+
+
+async def test_a_websocket_upgraded_on_an_aiohttp_connection_is_counted_once() -> None:
+    """A keep-alive connection of aiohttp's upgraded to a WebSocket is counted by the sessions' gauge, as one
+    the front door upgraded, and no longer among the open HTTP connections: not twice against the cap."""
+    import aiohttp
+
+    from conftest import JWT_SECRET, make_token
+    from push_service import app as application
+    from push_service.config import Settings
+    from push_service.node import NODE
+
+    settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
+    runner, port = await application.start(settings)
+    try:
+        guard = runner.app[application.DOOR].listener.guard
+        websockets = runner.app[NODE].metrics.connections.labels("websocket")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as pooled:
+            async with pooled.get(f"http://127.0.0.1:{port}/healthz") as response:
+                await response.read()
+            async with pooled.ws_connect(f"ws://127.0.0.1:{port}/socket/websocket?vsn=2.0.0&token={make_token()}") as ws:
+                await ws.send_str('[null,"1","phoenix","heartbeat",{}]')
+                reply = await asyncio.wait_for(ws.receive_json(), TIMEOUT)
+                assert reply[1] == "1" and reply[4]["status"] == "ok", reply
+                assert websockets.value == 1
+                await until(lambda: guard.open == 0, TIMEOUT, "the upgraded connection counted only as a WebSocket")
+        await until(lambda: websockets.value == 0, TIMEOUT, "the WebSocket closed")
+        assert guard.open == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_requests_behind_a_declined_upgrade_are_served_and_their_deadline_kept(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+    """An upgrade declined (to a WebSocket, on a path that has none) leaves the connection HTTP: what follows
+    its head is read as requests, by aiohttp and by the deadline alike."""
+    server = await start_server(PUSH_HANDSHAKE_TIMEOUT=str(DEADLINE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        for _ in range(2):
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                         + HEALTH)
+            for _ in range(2):
+                assert (await read_answer(reader))[0] == 200
+        sent = time.monotonic()
+        writer.write(HEALTH[:20])
+        rest = await asyncio.wait_for(reader.read(), TIMEOUT)
+        assert rest.startswith(b"HTTP/1.1 408 ") and time.monotonic() - sent < CUT_WITHIN, rest
+    finally:
+        writer.close()
+
+
+async def test_a_malformed_request_on_an_aiohttp_connection_is_answered_once(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+    """aiohttp answers it 400 and closes; the deadline of the connection's wrapper adds no 408 to that."""
+    server = await start_server(PUSH_HANDSHAKE_TIMEOUT=str(DEADLINE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HEALTH)
+        assert (await read_answer(reader))[0] == 200
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        rest = await asyncio.wait_for(reader.read(), CUT_WITHIN + TIMEOUT)
+        assert rest.split(b" ", 2)[1] == b"400" and rest.count(b"HTTP/1.") == 1, rest  # (aiohttp says HTTP/1.0)
+    finally:
+        writer.close()
+    assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 0

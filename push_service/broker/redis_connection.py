@@ -9,8 +9,9 @@ read that brings it.
 A connection that gets what it cannot trust (not RESP2, a reply past resp.py's bounds, an answer to
 no command) is given up with a warning, and the broker reconnects; a push that `on_push` fails on is
 dropped with a warning, and the rest of the read goes on. Both are counted in PROTOCOL_ERRORS.
-redis-py still serves everything else (history reads, presence), and reads the URL for us, so
-`redis://` and `rediss://` mean exactly what they mean to redis-py.
+redis-py still serves everything else (history reads, presence), and reads the URL for us (`parse_url`), so
+`redis://` and `rediss://` mean what they mean to redis-py; the TLS context is built here from the URL's
+`ssl_*` options with redis-py's documented defaults.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.connection import parse_url
 
 from push_service.broker import resp
 
@@ -47,13 +48,43 @@ class Endpoint:
 
 def endpoint(url: str) -> Endpoint:
     """Where and how to connect, read from a redis:// or rediss:// URL by redis-py's own rules."""
-    options = parse_url(url)
-    connection_class = options.pop("connection_class", None)
-    context = None
-    if connection_class is not None and issubclass(connection_class, SSLConnection):
-        context = connection_class(**options).ssl_context.get()  # the context redis-py would use
+    options: dict[str, Any] = dict(parse_url(url))
+    context = tls_context(options) if url[:9].lower() == "rediss://" else None
     return Endpoint(options.get("host", "localhost"), int(options.get("port", 6379)), int(options.get("db", 0)),
                     options.get("username"), options.get("password"), context)
+
+
+CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The context redis-py's SSLConnection makes of a rediss:// URL's `ssl_*` options (its defaults: the
+    server's certificate required and its host name checked, against the system's CAs unless ssl_ca_certs,
+    ssl_ca_path or ssl_ca_data name others)."""
+    cert_reqs = options.get("ssl_cert_reqs", "required")
+    if isinstance(cert_reqs, str):
+        if cert_reqs.lower() not in CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs={cert_reqs!r}: expected none, optional or required")
+        cert_reqs = CERT_REQS[cert_reqs.lower()]
+    context = ssl.create_default_context()
+    # No host name to check when no certificate is: ssl refuses check_hostname without CERT_REQUIRED/OPTIONAL.
+    context.check_hostname = bool(options.get("ssl_check_hostname", True)) and cert_reqs != ssl.CERT_NONE
+    context.verify_mode = cert_reqs
+    for flag in options.get("ssl_include_verify_flags") or ():
+        context.verify_flags |= flag
+    for flag in options.get("ssl_exclude_verify_flags") or ():
+        context.verify_flags &= ~flag
+    certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
+    if certfile or keyfile:
+        context.load_cert_chain(certfile=certfile, keyfile=keyfile, password=options.get("ssl_password"))
+    cafile, capath, cadata = options.get("ssl_ca_certs"), options.get("ssl_ca_path"), options.get("ssl_ca_data")
+    if cafile or capath or cadata:
+        context.load_verify_locations(cafile=cafile, capath=capath, cadata=cadata)
+    if options.get("ssl_min_version") is not None:
+        context.minimum_version = ssl.TLSVersion(options["ssl_min_version"])
+    if options.get("ssl_ciphers"):
+        context.set_ciphers(options["ssl_ciphers"])
+    return context
 
 
 class ConnectionLost(ConnectionError):

@@ -24,6 +24,7 @@ from push_service.api import json_response
 from push_service.auth import AuthError, Identity
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
 from push_service.hub import Wire
+from push_service.limits import taken_over
 from push_service.node import NODE, Node
 from push_service.protocol import V1, V2, Serializer, negotiate
 from push_service.session import Disconnect
@@ -140,8 +141,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
         refused(node, refusal)
         return json_response({"error": refusal.message}, refusal.status)
     http.keep_alive(False)  # no keep-alive timer of aiohttp's may close the socket later
-    # What the client sent behind its request head, which aiohttp's parser kept aside.
-    rest, http._message_tail = http._message_tail, b""
+    # What the client sent behind its request head, which the connection's wrapper kept aside.
+    rest = taken_over(transport)
+    if rest is None:
+        refusal = Refusal(400, "not_websocket", "too much data sent before the upgrade was answered")
+        refused(node, refusal)
+        response = json_response({"error": refusal.message}, refusal.status)
+        response.force_close()
+        return response
     lost = asyncio.get_running_loop().create_future()
     open_socket(node, transport, request.headers.get, identity, serializer, rest, lost)
     transport.resume_reading()  # in case aiohttp paused it while the tail grew
