@@ -5,7 +5,6 @@ Every answer is JSON with an honest status code: 200 on success, never 200 with 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,7 @@ from aiohttp import HttpVersion11, web
 from push_service import publishing
 from push_service.broker import BrokerUnavailable
 from push_service.history.position import Position
-from push_service.http1 import json_answer, request_id
+from push_service.http1 import request_id
 from push_service.limits import AIOHTTP_CONNECTIONS
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import NODE, Node
@@ -40,7 +39,8 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 class RequestTimeout(Exception):
-    """A request body that did not come whole within PUSH_HANDSHAKE_TIMEOUT."""
+    """A request body that did not come whole within PUSH_HANDSHAKE_TIMEOUT: the listener answered 408,
+    counted it and closed the connection (limits.AiohttpConnection)."""
 
 
 class ClientGone(Exception):
@@ -48,28 +48,27 @@ class ClientGone(Exception):
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """The whole body, or None when it is longer than `limit`. It must come within PUSH_HANDSHAKE_TIMEOUT
-    (else RequestTimeout); a client that leaves half way raises ClientGone."""
+    """The whole body, or None when it is longer than `limit`. The listener's deadline bounds the wait
+    (RequestTimeout once it cut the connection); a client that leaves half way raises ClientGone."""
     length = request.content_length
     if length is not None and length > limit:
         return None
     content = request.content
-    timeout = request.app[NODE].settings.handshake_timeout
+    connection = AIOHTTP_CONNECTIONS.get(request.transport) if request.transport is not None else None
     chunks: list[bytes] = []
     size = 0
     try:
-        if content.is_eof():  # the usual small body came with its head: no timer, no read (and copy) of the end
+        if content.is_eof():  # the usual small body came with its head: no read (and copy) of the end
             body = content.read_nowait()
             return body if len(body) <= limit else None
-        async with asyncio.timeout(timeout):
-            while chunk := await content.read(65536):
-                size += len(chunk)
-                if size > limit:
-                    return None
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestTimeout(f"request body not received within {timeout:g}s (PUSH_HANDSHAKE_TIMEOUT)") from None
+        while chunk := await content.read(65536):
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
     except ConnectionError:
+        if connection is not None and connection.deadline_passed:
+            raise RequestTimeout() from None
         raise ClientGone() from None
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -225,13 +224,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = json_response({"error": exc.reason.lower()}, exc.status)
         if "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
-    except RequestTimeout as exc:
-        request.app[NODE].metrics.client_errors.labels("request_timeout").inc()
-        # Answered here and closed: aiohttp would otherwise linger on to read the rest of the body.
-        if request.transport is not None:
-            request.transport.write(json_answer(408, orjson.dumps({"error": str(exc)}), answer_id, close=True))
-        request.protocol.force_close()
-        response = json_response({"error": str(exc)}, 408)  # not written: the connection is closed
+    except RequestTimeout:
+        # The listener answered 408, counted it and closed the connection: this is for the request counter.
+        response = json_response({"error": "request not received in time"}, 408)
     except ClientGone:
         # The client left mid-body: its doing, and nobody reads an answer.
         request.app[NODE].metrics.client_errors.labels("client_abort").inc()

@@ -141,12 +141,14 @@ class AiohttpConnection(asyncio.Protocol):
     handler is doing; a request our parser refuses is aiohttp's to answer. Behind an upgrade head, the bytes
     that follow are kept for `taken_over` (websocket.handle)."""
 
-    __slots__ = ("handled", "handling", "_begun", "_guard", "_http", "_parser", "_transport", "_waiting", "_tail", "_upgraded")
+    __slots__ = ("handled", "handling", "deadline_passed", "_begun", "_guard", "_http", "_parser", "_transport",
+                 "_waiting", "_tail", "_upgraded")
 
     def __init__(self, guard: Guard, http: asyncio.Protocol) -> None:
         # Requests given to aiohttp's handlers so far, and which of them (1, 2...) one is at work on, or 0: set
         # by api.errors_and_metrics. aiohttp handles a connection's requests one at a time, in order.
         self.handled = self.handling = 0
+        self.deadline_passed = False  # the connection was cut for a request not whole in time
         self._begun = 0  # requests begun (as handled, counted from 1)
         self._guard = guard
         self._http = http
@@ -194,9 +196,10 @@ class AiohttpConnection(asyncio.Protocol):
                 # aiohttp as further requests: a new parser reads it as requests too.
                 data = data[upgrade.args[0]:]
                 self._parser, self._tail, self._upgraded = httptools.HttpRequestParser(self), data, True
-            except httptools.HttpParserError:  # aiohttp's parser judges the same bytes, and answers
+            except httptools.HttpParserError:
+                # aiohttp's parser judges the same bytes and answers (a 400 closes the connection). What it
+                # lets through keeps the clock running: a connection we cannot read ends at the deadline.
                 self._parser = None
-                self._stop_clock()
 
     def eof_received(self) -> bool | None:
         return self._http.eof_received()
@@ -217,6 +220,7 @@ class AiohttpConnection(asyncio.Protocol):
         self._waiting = None
         transport = self._transport
         if transport is not None and not transport.is_closing():
+            self.deadline_passed = True
             # A 408 now would be read as the answer to an earlier request a handler is still at work on.
             earlier_at_work = 0 < self.handling < self._begun
             self._guard.timed_out(transport, "request", answer=not earlier_at_work)

@@ -373,3 +373,51 @@ async def test_a_malformed_request_on_an_aiohttp_connection_is_answered_once(
     finally:
         writer.close()
     assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 0
+
+
+async def test_a_body_cut_at_the_deadline_is_one_timeout_not_a_client_abort(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+    """A handler waiting for a body the client never finishes: the connection's deadline answers 408 and
+    cuts it, and that is counted once, as a timeout; nothing calls it a client abort."""
+    server = await start_server(PUSH_HANDSHAKE_TIMEOUT=str(DEADLINE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(HEALTH)
+        assert (await read_answer(reader))[0] == 200
+        # The aiohttp path, slowly: the head's first bytes, and most of a deadline later the rest and a short
+        # body, so the request's deadline (from its first byte) passes while its handler reads the body.
+        writer.write(HEAD[:10])
+        await asyncio.sleep(DEADLINE * 0.7)  # the client's pace, not a wait for the server
+        writer.write(HEAD[10:] + b"Content-Length: 100\r\n\r\n" + BODY[:10])
+        rest = await asyncio.wait_for(reader.read(), CUT_WITHIN + TIMEOUT)
+        assert rest.startswith(b"HTTP/1.1 408 ") and rest.count(b"HTTP/1.") == 1, rest
+    finally:
+        writer.close()
+    await until(lambda: counter(server, 'push_http_requests_total{method="POST",route="/api/broadcast",status="408"}'),
+                TIMEOUT, "the request counted as a 408")
+    assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 1
+    assert await counter(server, 'push_client_errors_total{reason="client_abort"}') == 0
+    assert not [line for line in server.log_lines if line.get("event") == "http_client_abort"]
+
+
+async def test_a_client_leaving_a_longpoll_post_mid_body_is_a_client_abort(
+        start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
+    import aiohttp
+
+    from conftest import make_token
+
+    server = await start_server()
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{server.http_url}/socket/longpoll", params={"vsn": "2.0.0", "token": make_token()},
+            timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:
+        session = (await response.json())["token"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(f"POST /socket/longpoll?vsn=2.0.0&token={session} HTTP/1.1\r\nHost: x\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n[null,".encode())
+    await writer.drain()
+    await until(lambda: counter(server, 'push_http_requests_total{method="GET",route="/socket/longpoll"'), TIMEOUT,
+                "the session's GET counted")
+    writer.transport.abort()
+    entry = await server.wait_for_log(lambda entry: entry.get("event") == "http_client_abort")
+    assert entry["level"] == "info" and "exception" not in entry
+    assert not [entry for entry in server.log_lines if entry.get("level") in ("error", "critical")]

@@ -38,7 +38,7 @@ import secrets
 import orjson
 from aiohttp import web
 
-from push_service.api import read_body
+from push_service.api import ClientGone, RequestTimeout, read_body
 from push_service.auth import AuthError
 from push_service.node import Node
 from push_service.protocol import negotiate
@@ -186,8 +186,8 @@ class LongPollTransport:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
             return await self._dispatch(request)
-        except (asyncio.CancelledError, web.HTTPException):
-            raise
+        except (asyncio.CancelledError, web.HTTPException, ClientGone, RequestTimeout):
+            raise  # the client left, or was cut at the deadline: the API's middleware counts it
         except Exception:
             # phoenix.js understands {"status": 500} (it reconnects); a bare error would stall it.
             log.exception("long-poll request failed", extra={"event": "http_error", "path": request.path})
@@ -282,7 +282,7 @@ class LongPollTransport:
         metrics = self.node.metrics
         frame_limit = self.node.settings.max_frame_bytes
         batch = request.content_type == NDJSON
-        body = await self._read_body(request, frame_limit * BATCH_FRAMES if batch else frame_limit)
+        body = await read_body(request, frame_limit * BATCH_FRAMES if batch else frame_limit)
         if body is None:
             metrics.client_errors.labels("body_too_big" if batch else "frame_too_big").inc()
             session.disconnect(TOO_BIG)
@@ -325,11 +325,6 @@ class LongPollTransport:
                     return self._answer(request, _STATUS_413)
             session.receive(frame)
         return self._answer(request, _STATUS_410 if conn.gone else _STATUS_200)
-
-    @staticmethod
-    async def _read_body(request: web.Request, limit: int) -> bytes | None:
-        """The whole body, or None when it is longer than `limit` (api.read_body: with its deadline)."""
-        return await read_body(request, limit)
 
 
 def _count_down(counts: dict[str, int], key: str) -> None:
