@@ -6,7 +6,8 @@ snippets, each mint a client token that a WebSocket client we did not write (the
 connects and joins with, and publish a message that client receives. chat.html runs in headless
 Chromium (tests/js/chat.mjs, playwright-core), served as the README says (`python3 -m http.server` over
 a directory holding it and the phoenix.js 1.8 bundle): it must list its user in presence, show a message
-the backend example publishes, and show its user typing.
+the backend example publishes, show its user typing, and, after its socket is cut and a message is
+published meanwhile, rejoin with `since` and show that message.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
-from conftest import JWT_SECRET, PUBLISH_KEY, ROOT
+from conftest import JWT_SECRET, PUBLISH_KEY, ROOT, until
 from test_console_browser import CHROMIUM, JS_DIR, require_tools
 from ws_client import Client
 
@@ -106,18 +108,73 @@ async def static_server(directory: Path) -> tuple[asyncio.subprocess.Process, in
     return process, int(match[1])
 
 
+class Cuttable:
+    """A TCP forwarder between the page and the server that can cut every connection and, while cut,
+    close new ones at once (as a network drop the client retries through)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.cut = False
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Cuttable:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut_all(self) -> None:
+        self.cut = True
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+
+    async def stop(self) -> None:
+        self.cut_all()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def no_connections(server) -> bool:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.http_url}/api/stats", headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as answer:
+            return (await answer.json())["connections"]["total"] == 0
+
+
 async def test_chat_page_in_chromium(start_server, tmp_path):
     node = require_tools()
     server = await start_server(PUSH_HISTORY_SIZE="100")
     shutil.copy(EXAMPLES / "chat.html", tmp_path / "chat.html")
     shutil.copy(JS_DIR / "node_modules" / "phoenix18" / "priv" / "static" / "phoenix.mjs", tmp_path / "phoenix.mjs")
     token = await run_backend("python", server.http_url, "token", "ada", "Ada Lovelace")
-    text = "hello from the Node backend"
+    text, missed = "hello from the Node backend", "sent while the page was away"
     pages, port = await static_server(tmp_path)
+    network = await Cuttable(server.port).start()
     try:
-        page = f"http://127.0.0.1:{port}/chat.html?token={token}&thread={THREAD}&endpoint={server.ws_url[:-len('/websocket')]}"
+        page = f"http://127.0.0.1:{port}/chat.html?token={token}&thread={THREAD}&endpoint=ws://127.0.0.1:{network.port}/socket"
         process = await asyncio.create_subprocess_exec(
-            node, str(JS_DIR / "chat.mjs"), "--page", page, "--user", "ada", "--expect", text,
+            node, str(JS_DIR / "chat.mjs"), "--page", page, "--user", "ada", "--expect", text, "--missed", missed,
             "--chromium", str(CHROMIUM), cwd=JS_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         steps: dict[str, dict] = {}
         assert process.stderr is not None
@@ -131,6 +188,14 @@ async def test_chat_page_in_chromium(start_server, tmp_path):
                     if line["step"] == "presence":
                         published = await run_backend("node", server.http_url, "publish", THREAD, text)
                         assert orjson.loads(published)["delivered"] == 1
+                    elif line["step"] == "typing":
+                        # The page's socket drops; what is published meanwhile reaches nobody live.
+                        network.cut_all()
+                        await until(lambda: no_connections(server), 10, "the page's socket to be gone")
+                        published = await run_backend("python", server.http_url, "publish", THREAD, missed)
+                        assert orjson.loads(published)["delivered"] == 0
+                    elif line["step"] == "disconnected":
+                        network.cut = False
                 await process.wait()
 
             await asyncio.wait_for(read_steps(), BROWSER_TIMEOUT)
@@ -140,12 +205,16 @@ async def test_chat_page_in_chromium(start_server, tmp_path):
                 await process.wait()
         stderr = await asyncio.wait_for(stderr_read, RUN_TIMEOUT)
     finally:
+        await network.stop()
         pages.kill()
         await pages.wait()
     assert process.returncode == 0 and "done" in steps, f"{steps}\n{stderr.decode()[-3000:]}"
     assert steps["presence"]["names"] == ["Ada Lovelace"]
     assert steps["presence"]["status"] == "joined"
     assert steps["message"]["messages"] == [f"backend: {text}"]
+    # It rejoined with `since` and was given what it missed, once, with nothing to refetch.
+    assert steps["recovered"]["messages"] == [f"backend: {text}", f"backend: {missed}"]
+    assert steps["recovered"]["status"] == "joined"
 
 
 def readme_block(after: str, language: str) -> str:

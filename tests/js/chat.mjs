@@ -1,8 +1,10 @@
 // Drives examples/chat.html in headless Chromium for tests/test_examples.py. Prints one JSON line per
 // step: "presence" once the page lists --user, then "message" once the text --expect (published by
 // the test through a backend example after "presence") is on the page, then "typing" once typing
-// in the page shows --user as typing, then "done".
-//   node chat.mjs --page URL --user ID --expect TEXT [--chromium /usr/bin/chromium]
+// in the page shows --user as typing; the test then cuts the page's socket and publishes --missed:
+// "disconnected" once the page says so, "recovered" once --missed is on the page after it rejoined,
+// then "done".
+//   node chat.mjs --page URL --user ID --expect TEXT --missed TEXT [--chromium /usr/bin/chromium]
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -11,7 +13,7 @@ import { chromium } from "playwright-core";
 
 const { values: opts } = parseArgs({
   options: {
-    page: { type: "string" }, user: { type: "string" }, expect: { type: "string" },
+    page: { type: "string" }, user: { type: "string" }, expect: { type: "string" }, missed: { type: "string" },
     chromium: { type: "string", default: "/usr/bin/chromium" },
   },
 });
@@ -46,6 +48,16 @@ try {
   await page.type("#text", "hi");
   await page.waitForSelector(`${me}.typing`, { timeout: TIMEOUT });
   step("typing");
+
+  await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("reconnecting"),
+    null, { timeout: TIMEOUT });
+  step("disconnected");
+  await page.waitForFunction((text) => [...document.querySelectorAll("#messages li")]
+    .some((item) => item.textContent.includes(text)), opts.missed, { timeout: TIMEOUT });
+  step("recovered", {
+    messages: await page.$$eval("#messages li", (items) => items.map((item) => item.textContent)),
+    status: await page.textContent("#status"),
+  });
 
   if (pageErrors.length) throw new Error(`page errors: ${pageErrors.join("; ")}`);
   step("done");
