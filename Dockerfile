@@ -1,4 +1,4 @@
-# push-service image: configured only by PUSH_* environment variables (see README "Configuration").
+# push-service image: configured only by PUSH_* environment variables (see docs/operations.md "Configuration").
 #
 #   docker build -t push-service .
 #   docker run --rm -p 4000:4000 -e PUSH_SERVICE_KEY=... -e PUSH_JWT_SECRET=... push-service

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import multiprocessing
 import os
 import secrets
@@ -222,9 +223,17 @@ def cmd_publish(args: argparse.Namespace) -> int:
         return 1
 
 
+def installed_version() -> str:
+    """The version pip installed; a source tree run without installing has only the package's own."""
+    try:
+        return importlib.metadata.version("push-service")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="push-service", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"push-service {__version__}")
+    parser.add_argument("--version", action="version", version=f"push-service {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the service",

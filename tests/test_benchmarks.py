@@ -1,6 +1,6 @@
 """The benchmark harness keeps working: `benchmarks/run.py --quick` against the real server, with the
 C load generator built by gcc, counts every frame and loses none. Speed is not asserted here (that is
-what the figures in README "Performance" are for); the design's ratios are in test_performance.py."""
+what the figures in docs/performance.md are for); the design's ratios are in test_performance.py."""
 
 from __future__ import annotations
 
