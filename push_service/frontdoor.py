@@ -189,6 +189,8 @@ class PublishConnection(asyncio.Protocol):
         routes, reader = self._listener.routes, self._reader
         while not self._closed:
             buffer = self._buffer
+            if not buffer:
+                return  # all answered: the next request starts with the next read
             try:
                 end = reader.read(buffer)
             except Exception as error:  # as in FrontDoor.data_received

@@ -97,13 +97,11 @@ class HeadReader:
             self._fed = stop
         if end < 0:
             return -1
-        if self.request is None:
-            self.request = self._split(buffer[:end].decode("latin-1"))
-        return stop
-
-    def _split(self, head: str) -> Request:
-        """The request in a head llhttp accepted; what it leaves to the server is checked here."""
-        lines = head.split("\r\n")
+        if self.request is not None:
+            return stop
+        # The request in a head llhttp accepted (split here, in this call: it is on every connect and publish);
+        # what llhttp leaves to the server is checked here.
+        lines = buffer[:end].decode("latin-1").split("\r\n")
         request_line = lines[0].split(" ")
         if len(request_line) != 3:  # llhttp lets a repeated space through; blank lines before it, too
             raise BadRequest(400, "bad request: malformed request line")
@@ -114,7 +112,10 @@ class HeadReader:
             raise BadRequest(431, f"more than {MAX_HEADERS} header lines")
         del lines[0]
         # llhttp let no CR, LF or other control character into a value: strip() takes only spaces and tabs.
-        headers = {(field := line.partition(":"))[0].lower(): field[2].strip() for line in lines}
+        headers: dict[str, str] = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
         if len(headers) != len(lines):  # a name repeated: its values joined, in order
             headers = {}
             for line in lines:
@@ -128,7 +129,8 @@ class HeadReader:
         if version == "HTTP/1.0" and "transfer-encoding" in headers:
             raise BadRequest(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
         path, _, query = target.partition("?")
-        return Request(method, path, query, headers, version == "HTTP/1.1", self._upgrade)
+        self.request = Request(method, path, query, headers, version == "HTTP/1.1", self._upgrade)
+        return stop
 
 
 def has_token(value: str | None, token: str) -> bool:

@@ -359,7 +359,7 @@ def takes(request: Request) -> bool:
 def accept(node: Node, transport: asyncio.Transport, request: Request, rest: bytes) -> None:
     """Answer an upgrade the front door took: 101 and a WebSocketProtocol, or the refusal and a close."""
     headers, query = request.headers, parse_query(request.query)
-    if wrong_version(headers.get):
+    if headers.get("sec-websocket-version") != VERSION:  # `takes` has seen it ask for an upgrade
         node.metrics.http_requests.labels(PATH, "GET", 426).inc()
         transport.write(_upgrade_required(version_refusal(node), request_id(headers.get("x-request-id"))))
         transport.close()
