@@ -132,7 +132,7 @@ class FrontDoor(asyncio.Protocol):
             return
         self._waiting.pop(self, None)
         listener = self._listener
-        request = cast(Request, reader.request)
+        request: Request = reader.request  # type: ignore[assignment]  # read() returned its end: it is set
         transport = self._transport
         if request.http11 and websocket.takes(request):
             websocket.accept(listener.node, transport, request, head[end:])
@@ -199,7 +199,7 @@ class PublishConnection(asyncio.Protocol):
             if end < 0:
                 self._await_rest()
                 return
-            request = cast(Request, reader.request)
+            request: Request = reader.request  # type: ignore[assignment]  # read() returned its end: it is set
             route = routes.get(request.path)
             length = self._plain_length(request) if route is not None else None
             if route is None or length is None:
