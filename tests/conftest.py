@@ -47,6 +47,16 @@ async def until(check: Callable[[], Awaitable[T] | T], timeout: float, what: str
         await asyncio.sleep(interval)
 
 
+async def communicate(process: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
+    """A child's stdout and stderr once it exits; killed (and reaped) if it has not within `timeout`."""
+    try:
+        return await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
 class ServerProcess:
     """`python -m push_service serve` as a child process; `port` is known once it logs "listening"."""
 

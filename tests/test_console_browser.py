@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import PUBLISH_KEY, ROOT, make_token
+from conftest import PUBLISH_KEY, ROOT, communicate, make_token
 from lp_proxy import Proxy
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -57,12 +57,7 @@ async def test_console_in_chromium(start_server):
             node, str(JS_DIR / "console.mjs"), "--base", server.http_url, "--key", PUBLISH_KEY,
             "--token", make_token("node-client"), "--screenshot", str(SCREENSHOT), "--fallback-page", fallback_page,
             "--chromium", str(CHROMIUM), cwd=JS_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+        stdout, stderr = await communicate(process, RUN_TIMEOUT)
         forwarded = list(proxy.forwarded)
         websocket_attempts = proxy.websocket_attempts
     lines = [orjson.loads(line) for line in stdout.splitlines() if line.strip()]

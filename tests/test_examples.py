@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import JWT_SECRET, PUBLISH_KEY, ROOT, until
+from conftest import JWT_SECRET, PUBLISH_KEY, ROOT, communicate, until
 from test_console_browser import CHROMIUM, JS_DIR, require_tools
 from ws_client import Client
 
@@ -48,12 +48,7 @@ async def run_backend(language: str, base_url: str, *args: str) -> str:
     process = await asyncio.create_subprocess_exec(
         *backend_command(language), *args, env=env, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), RUN_TIMEOUT)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    stdout, stderr = await communicate(process, RUN_TIMEOUT)
     assert process.returncode == 0, f"{language} backend {args}: exit {process.returncode}: {stderr.decode()}"
     return stdout.decode().strip()
 

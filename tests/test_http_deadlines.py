@@ -117,6 +117,17 @@ async def get(server: ServerProcess, path: str) -> tuple[int, bytes]:
         writer.close()
 
 
+async def read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """What the server sends until it closes the connection (a reset ends it too)."""
+    rest = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), TIMEOUT):
+            rest += chunk
+    except ConnectionResetError:
+        pass
+    return rest
+
+
 async def counter(server: ServerProcess, sample: str) -> float:
     status, body = await get(server, "/metrics")
     assert status == 200
@@ -142,12 +153,7 @@ async def hold(server: ServerProcess, first: bytes, partial: bytes, answered: bo
             assert status == 200, (status, body)
             sent = time.monotonic()
         writer.write(partial)
-        rest = b""
-        try:
-            while chunk := await asyncio.wait_for(reader.read(65536), TIMEOUT):
-                rest += chunk
-        except ConnectionResetError:
-            pass
+        rest = await read_to_end(reader)
         seconds = time.monotonic() - sent
         if rest.startswith(b"HTTP/1.1 503 "):
             return "refused", seconds
@@ -294,12 +300,7 @@ async def test_a_partial_request_pipelined_behind_a_busy_handler_is_cut_in_time(
         assert status == 200 and orjson.loads(body)["status"] == 410, body
         sent = time.monotonic()
         writer.write(f"GET {poll}&token={session} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + HEALTH[:20])
-        rest = b""
-        try:
-            while chunk := await asyncio.wait_for(reader.read(65536), TIMEOUT):
-                rest += chunk
-        except ConnectionResetError:
-            pass
+        rest = await read_to_end(reader)
         assert time.monotonic() - sent < CUT_WITHIN, "the partial head waited for the long-poll to end"
         # Cut without a 408, which the client would read as the answer to its long-poll.
         assert rest == b"", rest

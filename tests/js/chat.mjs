@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { chromium } from "playwright-core";
+import { CHROMIUM_ARGS } from "./browser.mjs";
 
 const { values: opts } = parseArgs({
   options: {
@@ -26,8 +27,7 @@ try {
   context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: opts.chromium,
     headless: true,
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    args: CHROMIUM_ARGS,
   });
   const page = context.pages()[0] || await context.newPage();
   const pageErrors = [];

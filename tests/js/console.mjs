@@ -21,6 +21,7 @@ import { parseArgs } from "node:util";
 import { chromium } from "playwright-core";
 import WebSocket from "ws";
 import { Socket } from "phoenix18";
+import { CHROMIUM_ARGS } from "./browser.mjs";
 
 const { values: opts } = parseArgs({
   options: {
@@ -87,9 +88,7 @@ try {
   context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: opts.chromium,
     headless: true,
-    // Playwright passes --user-data-dir (the fresh directory above) itself.
-    args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+    args: CHROMIUM_ARGS,
     viewport: { width: 1280, height: 760 },
     deviceScaleFactor: 1,
   });
