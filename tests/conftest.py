@@ -47,6 +47,16 @@ async def until(check: Callable[[], Awaitable[T] | T], timeout: float, what: str
         await asyncio.sleep(interval)
 
 
+async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer off a raw connection: (status, headers by lower-case name, body by Content-Length)."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip()
+               for name, _, value in (line.partition(":") for line in lines[1:] if line)}
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), timeout)
+    return int(lines[0].split(" ")[1]), headers, body
+
+
 async def communicate(process: asyncio.subprocess.Process, timeout: float) -> tuple[bytes, bytes]:
     """A child's stdout and stderr once it exits; killed (and reaped) if it has not within `timeout`."""
     try:

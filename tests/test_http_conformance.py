@@ -17,6 +17,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+import conftest
 from conftest import PUBLISH_KEY, ServerProcess, server_env
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -97,12 +98,7 @@ async def server() -> AsyncIterator[ServerProcess]:
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.strip().lower(): value.strip()
-               for name, _, value in (line.partition(":") for line in lines[1:] if line)}
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), TIMEOUT)
-    return int(lines[0].split(" ")[1]), headers, body
+    return await conftest.read_answer(reader, TIMEOUT)
 
 
 async def counters(server: ServerProcess) -> tuple[float, float]:

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import pytest_asyncio
 
+import conftest
 from conftest import PUBLISH_KEY, ROOT, START_TIMEOUT, ServerProcess, server_env, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -98,13 +99,8 @@ async def start_server() -> AsyncIterator[Callable[..., Awaitable[ServerProcess]
         await server.stop()
 
 
-async def read_answer(reader: asyncio.StreamReader, timeout: float = TIMEOUT) -> tuple[int, dict[str, str], bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {name.strip().lower(): value.strip()
-               for name, _, value in (line.partition(":") for line in lines[1:] if line)}
-    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), timeout)
-    return int(lines[0].split(" ")[1]), headers, body
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    return await conftest.read_answer(reader, TIMEOUT)
 
 
 async def get(server: ServerProcess, path: str) -> tuple[int, bytes]:
