@@ -303,6 +303,16 @@ async def test_presence_is_seen_across_nodes_on_every_shard(redis_cluster, nodes
             await until(both_see_both, TIMEOUT, f"both nodes see both users on {topic}")
 
 
+async def test_a_flushed_script_cache_costs_one_publish_a_503(redis_cluster, nodes):
+    by_master = await spread_topics(redis_cluster, 1)
+    async with aiohttp.ClientSession() as http:
+        for port, (topic,) in by_master.items():
+            async with redis_cluster.client(port) as client:
+                await client.execute_command("SCRIPT", "FLUSH")
+            assert await publish(http, nodes[0], topic, {"n": 0}) == 503  # NOSCRIPT: not published, retry
+            assert await publish(http, nodes[0], topic, {"n": 1}) == 200
+
+
 # ===================================================================== a slot moved: MOVED, sunsubscribe
 
 

@@ -24,8 +24,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from push_service.broker import envelope
 from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
-from push_service.broker.redis import BACKOFF_FIRST, BACKOFF_MAX, COMMAND_TIMEOUT, PING_INTERVAL, PING_TIMEOUT
+from push_service.broker.redis import COMMAND_TIMEOUT
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, Endpoint, RedisConnection
+from push_service.broker.redis_shard import Shard, seen
 from push_service.broker.redis_shared import (CLUSTER, HistoryOptions, RedisPresenceStore, publish_command,
                                                publish_script, read_recovery)
 from push_service.broker.redis_slots import SLOTS, Address, key_slot, parse_cluster_url, parse_slots
@@ -42,31 +43,8 @@ DEGRADED_CHECK = 0.5  # and this often while a shard is down, to find the replic
 REDIRECTED = ("MOVED", "ASK")
 
 
-def _seen(future: asyncio.Future[Any]) -> None:
-    """Retrieve a reply nobody may await (a batch gave up at an earlier failure), so asyncio does not warn."""
-    if not future.cancelled():
-        future.exception()
-
-
 def _unstarted(*args: object) -> None:
     raise RuntimeError("the broker was not started")
-
-
-class Shard:
-    """One master: our two connections to it while up, and the topics subscribed on it."""
-
-    def __init__(self, address: Address) -> None:
-        self.address = address
-        self.publisher: RedisConnection | None = None
-        self.subscriber: RedisConnection | None = None
-        self.topics: set[str] = set()       # SSUBSCRIBE sent on this subscriber connection
-        self.unconfirmed: set[str] = set()  # of those, not acknowledged yet
-        self.last_pong = 0.0
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def up(self) -> bool:
-        return self.publisher is not None
 
 
 class RedisClusterBroker(Broker):
@@ -95,6 +73,7 @@ class RedisClusterBroker(Broker):
         self._closed = False
         self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._retired: set[asyncio.Task[None]] = set()  # shards no longer masters, being stopped
         self._deliver: Deliver = _unstarted
         self._confirmed: Confirmed = _unstarted
         self._signal: Signal = _unstarted
@@ -117,27 +96,27 @@ class RedisClusterBroker(Broker):
             shard = self._shard_of(broadcast.topic)
             if shard is None or shard.publisher is None:
                 raise BrokerUnavailable("redis cluster: the topic's shard is unavailable")
-            routed.append((shard.publisher, broadcast.topic,
+            routed.append((shard, shard.publisher, broadcast.topic,
                            publish_command(broadcast, CLUSTER, self._script, self._history, "SPUBLISH")))
         pending = []
-        for publisher, topic, command in routed:
+        for shard, publisher, topic, command in routed:
             reply = publisher.call([command])
-            reply.add_done_callback(_seen)
-            pending.append((publisher, topic, command, reply))
+            reply.add_done_callback(seen)
+            pending.append((shard, topic, command, reply))
         return self._answered(pending)
 
-    async def _answered(self, pending: list[tuple[RedisConnection, str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _answered(self, pending: list[tuple[Shard, str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         # Per topic, the order is the order of one connection; a redirected command is sent once more, where
         # the cluster says its slot is now (its script never ran where it was refused).
-        for publisher, topic, command, reply in pending:
+        for shard, topic, command, reply in pending:
             try:
                 await reply
             except ReplyError as error:
                 if error.code in REDIRECTED:
                     await self._redirected(error, topic, command)
                     continue
-                if error.code == "NOSCRIPT":
-                    self._load_script(publisher)
+                if error.code == "NOSCRIPT" and shard.publisher is not None:
+                    shard.load_script(shard.publisher)  # for what comes next
                 raise BrokerUnavailable(f"redis refused the publish: {error.code}") from None
             except ConnectionLost:
                 raise BrokerUnavailable("redis publish failed: connection lost") from None
@@ -157,11 +136,6 @@ class RedisClusterBroker(Broker):
             await shard.publisher.call([*prefix, command])
         except (ReplyError, ConnectionLost) as failure:
             raise BrokerUnavailable(f"redis cluster refused the publish: {failure}") from None
-
-    def _load_script(self, publisher: RedisConnection) -> asyncio.Future[Any]:
-        loaded = publisher.call([("SCRIPT", "LOAD", self._script.text)])
-        loaded.add_done_callback(_seen)
-        return loaded
 
     def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
         if not self._history.size:
@@ -231,12 +205,11 @@ class RedisClusterBroker(Broker):
     async def close(self) -> None:
         self._closed = True
         self._set_ready(False)
-        tasks = [task for task in (self._runner, *(shard.task for shard in self._shards.values())) if task]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if self._runner is not None:
+            self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await self._runner
+        await asyncio.gather(*(shard.stop() for shard in self._shards.values()), *self._retired, return_exceptions=True)
         await self._client.aclose()
 
     # --- the slot map
@@ -310,87 +283,28 @@ class RedisClusterBroker(Broker):
         self._owners = owners
         self._covered = all(owner is not None for owner in owners)
         masters = {owner for owner in owners if owner is not None}
+        script = self._script if self._history.size else None
         for address in masters - self._shards.keys():
-            shard = self._shards[address] = Shard(address)
-            shard.task = asyncio.create_task(self._keep(shard), name=f"redis-cluster-{address[0]}:{address[1]}")
+            self._shards[address] = Shard(self._endpoint(address), self.node_id, script, self._heard, self._shard_changed)
         for address in self._shards.keys() - masters:  # a replica now, or gone: its topics move
             shard = self._shards.pop(address)
-            if shard.task is not None:
-                shard.task.cancel()
-            shard.topics.clear()
+            self._retired.add(asyncio.create_task(shard.stop()))
+            self._retired = {task for task in self._retired if not task.done()}
         for topic in list(self._topics):
             self._place(topic)
 
     def _endpoint(self, address: Address) -> Endpoint:
         return Endpoint(address[0], address[1], 0, self._cluster.username, self._cluster.password, None)
 
-    # --- one shard's connections
+    # --- what the shards' connections bring
 
-    async def _keep(self, shard: Shard) -> None:
-        backoff = BACKOFF_FIRST
-        while not self._closed:
-            try:
-                await self._serve(shard)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection refused, reset, timed out...
-                if shard.up or backoff == BACKOFF_FIRST:
-                    log.warning("redis cluster shard unavailable", extra={
-                        "event": "broker_down", "broker": f"{shard.address[0]}:{shard.address[1]}",
-                        "error": f"{type(exc).__name__}: {exc}"})
-            finally:
-                was_up = shard.up
-                shard.publisher = shard.subscriber = None
-                shard.topics.clear()
-                shard.unconfirmed.clear()
-                self._check_ready()
-                self._want_refresh()  # a failover may have moved its slots
-            if was_up:
-                backoff = BACKOFF_FIRST
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
-
-    async def _serve(self, shard: Shard) -> None:
-        name = f"push-{self.node_id}"
-        subscriber = publisher = None
-        where = self._endpoint(shard.address)
-        try:
-            subscriber = await RedisConnection.open(where, COMMAND_TIMEOUT, lambda reply: self._heard(shard, reply),
-                                                    name=f"{name}-ssub")
-            publisher = await RedisConnection.open(where, COMMAND_TIMEOUT, name=f"{name}-pub")
-            if self._history.size:
-                await asyncio.wait_for(self._load_script(publisher), COMMAND_TIMEOUT)
-            # Our node channel first: it makes the connection a pub/sub one, which answers pings as pushes.
-            subscriber.send("SUBSCRIBE", f"push:n:{self.node_id}")
-            shard.last_pong = time.monotonic()
-            shard.subscriber, shard.publisher = subscriber, publisher
+    def _shard_changed(self, shard: Shard) -> None:
+        if shard.up:
             for topic in list(self._topics):
                 self._place(topic)
-            log.info("redis cluster shard connected", extra={
-                "event": "broker_up", "broker": f"{shard.address[0]}:{shard.address[1]}", "topics": len(shard.topics)})
-            self._check_ready()
-            watch = asyncio.create_task(self._watch(shard, subscriber, publisher))
-            try:
-                await asyncio.wait([subscriber.lost, publisher.lost, watch], return_when=asyncio.FIRST_COMPLETED)
-                if watch.done():
-                    watch.result()
-            finally:
-                watch.cancel()
-            raise ConnectionError("redis connection lost")
-        finally:
-            for connection in (subscriber, publisher):
-                if connection is not None:
-                    connection.close()
-
-    async def _watch(self, shard: Shard, subscriber: RedisConnection, publisher: RedisConnection) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(PING_INTERVAL)
-            if time.monotonic() - shard.last_pong > PING_TIMEOUT:
-                raise ConnectionError(f"no answer from redis for {PING_TIMEOUT}s")
-            if publisher.stalled(loop.time(), COMMAND_TIMEOUT):
-                raise ConnectionError(f"redis answered no publish for {COMMAND_TIMEOUT}s")
-            subscriber.send("PING")
+        else:
+            self._want_refresh()  # a failover may have moved its slots
+        self._check_ready()
 
     def _heard(self, shard: Shard, reply: Any) -> None:
         """What a shard's subscriber connection brings: messages, (un)subscriptions, pongs, redirections."""
