@@ -40,6 +40,7 @@ log = logging.getLogger("push_service.broker")
 
 MAP_CHECK = 5.0       # read the slot map this often when all is well (a reshard that moved no topic of ours)
 DEGRADED_CHECK = 0.5  # and this often while a shard is down, to find the replica that replaces it
+MAP_GAP = 0.05        # and at most this often in any case
 REDIRECTED = ("MOVED", "ASK")
 
 
@@ -256,6 +257,9 @@ class RedisClusterBroker(Broker):
             self._check_ready()
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 await asyncio.wait_for(self._refresh_wanted.wait(), MAP_CHECK if self._ready else DEGRADED_CHECK)
+            # Redirections can come in bursts (a slot in migration answers ASK to every SSUBSCRIBE): one read of
+            # the map serves them all.
+            await asyncio.sleep(MAP_GAP)
             self._refresh_wanted.clear()
 
     def _want_refresh(self) -> None:
