@@ -124,6 +124,10 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     for binary in ("redis-server", "redis-cli"):
         if shutil.which(binary) is None:
             broker_missing(f"{binary} is not installed (the Redis Cluster tests start their own)")
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=TIMEOUT).stdout
+    major = version.split("v=", 1)[-1].split(".", 1)[0]
+    if not major.isdigit() or int(major) < 7:
+        broker_missing(f"sharded pub/sub needs Redis 7.0 or later; redis-server says {version.strip()!r}")
     ports = cluster_ports(6)
     processes: list[subprocess.Popen[bytes]] = []
     try:
