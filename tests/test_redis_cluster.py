@@ -34,7 +34,7 @@ from aiohttp import WSMsgType
 from brokers import broker_missing
 from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from push_service.broker.redis_shared import CLUSTER
-from push_service.broker.redis_slots import key_slot
+from push_service.broker.redis_slots import key_slot, parse_slots, redirection
 
 TIMEOUT = 5.0         # for any one thing that should happen promptly
 FAILOVER = 20.0       # a killed master's replica promoted (cluster-node-timeout 1 s) and our nodes on it
@@ -431,3 +431,26 @@ async def test_a_killed_master_fails_over_and_nothing_answered_200_is_lost(redis
                     replayed = {payload["n"] for _, payload in late.received(doomed)}
                     assert set(missed) <= replayed, (missed, replayed)
                 print(f"a subscriber missed {missed} live; its rejoin answered recovered: {response['recovered']}")
+
+
+# ===================================================================== what a broken or hostile node answers
+
+
+def test_a_slot_map_of_another_shape_is_refused_not_followed():
+    asked = ("10.0.0.9", 7000)
+    good = [[0, 8191, [b"10.0.0.1", 7000, b"id1"]], [8192, 16383, [b"", 7001, b"id2"], [b"10.0.0.3", 7002, b"id3"]]]
+    owners = parse_slots(good, asked)
+    assert owners[0] == owners[8191] == ("10.0.0.1", 7000) and owners[8192] == owners[16383] == ("10.0.0.9", 7001)
+    assert parse_slots([[0, 9, [b"?", 7005]]], asked)[:11] == [("10.0.0.9", 7005)] * 10 + [None]
+    for bad in (b"OK", 42, [[0]], [[0, 10, []]], [[0, 16384, [b"h", 1]]], [[5, 4, [b"h", 1]]], [[0, 1, [b"h", 0]]],
+                [[0, 1, [b"h", b"port"]]], [[0, 1, [b"\xff", 1]]], [[slot, slot, [b"h", 1 + slot]] for slot in range(1001)]):
+        with pytest.raises(ValueError):
+            parse_slots(bad, asked)
+
+
+def test_a_redirection_is_read_or_refused():
+    assert redirection("MOVED 3999 127.0.0.1:6381") == (3999, ("127.0.0.1", 6381))
+    assert redirection("ASK 1 [::1]:7000") == (1, ("::1", 7000))
+    for bad in ("MOVED", "MOVED x 127.0.0.1:1", "MOVED 16384 h:1", "MOVED 1 h:0", "MOVED 1 :1", "MOVED 1 h:1 extra"):
+        with pytest.raises(ValueError):
+            redirection(bad)

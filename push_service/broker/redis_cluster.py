@@ -29,7 +29,7 @@ from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost
 from push_service.broker.redis_shard import Shard, seen
 from push_service.broker.redis_shared import (CLUSTER, HistoryOptions, RedisPresenceStore, publish_command,
                                                publish_script, read_recovery)
-from push_service.broker.redis_slots import SLOTS, Address, key_slot, parse_cluster_url, parse_slots
+from push_service.broker.redis_slots import SLOTS, Address, key_slot, parse_cluster_url, parse_slots, redirection
 from push_service.broker.resp import ReplyError
 from push_service.config import Settings, redact_url
 from push_service.history.position import Position, Recovery
@@ -128,8 +128,10 @@ class RedisClusterBroker(Broker):
             await self._map_refreshed()
             shard = self._shard_of(topic)
         else:  # ASK: this command only goes to the node importing the slot, announced by ASKING
-            host, _, port = str(error).split()[-1].rpartition(":")
-            shard = self._shards.get((host, int(port)))
+            try:
+                shard = self._shards.get(redirection(str(error))[1])
+            except ValueError:
+                shard = None
             prefix = [("ASKING",)]
         if shard is None or shard.publisher is None:
             raise BrokerUnavailable("redis cluster: the topic's slot is moving")
@@ -274,12 +276,15 @@ class RedisClusterBroker(Broker):
             except (OSError, asyncio.TimeoutError, TimeoutError):
                 continue
             try:
-                reply = await asyncio.wait_for(connection.call([("CLUSTER", "SLOTS")]), COMMAND_TIMEOUT)
-            except (ReplyError, ConnectionLost, asyncio.TimeoutError, TimeoutError):
+                owners = parse_slots(await asyncio.wait_for(connection.call([("CLUSTER", "SLOTS")]), COMMAND_TIMEOUT),
+                                     address)
+            except (ReplyError, ConnectionLost, asyncio.TimeoutError, TimeoutError, ValueError) as exc:
+                log.warning("redis cluster node gave no slot map", extra={
+                    "event": "broker_error", "broker": f"{address[0]}:{address[1]}", "error": f"{exc}"[:200]})
                 continue
             finally:
                 connection.close()
-            self._apply(parse_slots(reply, address))
+            self._apply(owners)
             return
         raise ConnectionError(f"none of {len(candidates)} cluster nodes answered CLUSTER SLOTS")
 
@@ -314,7 +319,7 @@ class RedisClusterBroker(Broker):
         """What a shard's subscriber connection brings: messages, (un)subscriptions, pongs, redirections."""
         if isinstance(reply, ReplyError) and reply.code in REDIRECTED:
             # An SSUBSCRIBE for a slot this master no longer owns: subscribe it where the new map says.
-            slot = int(str(reply).split()[1])
+            slot, _ = redirection(str(reply))  # ValueError: a bad push (redis_connection counts it)
             for refused in [topic for topic in shard.unconfirmed if key_slot(CLUSTER.channel(topic)) == slot]:
                 shard.topics.discard(refused)
                 shard.unconfirmed.discard(refused)
