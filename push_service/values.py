@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import jwt
 
@@ -126,22 +127,57 @@ def presence_families(raw: str) -> tuple[str, ...]:
     return families
 
 
-BROKER_SCHEMES = ("redis://", "rediss://", "nats://", "tls://")
+BROKER_SCHEMES = ("redis://", "rediss://", "redis+cluster://", "nats://", "tls://")
 
 
-BROKER_CLIENTS = {"redis": ("redis", "redis"), "rediss": ("redis", "redis"), "nats": ("nats", "nats"),
+BROKER_CLIENTS = {"redis": ("redis", "redis"), "rediss": ("redis", "redis"), "redis+cluster": ("redis", "redis"),
+                  "nats": ("nats", "nats"),
                   "tls": ("nats", "nats")}  # scheme -> (module to import, extra that installs it)
 
 
 def broker_url(raw: str) -> str:
     value = raw.strip()
     if value != "memory" and not value.startswith(BROKER_SCHEMES):
-        raise ValueError("expected memory, redis://host:6379/0, rediss://... or nats://host:4222")
+        raise ValueError("expected memory, redis://host:6379/0, rediss://..., redis+cluster://host:6379,host:6379,... "
+                         "or nats://host:4222")
     if value != "memory":
         module, extra = BROKER_CLIENTS[value.split(":", 1)[0]]
         if importlib.util.find_spec(module) is None:
             raise ValueError(f"this broker needs its client: pip install 'push-service[{extra}]'")
+    if value.startswith(CLUSTER_SCHEME):
+        parse_cluster_url(value)
     return value
+
+
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+@dataclass(frozen=True)
+class ClusterURL:
+    seeds: tuple[tuple[str, int], ...]  # (host, port)
+    username: str | None
+    password: str | None
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """`redis+cluster://[user:password@]host:port,host:port,...`: any one reachable seed is enough."""
+    if not url.lower().startswith(CLUSTER_SCHEME):
+        raise ValueError(f"expected {CLUSTER_SCHEME}host:port,host:port,...")
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username, password = (unquote(user) or None, unquote(secret)) if colon else (None, unquote(user))
+    seeds = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port for every seed of {CLUSTER_SCHEME}, got {item.strip()!r}")
+        seeds.append((host.strip("[]"), int(port)))
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError("a Redis Cluster has database 0 only")
+    return ClusterURL(tuple(seeds), username, password)
 
 
 def jwt_algorithms(raw: str) -> tuple[str, ...]:

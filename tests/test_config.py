@@ -584,3 +584,23 @@ def test_a_broker_without_its_client_names_the_extra(monkeypatch, url, extra):
         Settings.load({"PUSH_BROKER": url})
     assert error.value.variable == "PUSH_BROKER"
     assert f"pip install 'push-service[{extra}]'" in str(error.value)
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("redis+cluster://127.0.0.1", "expected host:port for every seed"),
+    ("redis+cluster://127.0.0.1:7000,:7001", "expected host:port for every seed"),
+    ("redis+cluster://127.0.0.1:7000,127.0.0.1:70000", "expected host:port for every seed"),
+    ("redis+cluster://127.0.0.1:7000/2", "database 0 only"),
+])
+def test_a_redis_cluster_url_names_what_is_wrong(url, why):
+    with pytest.raises(ConfigError) as error:
+        Settings.load({"PUSH_BROKER": url})
+    assert error.value.variable == "PUSH_BROKER" and why in str(error.value)
+
+
+def test_a_redis_cluster_url_takes_seeds_and_credentials():
+    from push_service.values import parse_cluster_url
+
+    assert Settings.load({"PUSH_BROKER": "redis+cluster://a:7000,b:7001"}).broker == "redis+cluster://a:7000,b:7001"
+    parsed = parse_cluster_url("redis+cluster://user:p%40ss@10.0.0.1:7000,[::1]:7001")
+    assert (parsed.seeds, parsed.username, parsed.password) == ((("10.0.0.1", 7000), ("::1", 7001)), "user", "p@ss")

@@ -15,6 +15,9 @@ def create_broker(settings: Settings, node_id: str, on_state: Callable[[bool], N
     url = settings.broker
     if url == "memory":
         return MemoryBroker(settings, on_evict)
+    if url.startswith("redis+cluster://"):
+        from push_service.broker.redis_cluster import RedisClusterBroker
+        return RedisClusterBroker(url, node_id, on_state, settings)
     if url.startswith(("redis://", "rediss://")):
         from push_service.broker.redis import RedisBroker
         return RedisBroker(url, node_id, on_state, settings)

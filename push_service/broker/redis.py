@@ -4,7 +4,7 @@ Publishing and hearing go over two connections of our own (redis_connection.py):
 written to Redis at the end of the loop turn that took it (a batch as consecutive commands, so it
 keeps its order) and a message heard reaches the hub in the read that brings it. If Redis goes away, local
 sockets stay up, publishes fail with BrokerUnavailable (HTTP 503), and the broker reconnects with
-capped backoff and resubscribes every topic. History reads and presence (RedisPresenceStore) use
+capped backoff and resubscribes every topic. History reads and presence (redis_shared.py) use
 redis-py.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import time
@@ -21,22 +20,22 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from push_service.broker import envelope
 from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
-from push_service.history.position import Position, Recovery, new_epoch
+from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("PUSH_BROKER=redis://... needs the redis extra: pip install 'push-service[redis]'") from exc
 
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, RedisConnection, endpoint
+from push_service.broker.redis_shared import (STANDALONE, HistoryOptions, RedisPresenceStore, publish_command,
+                                               publish_script, read_recovery)
 from push_service.broker.resp import ReplyError
 
 log = logging.getLogger("push_service.broker")
 
-CHANNEL_PREFIX = "push:t:"
 PING_INTERVAL = 1.0    # connection health check
 PING_TIMEOUT = 3.0     # no pong for this long: the connection is dead, reconnect
 COMMAND_TIMEOUT = 2.0  # connecting, or publishes answered by nothing for this long: reconnect (they fail, 503)
@@ -44,30 +43,8 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 SUBSCRIBE_CHUNK = 1000
 
 
-# Position, store and publish in one step, so every node sees one order and one numbering.
-# KEYS: the topic's meta hash (epoch e, last seq s), its history stream, its pub/sub channel.
-# ARGV: a new epoch (used if none), stream length, stream TTL, meta TTL, event, payload, published
-# at, and the envelope's two halves around the position.
-PUBLISH_SCRIPT = """
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', epoch)
-end
-local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-1', 'e', ARGV[5], 'p', ARGV[6], 't', ARGV[7])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-local position = epoch .. '~' .. seq
-redis.call('PUBLISH', KEYS[3], ARGV[8] .. position .. ARGV[9])
-return position
-"""
-PUBLISH_SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
-
-
-def _history_keys(topic: str) -> tuple[str, str]:
-    # One hash tag per topic keeps a topic's keys in one slot (Redis Cluster).
-    return f"push:{{{topic}}}:meta", f"push:{{{topic}}}:history"
+PUBLISH_SCRIPT = publish_script(sharded=False)
+CHANNEL_PREFIX = STANDALONE.channel_prefix
 
 
 def _unstarted(*args: object) -> None:
@@ -80,13 +57,7 @@ class RedisBroker(Broker):
     def __init__(self, url: str, node_id: str, on_state: Callable[[bool], None] | None = None,
                  settings: Settings | None = None) -> None:
         settings = settings or Settings()
-        self._history_size = settings.history_size
-        self._history_ttl = settings.history_ttl
-        # The counter outlives the stream, so a stream that expired never reuses a position.
-        self._meta_ttl = int(max(settings.history_ttl * 10, 86400))
-        # A join records a quiet topic's epoch for this long only: a client joining made-up names must not
-        # leave a key a day each. A joiner's position outlasting it is answered recovered: false, never a gap.
-        self._quiet_ttl_ms = max(1000, int(settings.history_ttl * 1000))
+        self._history = HistoryOptions(settings)
         self.node_id = node_id
         self._url = url
         self._on_state = on_state or (lambda up: None)
@@ -124,17 +95,8 @@ class RedisBroker(Broker):
             raise BrokerUnavailable("redis unavailable")
         # Consecutive commands on one connection, written at the end of this loop turn: a batch keeps
         # its order, and each script call is atomic on its own.
-        if self._history_size:
-            commands = []
-            for broadcast in broadcasts:
-                head, tail = envelope.split_broadcast(broadcast)
-                commands.append(("EVALSHA", PUBLISH_SCRIPT_SHA, 3, *_history_keys(broadcast.topic),
-                                 CHANNEL_PREFIX + broadcast.topic, new_epoch(), self._history_size,
-                                 int(self._history_ttl) + 1, self._meta_ttl, broadcast.event, broadcast.payload_json,
-                                 time.time(), head, tail))
-        else:
-            commands = [("PUBLISH", CHANNEL_PREFIX + broadcast.topic, envelope.pack_broadcast(broadcast))
-                        for broadcast in broadcasts]
+        history = self._history
+        commands = [publish_command(broadcast, STANDALONE, PUBLISH_SCRIPT, history) for broadcast in broadcasts]
         return self._answered(publisher, publisher.call(commands))
 
     async def _answered(self, publisher: RedisConnection, reply: Awaitable[object]) -> None:
@@ -149,52 +111,16 @@ class RedisBroker(Broker):
 
     @staticmethod
     def _load_script(publisher: RedisConnection) -> asyncio.Future[object]:
-        loaded = publisher.call([("SCRIPT", "LOAD", PUBLISH_SCRIPT)])
+        loaded = publisher.call([("SCRIPT", "LOAD", PUBLISH_SCRIPT.text)])
         loaded.add_done_callback(lambda future: future.cancelled() or future.exception())  # seen, whatever it is
         return loaded
 
-    async def _recover(self, topic: str, since: Position | None, limit: int | None) -> Recovery:
-        meta, stream = _history_keys(topic)
-        count = min(limit or self._history_size, self._history_size)
-        try:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(meta, "e", new_epoch())  # a topic never published to gets its epoch now
-                pipe.pexpire(meta, self._quiet_ttl_ms, nx=True)  # a publish extends it to _meta_ttl
-                pipe.hmget(meta, "e", "s")
-                if since is None:
-                    pipe.xrevrange(stream, count=count)
-                else:
-                    pipe.xrange(stream, min=f"{since.seq + 1}-0", count=count + 1)
-                *_, (epoch, seq), entries = await pipe.execute()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            raise BrokerUnavailable(f"redis history read failed: {type(exc).__name__}") from None
-        current = Position(epoch.decode(), int(seq or 0))
-        if since is None:
-            entries.reverse()
-        expired_before = time.time() - self._history_ttl
-        messages = [Broadcast(topic, fields[b"e"].decode(), fields[b"p"], None,
-                              Position(current.epoch, int(entry_id.split(b"-", 1)[0])))
-                    for entry_id, fields in entries if float(fields[b"t"]) >= expired_before]
-        if since is None:
-            return Recovery(current, True, messages)
-        if since.epoch != current.epoch or since.seq > current.seq:
-            return Recovery(current, False)
-        wanted = current.seq - since.seq
-        complete = len(messages) == wanted and (not messages or messages[0].position.seq == since.seq + 1)  # type: ignore[union-attr]
-        if limit is not None and wanted > limit:
-            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
-            first = messages[:limit]
-            expected = list(range(since.seq + 1, since.seq + 1 + limit))
-            contiguous = [m.position.seq for m in first] == expected  # type: ignore[union-attr]
-            return Recovery(current, False, first if contiguous else [])
-        return Recovery(current, complete, messages if complete else [])
-
     def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
-        if not self._history_size:
+        if not self._history.size:
             return None
         if not self._ready:
             raise BrokerUnavailable("redis unavailable")
-        return self._recover(topic, since, limit)
+        return read_recovery(self._client, topic, since, limit, self._history)
 
     async def send_signal(self, topic: str, data: bytes) -> None:
         publisher = self._publisher
@@ -234,7 +160,7 @@ class RedisBroker(Broker):
                 pubsub.send(command.upper(), *channels[start:start + SUBSCRIBE_CHUNK])
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
-        return RedisPresenceStore(self._client, node_timeout)
+        return RedisPresenceStore(self._client, node_timeout, STANDALONE)
 
     def protocol_errors(self) -> Mapping[str, int]:
         return PROTOCOL_ERRORS  # counted per process: a process runs one node
@@ -287,7 +213,7 @@ class RedisBroker(Broker):
         try:
             pubsub = await RedisConnection.open(self._endpoint, COMMAND_TIMEOUT, self._heard, name=f"{name}-sub")
             publisher = await RedisConnection.open(self._endpoint, COMMAND_TIMEOUT, name=f"{name}-pub")
-            if self._history_size:
+            if self._history.size:
                 await asyncio.wait_for(self._load_script(publisher), COMMAND_TIMEOUT)
             # Idle pooled connections of redis-py may still point at a Redis that went away (restarted):
             # without this, the first history read after a reconnect would fail on one of them.
@@ -357,39 +283,3 @@ class RedisBroker(Broker):
                 self._confirmed(topic)
         elif kind == b"pong":
             self._last_pong = time.monotonic()
-
-
-class RedisPresenceStore(PresenceStore):
-    """Per-topic hashes `push:p:<topic>` (conn id -> [key, meta]); node heartbeats `push:node:<id>`."""
-
-    HASH_TTL = 24 * 3600  # an abandoned topic's hash (every node gone) disappears eventually
-
-    def __init__(self, client: aioredis.Redis, node_timeout: float) -> None:
-        self._client = client
-        self._ttl_ms = max(1, int(node_timeout * 1000 * 2 / 3))
-
-    async def put(self, topic: str, conn_id: str, value: bytes) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(f"push:p:{topic}", conn_id, value)
-            pipe.expire(f"push:p:{topic}", self.HASH_TTL)
-            await pipe.execute()
-
-    async def delete(self, topic: str, conn_id: str) -> None:
-        await self._client.hdel(f"push:p:{topic}", conn_id)
-
-    async def load(self, topic: str) -> dict[str, bytes]:
-        raw = await self._client.hgetall(f"push:p:{topic}")
-        return {key.decode(): value for key, value in raw.items()}
-
-    async def heartbeat(self, node_id: str) -> None:
-        await self._client.set(f"push:node:{node_id}", b"1", px=self._ttl_ms)
-
-    async def alive(self, node_ids: set[str]) -> set[str]:
-        if not node_ids:
-            return set()
-        ordered = sorted(node_ids)
-        values = await self._client.mget([f"push:node:{node_id}" for node_id in ordered])
-        return {node_id for node_id, value in zip(ordered, values, strict=True) if value is not None}
-
-    async def forget_node(self, node_id: str) -> None:
-        await self._client.delete(f"push:node:{node_id}")
