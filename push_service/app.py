@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from push_service import api, console, frontdoor
+from push_service import access_log, api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.node import NODE, Node
@@ -26,7 +26,9 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     node = Node(settings, broker)
     # aiohttp 3.14 keeps an idle keep-alive connection for an hour; 75 s (its former default, and nginx's)
     # frees the socket of a client gone quiet sooner.
-    app = web.Application(middlewares=[api.errors_and_metrics],
+    # The access log's middleware is there only when asked for: no cost per request otherwise.
+    middlewares = [access_log.middleware] if settings.access_log else []
+    app = web.Application(middlewares=[*middlewares, api.errors_and_metrics],
                           handler_args={"access_log": None, "keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[NODE] = node
     api.add_routes(app, node)

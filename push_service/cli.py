@@ -8,6 +8,7 @@ import importlib.metadata
 import multiprocessing
 import os
 import secrets
+import shlex
 import signal
 import sys
 import urllib.error
@@ -22,6 +23,8 @@ from push_service.auth import mint_token
 from push_service.config import OPTIONS, ConfigError, Settings, parse_duration
 
 EXIT_CONFIG = 2
+# Where `publish` finds a running service; dev mode's banner prints it, as do the examples read it.
+URL_VARIABLE = "PUSH_URL"
 
 
 def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
@@ -59,9 +62,11 @@ def _local_url(settings: Settings, port: int) -> str:
 
 def _dev_banner(settings: Settings, generated: dict[str, str], port: int) -> str:
     base = _local_url(settings, port)
+    exports = {**generated, URL_VARIABLE: base}
     lines = ["", "push-service is running in DEV MODE: these keys were generated for this run only.",
-             "Set them (or PUSH_ENV=production with your own) for anything real.", ""]
-    lines += [f"  {name}={value}" for name, value in generated.items()]
+             "Set them (or PUSH_ENV=production with your own) for anything real.", "",
+             "  Paste these into another shell, and `push-service token` and `push-service publish` work there:"]
+    lines += [f"  export {name}={shlex.quote(value)}" for name, value in exports.items()]
     if settings.jwt_secret and not settings.jwt_public_key:
         token = mint_token(settings, "dev", ttl=24 * 3600)
         lines += ["", "  client token (sub=dev, valid 24h):", f"  {token}", "",
@@ -208,7 +213,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
     key = args.key or (settings.service_keys[0] if settings.service_keys else None)
     if not key:
         raise ConfigError("PUSH_SERVICE_KEY", "the publish key is needed (or --key)")
-    url = (args.url or _local_url(settings, settings.port)).rstrip("/") + path
+    base = args.url or os.environ.get(URL_VARIABLE) or _local_url(settings, settings.port)
+    url = base.rstrip("/") + path
     request = urllib.request.Request(url, data=orjson.dumps(body), method="POST", headers={
         "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     try:
@@ -242,26 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setting_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
-    token = commands.add_parser("token", help="mint a client JWT with the configured key")
+    token = commands.add_parser("token", help="mint a client JWT with the configured key",
+                                description="Mint a client JWT. The key and the claims' settings come from the "
+                                            "environment: PUSH_JWT_SECRET, PUSH_JWT_ALGORITHMS, PUSH_JWT_AUDIENCE, "
+                                            "PUSH_JWT_ISSUER.")
     token.add_argument("--sub", required=True, help="the user id (JWT sub)")
     token.add_argument("--topics", nargs="+", help="topics or prefixes ending in * this token may join")
     token.add_argument("--ttl", default="1h", help="lifetime, e.g. 30m, 1h, 86400 (default 1h)")
     token.add_argument("--info", help="JSON object shown in presence, e.g. '{\"username\":\"ada\"}'")
     token.add_argument("--private-key", help="PEM private key file for RS/ES/EdDSA (default: PUSH_JWT_SECRET)")
     token.add_argument("--algorithm", help="signing algorithm (default: the first configured one)")
-    _add_setting_flags(token)
     token.set_defaults(func=cmd_token)
 
-    publish = commands.add_parser("publish", help="publish a message to a running service")
+    publish = commands.add_parser("publish", help="publish a message to a running service",
+                                  description=f"Publish to a running service: at --url or {URL_VARIABLE}, with "
+                                              "--key or PUSH_SERVICE_KEY.")
     target = publish.add_mutually_exclusive_group(required=True)
     target.add_argument("--channel", help="channel id: new_msg on room:lobby:<id>")
     target.add_argument("--thread", help="thread id: new_msg on room:topic:<id>")
     target.add_argument("--topic", help="any topic (with --event)")
     publish.add_argument("--event", default="new_msg", help="event name with --topic (default new_msg)")
     publish.add_argument("--data", default="{}", help="JSON object to send")
-    publish.add_argument("--url", help="service base URL (default http://PUSH_HOST:PUSH_PORT)")
+    publish.add_argument("--url", help=f"service base URL (default: {URL_VARIABLE}, else http://PUSH_HOST:PUSH_PORT)")
     publish.add_argument("--key", help="publish key (default: PUSH_SERVICE_KEY)")
-    _add_setting_flags(publish)
     publish.set_defaults(func=cmd_publish)
     return parser
 

@@ -117,6 +117,9 @@ OPTIONS: tuple[Option, ...] = (
            "a typing: true not refreshed for this long clears itself (default 5s)"),
     Option("log_level", "PUSH_LOG_LEVEL", values.choice(*LOG_LEVELS), "debug, info (default), warning or error"),
     Option("log_format", "PUSH_LOG_FORMAT", values.choice("json", "text"), "json (default, one object a line) or text"),
+    Option("access_log", "PUSH_ACCESS_LOG", values.boolean,
+           "on: one log line per HTTP request (method, path without its query, status, duration_ms, remote "
+           "address, bytes), whatever PUSH_LOG_LEVEL says; off (default)"),
 )
 
 OPTIONS_BY_ENV = {option.env: option for option in OPTIONS}
@@ -160,6 +163,7 @@ class Settings:
     typing_timeout: float = 5.0
     log_level: str = "info"
     log_format: str = "json"
+    access_log: bool = False
     # True when the keys were generated for this run (no configuration given).
     dev_mode: bool = False
 

@@ -23,7 +23,7 @@ from typing import cast
 
 import orjson
 
-from push_service import publishing
+from push_service import access_log, publishing
 from push_service.http1 import HeadReader, Request, has_token, json_answer, request_id
 from push_service.limits import AiohttpConnection, Deadline, Guard
 from push_service.node import Node
@@ -47,6 +47,7 @@ class Listener:
         self.node = node
         self.http = http  # aiohttp's own protocol factory
         self.routes = publishing.routes(node.settings)
+        self.access_log = node.settings.access_log
         self._publishers: dict[PublishConnection, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.guard = Guard(node)
@@ -135,7 +136,12 @@ class FrontDoor(asyncio.Protocol):
         request: Request = reader.request  # type: ignore[assignment]  # read() returned its end: it is set
         transport = self._transport
         if request.http11 and websocket.takes(request):
-            websocket.accept(listener.node, transport, request, head[end:])
+            if listener.access_log:  # the address first: a refusal closes the transport
+                started, remote = time.time(), access_log.remote_address(transport)
+                status, size = websocket.accept(listener.node, transport, request, head[end:])
+                access_log.write("GET", request.path, status, started, remote, size)
+            else:
+                websocket.accept(listener.node, transport, request, head[end:])
             if transport.get_protocol() is not self:  # a WebSocket now: counted by the sessions' gauge
                 listener.guard.open -= 1
         elif request.method == "POST" and request.path in listener.routes and not request.upgrade:
@@ -258,40 +264,44 @@ class PublishConnection(asyncio.Protocol):
             body = publishing.authorized_object(node.publish_keys, authorization, raw)
             published, delivered = publishing.publish(node, route, body, started)
         except ApiError as error:
-            self._refuse(route, error, answer_id, close)
+            self._refuse(route, error, answer_id, close, started)
             return None
         except Exception:
-            self._failed(route, answer_id)
+            self._failed(route, answer_id, started)
             return None
         if isinstance(delivered, int):
-            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close)
+            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close, started)
             return None
-        return self._finish(route, published, delivered, answer_id, close)
+        return self._finish(route, published, delivered, answer_id, close, started)
 
     async def _finish(self, route: publishing.Route, published: int, pending: Awaitable[int], answer_id: str,
-                      close: bool) -> None:
+                      close: bool, started: float) -> None:
         try:
             delivered = await pending
         except ApiError as error:
-            self._refuse(route, error, answer_id, close)
+            self._refuse(route, error, answer_id, close, started)
         except Exception:
-            self._failed(route, answer_id)
+            self._failed(route, answer_id, started)
         else:
-            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close)
+            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close, started)
         self._pending = None
         if not self._closed:
             self._serve()  # requests that came meanwhile
 
-    def _refuse(self, route: publishing.Route, error: ApiError, answer_id: str, close: bool) -> None:
+    def _refuse(self, route: publishing.Route, error: ApiError, answer_id: str, close: bool, started: float) -> None:
         publishing.log_refusal(error, answer_id, route.path, "POST")
-        self._answer(route, error.status, orjson.dumps({"error": error.message}), answer_id, close)
+        self._answer(route, error.status, orjson.dumps({"error": error.message}), answer_id, close, started)
 
-    def _failed(self, route: publishing.Route, answer_id: str) -> None:
+    def _failed(self, route: publishing.Route, answer_id: str, started: float) -> None:
         log.exception("unhandled error", extra={"event": "http_error", "request_id": answer_id, "route": route.path})
-        self._answer(route, 500, b'{"error":"internal server error"}', answer_id, True)
+        self._answer(route, 500, b'{"error":"internal server error"}', answer_id, True, started)
 
-    def _answer(self, route: publishing.Route, status: int, body: bytes, answer_id: str, close: bool) -> None:
+    def _answer(self, route: publishing.Route, status: int, body: bytes, answer_id: str, close: bool,
+                started: float) -> None:
         self._node.metrics.http_requests.labels(route.path, "POST", status).inc()
+        if self._listener.access_log:
+            access_log.write("POST", route.path, access_log.CLIENT_CLOSED if self._closed else status, started,
+                             access_log.remote_address(self._transport), 0 if self._closed else len(body))
         if self._closed:
             return  # the client left while the broker took the publish
         self._transport.write(json_answer(status, body, answer_id, close))

@@ -11,6 +11,7 @@ otherwise. Every node runs with PUSH_NODE_TIMEOUT=3 so that a dead node is notic
 from __future__ import annotations
 
 import asyncio
+import calendar
 import itertools
 import signal
 import time
@@ -102,6 +103,12 @@ async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str
                          json={"topic": topic, "event": "new_msg", "payload": payload},
                          headers={"Authorization": f"Bearer {PUBLISH_KEY}"}, timeout=bounded()) as response:
         return response.status, await response.json()
+
+
+def log_time(line: Event) -> float:
+    """A JSON log line's time, in seconds (its "time" is UTC with milliseconds)."""
+    stamp, milliseconds = line["time"].rstrip("Z").split(".")
+    return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) + int(milliseconds) / 1000
 
 
 async def readyz(http: aiohttp.ClientSession, server: ServerProcess) -> int:
@@ -459,7 +466,16 @@ async def test_node_starts_without_its_broker_and_joins_it_later(kind, broker_pr
     url = f"redis://127.0.0.1:{port}/0" if kind == "redis" else f"nats://127.0.0.1:{port}"
     node = await start_server(PUSH_BROKER=url, PUSH_NODE_TIMEOUT=str(NODE_TIMEOUT))
     topic = f"room:lobby:{uuid.uuid4().hex}"
+    # It listens at once, not after waiting on the broker: from its first log line to "listening".
+    first, listening = node.log_lines[0], next(line for line in node.log_lines if line.get("event") == "listening")
+    assert log_time(listening) - log_time(first) < 2.0, (first, listening)
+    down = [line for line in node.log_lines if line.get("event") == "broker_down"]
+    assert len(down) == 1 and "retrying" in down[0]["message"], node.log_lines
     async with aiohttp.ClientSession() as http:
+        asked = time.monotonic()
+        async with http.get(f"{node.http_url}/healthz", timeout=bounded()) as response:
+            assert response.status == 200
+        assert time.monotonic() - asked < 1.0
         assert await readyz(http, node) == 503
         assert await publish(http, node, topic, {"seq": 0}) == (503, {"error": "broker unavailable"})
         assert await metric(http, node, "push_broker_up") == 0
@@ -471,6 +487,9 @@ async def test_node_starts_without_its_broker_and_joins_it_later(kind, broker_pr
         await ready_is(http, node, 200, RECOVERY)
         assert await metric(http, node, "push_broker_up") == 1
         assert await metric(http, node, "push_broker_reconnects_total") == 0  # a first connection
+        # Said once, however many attempts (and presence heartbeats, every 0.75 s) the outage took.
+        for event in ("broker_down", "presence_heartbeat_failed"):
+            assert len([line for line in node.log_lines if line.get("event") == event]) <= 1, event
         async with connect(http, node) as sock:
             await sock.join(topic)
             published = await publish(http, node, topic, {"seq": 1})

@@ -531,8 +531,8 @@ async def test_dev_mode_banner_and_generated_keys_work():
         await asyncio.wait_for(read_banner(), 15)
         banner = "\n".join(lines)
         assert "DEV MODE" in banner
-        key = re.search(r"^\s*PUSH_SERVICE_KEY=(\S+)$", banner, re.M).group(1)
-        secret = re.search(r"^\s*PUSH_JWT_SECRET=(\S+)$", banner, re.M).group(1)
+        key = re.search(r"^\s*export PUSH_SERVICE_KEY=(\S+)$", banner, re.M).group(1)
+        secret = re.search(r"^\s*export PUSH_JWT_SECRET=(\S+)$", banner, re.M).group(1)
         assert len(key) >= 32 and len(secret) >= 32
         ws_url = re.search(r"(ws://127\.0\.0\.1:\d+/socket/websocket\?vsn=2\.0\.0&token=(\S+))", banner)
         token = ws_url.group(2)

@@ -26,6 +26,13 @@ class BrokerUnavailable(Exception):
     """The broker cannot take a publish now; the API answers 503 so the backend can retry."""
 
 
+# How long `start` waits for the first connection attempt: a broker that refuses answers at once, and one
+# that does not answer must not keep the node from listening (readyz answers 503 until it connects).
+START_WAIT = 2.0
+# Logged once per outage, with the broker's kind: the node keeps serving sockets meanwhile.
+DOWN_MESSAGE = "%s unreachable: retrying until it answers (readyz and publishes answer 503 meanwhile)"
+
+
 class Broker(ABC):
     name: str
     # The id of this node, to tell our own signals from other nodes'.

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, BrokerUnavailable, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
@@ -73,7 +73,7 @@ class NatsBroker(Broker):
         self._subscriber: asyncio.Task[None] | None = None
         self._ready = False
         self._down_logged = False  # one broker_down line per outage
-        self._connected = asyncio.Event()
+        self._attempted = asyncio.Event()  # the first connection attempt succeeded or failed
         self._deliver: Deliver | None = None
         self._confirmed: Confirmed | None = None
         self._signal: Signal | None = None
@@ -83,7 +83,7 @@ class NatsBroker(Broker):
         self._subscriber = asyncio.create_task(self._connect_then_subscribe(), name="nats-subscriber")
         # Start ready when NATS is there; when it is not, serve anyway and keep trying (readyz 503).
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._connected.wait()), 5.0)
+            await asyncio.wait_for(self._attempted.wait(), START_WAIT)
 
     async def _connect_then_subscribe(self) -> None:
         # nats-py retries a first connect itself; this loop covers a connect that still fails outright.
@@ -96,16 +96,14 @@ class NatsBroker(Broker):
                     ping_interval=2, max_outstanding_pings=2,
                     disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error)
             except (NatsError, OSError, asyncio.TimeoutError) as exc:
-                if backoff == 0.1:
-                    log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
-                                                           "error": f"{type(exc).__name__}: {exc}"})
+                self._first_connect_failed(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         if self._history_size:
             await self._ensure_history_stream()
         log.info("nats connected", extra={"event": "broker_up", "broker": redact_url(self._url)})
         self._set_ready(True)
-        self._connected.set()
+        self._attempted.set()
         await self._subscribe_loop()
 
     async def _ensure_history_stream(self) -> None:
@@ -302,7 +300,7 @@ class NatsBroker(Broker):
 
     async def _disconnected(self) -> None:
         if self._ready:
-            log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url)})
+            log.warning(DOWN_MESSAGE, "nats", extra={"event": "broker_down", "broker": redact_url(self._url)})
         self._set_ready(False)
         self._down_logged = True
 
@@ -316,11 +314,17 @@ class NatsBroker(Broker):
     async def _error(self, exc: Exception) -> None:
         # nats-py retries its first connect on its own (max_reconnect_attempts=-1), reporting only here.
         if not self._ready and not self._down_logged:
-            self._down_logged = True
-            log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
-                                                   "error": f"{type(exc).__name__}: {exc}"})
+            self._first_connect_failed(exc)
         else:
             log.debug("nats client error", extra={"event": "broker_error", "error": f"{type(exc).__name__}: {exc}"})
+
+    def _first_connect_failed(self, exc: Exception) -> None:
+        """Said once; start() need wait no longer."""
+        self._attempted.set()
+        if not self._down_logged:
+            self._down_logged = True
+            log.warning(DOWN_MESSAGE, "nats", extra={
+                "event": "broker_down", "broker": redact_url(self._url), "error": f"{type(exc).__name__}: {exc}"})
 
 
 class NatsPresenceStore(PresenceStore):

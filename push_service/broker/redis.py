@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, BrokerUnavailable, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
@@ -73,7 +73,7 @@ class RedisBroker(Broker):
         self._last_pong = 0.0
         self._ready = False
         self._closed = False
-        self._connected = asyncio.Event()
+        self._attempted = asyncio.Event()  # the first connection attempt succeeded or failed
         self._runner: asyncio.Task[None] | None = None
         # Set by start(), before the first connection hears anything.
         self._deliver: Deliver = _unstarted
@@ -87,7 +87,7 @@ class RedisBroker(Broker):
         self._runner = asyncio.create_task(self._run(), name="redis-broker")
         # Start ready when Redis is there; when it is not, serve anyway and keep trying (readyz 503).
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), 5.0)
+            await asyncio.wait_for(self._attempted.wait(), START_WAIT)
 
     def publish(self, broadcasts: Sequence[Broadcast]) -> Awaitable[None]:
         publisher = self._publisher
@@ -196,11 +196,11 @@ class RedisBroker(Broker):
                 if self._ready:
                     backoff = BACKOFF_FIRST  # it was up: this is a new outage, retry quickly first
                 if self._ready or backoff == BACKOFF_FIRST:
-                    log.warning("redis unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
-                                                            "error": f"{type(exc).__name__}: {exc}"})
+                    log.warning(DOWN_MESSAGE, "redis", extra={
+                        "event": "broker_down", "broker": redact_url(self._url), "error": f"{type(exc).__name__}: {exc}"})
             finally:
                 self._set_ready(False)
-                self._connected.clear()
+                self._attempted.set()
             if self._closed:
                 return
             await asyncio.sleep(backoff)
@@ -232,7 +232,7 @@ class RedisBroker(Broker):
             log.info("redis connected", extra={"event": "broker_up", "broker": redact_url(self._url),
                                                "topics": len(topics)})
             self._set_ready(True)
-            self._connected.set()
+            self._attempted.set()
             watch = asyncio.create_task(self._watch(pubsub, publisher))
             try:
                 await asyncio.wait([pubsub.lost, publisher.lost, watch], return_when=asyncio.FIRST_COMPLETED)

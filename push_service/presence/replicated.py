@@ -69,6 +69,7 @@ class ReplicatedTracker(Tracker):
         self._writes: asyncio.Queue[tuple[str, str, bytes | None, bytes]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._size = 0
+        self._heartbeat_failing = False
 
     # --- lifecycle
 
@@ -76,8 +77,7 @@ class ReplicatedTracker(Tracker):
         try:
             await self._store.heartbeat(self.node_id)
         except Exception as exc:  # the broker is not there yet: the liveness loop keeps trying
-            log.warning("presence heartbeat failed", extra={"event": "presence_heartbeat_failed",
-                                                            "error": type(exc).__name__})
+            self._heartbeat_failed(exc)
         self._tasks = [asyncio.create_task(self._write_loop(), name="presence-writer"),
                        asyncio.create_task(self._liveness_loop(), name="presence-liveness")]
 
@@ -297,8 +297,16 @@ class ReplicatedTracker(Tracker):
                 await self._store.heartbeat(self.node_id)
                 await self._expire_dead_nodes()
             except Exception as exc:
-                log.warning("presence heartbeat failed", extra={"event": "presence_heartbeat_failed",
-                                                                "error": type(exc).__name__})
+                self._heartbeat_failed(exc)
+            else:
+                self._heartbeat_failing = False
+
+    def _heartbeat_failed(self, exc: Exception) -> None:
+        # Once per outage, as the broker's own broker_down line: not one warning every few seconds.
+        if not self._heartbeat_failing:
+            self._heartbeat_failing = True
+            log.warning("presence heartbeat failed", extra={"event": "presence_heartbeat_failed",
+                                                            "error": type(exc).__name__})
 
     async def _expire_dead_nodes(self) -> None:
         others = {node_of(conn_id) for replica in self._replicas.values() for conn_id in replica} - {self.node_id}

@@ -356,14 +356,16 @@ def takes(request: Request) -> bool:
             and header("content-length", "0") == "0" and "transfer-encoding" not in request.headers)
 
 
-def accept(node: Node, transport: asyncio.Transport, request: Request, rest: bytes) -> None:
-    """Answer an upgrade the front door took: 101 and a WebSocketProtocol, or the refusal and a close."""
+def accept(node: Node, transport: asyncio.Transport, request: Request, rest: bytes) -> tuple[int, int]:
+    """Answer an upgrade the front door took: 101 and a WebSocketProtocol, or the refusal and a close.
+    Returns the answer's status and body size (for the access log)."""
     headers, query = request.headers, parse_query(request.query)
     if headers.get("sec-websocket-version") != VERSION:  # `takes` has seen it ask for an upgrade
         node.metrics.http_requests.labels(PATH, "GET", 426).inc()
-        transport.write(_upgrade_required(version_refusal(node), request_id(headers.get("x-request-id"))))
+        body = orjson.dumps({"error": version_refusal(node).message})
+        transport.write(_upgrade_required(body, request_id(headers.get("x-request-id"))))
         transport.close()
-        return
+        return 426, len(body)
     try:
         identity, serializer = admit(node, headers.get("origin"), query.get("vsn"),
                                      headers.get("sec-websocket-protocol"), query.get("token"))
@@ -372,14 +374,14 @@ def accept(node: Node, transport: asyncio.Transport, request: Request, rest: byt
         body = orjson.dumps({"error": refusal.message})
         transport.write(json_answer(refusal.status, body, request_id(headers.get("x-request-id")), close=True))
         transport.close()
-        return
+        return refusal.status, len(body)
     node.metrics.http_requests.labels(PATH, "GET", 101).inc()
     open_socket(node, transport, headers.get, identity, serializer, rest)
+    return 101, 0
 
 
-def _upgrade_required(refusal: Refusal, answer_id: str) -> bytes:
+def _upgrade_required(body: bytes, answer_id: str) -> bytes:
     """The front door's 426 (http1.json_answer knows neither that status nor extra headers)."""
-    body = orjson.dumps({"error": refusal.message})
     return (f"HTTP/1.1 426 Upgrade Required\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nX-Request-Id: {answer_id}\r\nSec-WebSocket-Version: {VERSION}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade, close\r\n\r\n").encode() + body
