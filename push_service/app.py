@@ -13,6 +13,7 @@ from aiohttp import web
 from push_service import api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
+from push_service.errors import PushServiceError
 from push_service.node import NODE, Node
 from push_service.transports import longpoll, websocket
 
@@ -77,7 +78,7 @@ class Door:
 DOOR = web.AppKey("door", Door)
 
 
-class ListenError(OSError):
+class ListenError(PushServiceError, OSError):
     """The listening socket could not be opened (address in use, not permitted...)."""
 
 

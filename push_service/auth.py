@@ -22,16 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from push_service.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Settings
-
-
-class AuthError(Exception):
-    """A token was refused; `reason` is a short label used in metrics, `explanation` what a client and the
-    log are told (the reason, and the failing claim where one did), the message PyJWT's wording."""
-
-    def __init__(self, reason: str, detail: str, claim_problem: str | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.explanation = f"{reason}: {claim_problem}" if claim_problem else reason
+from push_service.errors import AuthError
 
 
 @dataclass(frozen=True, slots=True)

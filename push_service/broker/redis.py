@@ -19,8 +19,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.base import Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
+from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery, new_epoch
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore

@@ -28,6 +28,7 @@ from typing import Any
 from redis.asyncio.connection import parse_url
 
 from push_service.broker import resp
+from push_service.errors import BrokerError
 
 log = logging.getLogger("push_service.broker")
 
@@ -87,8 +88,8 @@ def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
-class ConnectionLost(ConnectionError):
-    pass
+class ConnectionLost(BrokerError, ConnectionError):
+    """The connection to Redis closed or was given up before the reply came."""
 
 
 class _Waiter:
@@ -198,7 +199,7 @@ class RedisConnection(asyncio.Protocol):
         except resp.ReplyTooLarge as error:
             self._give_up("reply_too_large", f"redis sent {error}")
             return
-        except resp.ProtocolError as error:
+        except resp.RespProtocolError as error:
             self._give_up("not_resp2", f"redis sent something that is not RESP2: {error}")
             return
         if self._pushing:

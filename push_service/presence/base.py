@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from push_service.errors import BrokerError
+
 Meta = dict[str, Any]
 Metas = dict[str, list[Meta]]  # presence key -> its metas (one per tracked connection)
 
@@ -61,7 +63,7 @@ def state_payload(metas: Metas) -> dict[str, Any]:
 DiffCallback = Callable[[str, Diff], None]
 
 
-class PresenceUnavailable(Exception):
+class PresenceUnavailable(BrokerError):
     """The cluster's presence could not be read (the broker is away or too slow)."""
 
 
