@@ -15,10 +15,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from push_service.broker import envelope
+from push_service.broker.backoff import Backoff
 from push_service.broker.base import Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery
+from push_service.history.window import recovery_window
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -88,7 +90,7 @@ class NatsBroker(Broker):
 
     async def _connect_then_subscribe(self) -> None:
         # nats-py retries a first connect itself; this loop covers a connect that still fails outright.
-        backoff = 0.1
+        backoff = Backoff()
         while self._nc is None:
             try:
                 self._nc = await nats.connect(
@@ -97,11 +99,10 @@ class NatsBroker(Broker):
                     ping_interval=2, max_outstanding_pings=2,
                     disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error)
             except (NatsError, OSError, asyncio.TimeoutError) as exc:
-                if backoff == 0.1:
+                if backoff.fresh:
                     log.warning("nats unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
                                                            "error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next())
         if self._history_size:
             await self._ensure_history_stream()
         log.info("nats connected", extra={"event": "broker_up", "broker": redact_url(self._url)})
@@ -264,10 +265,8 @@ class NatsBroker(Broker):
             except NotFoundError:
                 last = 0
             current = Position(self._epoch, last)
-            if since is not None and (since.epoch != self._epoch or since.seq > last):
-                return Recovery(current, False)
-            if last == 0 or (since is not None and since.seq == last):
-                return Recovery(current, True)
+            if last == 0 or (since is not None and (since.epoch != self._epoch or since.seq >= last)):
+                return recovery_window(current, since, [], limit, intact=True)  # nothing to read
             # Positions are stream-wide, so a topic's are not consecutive: the recovery is known to be
             # complete when the message at `since` itself is still kept (the stream drops oldest first).
             # JetStream sequences start at 1 (and refuse a start of 0): `~0` is a join before anything was kept.
@@ -293,13 +292,7 @@ class NatsBroker(Broker):
                 await subscription.unsubscribe()
         except (NatsError, OSError, asyncio.TimeoutError, envelope.EnvelopeError) as exc:
             raise BrokerUnavailable(f"nats history read failed: {type(exc).__name__}") from None
-        if since is None:
-            return Recovery(current, True, messages[-limit:] if limit else messages)
-        complete = first_seq == since.seq
-        if limit is not None and len(messages) > limit:
-            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
-            return Recovery(current, False, messages[:limit] if complete else [])
-        return Recovery(current, complete, messages if complete else [])
+        return recovery_window(current, since, messages, limit, intact=since is None or first_seq == since.seq)
 
     async def _disconnected(self) -> None:
         if self._ready:

@@ -19,10 +19,12 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.broker import envelope
+from push_service.broker.backoff import Backoff
 from push_service.broker.base import Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery, new_epoch
+from push_service.history.window import recovery_window
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -41,7 +43,6 @@ CHANNEL_PREFIX = "push:t:"
 PING_INTERVAL = 1.0    # connection health check
 PING_TIMEOUT = 3.0     # no pong for this long: the connection is dead, reconnect
 COMMAND_TIMEOUT = 2.0  # connecting, or publishes answered by nothing for this long: reconnect (they fail, 503)
-BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 SUBSCRIBE_CHUNK = 1000
 
 
@@ -176,19 +177,7 @@ class RedisBroker(Broker):
         messages = [Broadcast(topic, fields[b"e"].decode(), fields[b"p"], None,
                               Position(current.epoch, int(entry_id.split(b"-", 1)[0])))
                     for entry_id, fields in entries if float(fields[b"t"]) >= expired_before]
-        if since is None:
-            return Recovery(current, True, messages)
-        if since.epoch != current.epoch or since.seq > current.seq:
-            return Recovery(current, False)
-        wanted = current.seq - since.seq
-        complete = len(messages) == wanted and (not messages or messages[0].position.seq == since.seq + 1)  # type: ignore[union-attr]
-        if limit is not None and wanted > limit:
-            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
-            first = messages[:limit]
-            expected = list(range(since.seq + 1, since.seq + 1 + limit))
-            contiguous = [m.position.seq for m in first] == expected  # type: ignore[union-attr]
-            return Recovery(current, False, first if contiguous else [])
-        return Recovery(current, complete, messages if complete else [])
+        return recovery_window(current, since, messages, limit)
 
     def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
         if not self._history_size:
@@ -261,7 +250,7 @@ class RedisBroker(Broker):
             self._on_state(ready)
 
     async def _run(self) -> None:
-        backoff = BACKOFF_FIRST
+        backoff = Backoff()
         while not self._closed:
             try:
                 await self._serve()
@@ -269,8 +258,8 @@ class RedisBroker(Broker):
                 raise
             except Exception as exc:  # connection refused, reset, timed out...
                 if self._ready:
-                    backoff = BACKOFF_FIRST  # it was up: this is a new outage, retry quickly first
-                if self._ready or backoff == BACKOFF_FIRST:
+                    backoff.reset()  # it was up: this is a new outage, retry quickly first
+                if backoff.fresh:
                     log.warning("redis unavailable", extra={"event": "broker_down", "broker": redact_url(self._url),
                                                             "error": f"{type(exc).__name__}: {exc}"})
             finally:
@@ -278,8 +267,7 @@ class RedisBroker(Broker):
                 self._connected.clear()
             if self._closed:
                 return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(backoff.next())
 
     async def _serve(self) -> None:
         """Connect, subscribe to everything wanted, serve until a connection is lost or stalls."""
