@@ -84,9 +84,8 @@ class ListenError(PushServiceError, OSError):
 
 def tune_gc() -> None:
     """Fewer, cheaper collections: startup objects are frozen out of every scan, and the young
-    generation is allowed to grow before a pass. A server holds many long-lived objects (sessions,
-    presence metas) that the default thresholds rescan over and over; measured on a crowd of 5,000
-    joining one presence topic, the collector took about three quarters of the CPU."""
+    generation grows before a pass, because the default thresholds rescan a server's many long-lived
+    objects (sessions, presence metas) over and over (docs/performance.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)

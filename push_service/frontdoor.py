@@ -6,9 +6,7 @@
 - A head that is not well-formed (http1.HeadReader, on llhttp): answered 400 here, and closed.
 
 Why: on the paths that carry the load, aiohttp's per-request and per-socket machinery cost more
-than the work itself (measured with benchmarks/run.py: a publish request took about 60 µs of CPU
-in aiohttp, 13 µs here; a socket held an aiohttp request and a handler task for its lifetime).
-Both HTTP front ends apply the same publish rules (publishing.py).
+than the work itself (docs/performance.md). Both HTTP front ends apply the same publish rules (publishing.py).
 
 Request deadlines and the cap on open connections are limits.py's, for these connections and aiohttp's.
 """

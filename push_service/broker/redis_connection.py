@@ -1,8 +1,6 @@
 """The Redis broker's two hot connections, on RESP2 (resp.py, hiredis) straight over an asyncio transport.
 
-Why not redis-py here: a publish through its pipeline took about 60 µs of CPU and a loop turn
-before the command was even written, and each pub/sub message another task wake-up (measured
-with benchmarks: 1,000 rooms of 10 cost twice as much CPU per publish over Redis as in memory).
+Not redis-py here: its pipeline and pub/sub tasks doubled the CPU of a publish (docs/performance.md).
 Here the commands asked for during a loop turn are written together at its end, each reply
 resolves its future in the callback that reads it, and a pub/sub message reaches the hub in the
 read that brings it.
