@@ -11,7 +11,9 @@ import pkgutil
 from pathlib import Path
 
 import push_service
-from push_service.errors import PushServiceError
+from push_service.broker.memory import MemoryBroker
+from push_service.errors import BrokerError, BrokerUnavailable, PushServiceError
+from push_service.hub import Broadcast
 
 PACKAGE = Path(push_service.__file__).resolve().parent
 
@@ -60,3 +62,13 @@ def test_the_errors_module_imports_nothing_of_ours() -> None:
     imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     assert not [name for name in imported if name.startswith("push_service") or name.startswith(".")], imported
+
+
+def test_a_publish_the_broker_cannot_take_is_a_broker_error():
+    # The API answers 503 to BrokerUnavailable; an exception of another kind would be a 500.
+    try:
+        MemoryBroker().publish([Broadcast.of("room:1", "new_msg", {})])
+    except BrokerUnavailable as error:
+        assert isinstance(error, BrokerError) and "not started" in str(error)
+    else:
+        raise AssertionError("a broker that was not started took a publish")
