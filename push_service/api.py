@@ -14,7 +14,7 @@ import orjson
 from aiohttp import HttpVersion11, web
 
 from push_service import publishing
-from push_service.broker import BrokerUnavailable
+from push_service.errors import BrokerUnavailable, ClientError
 from push_service.history.position import Position
 from push_service.http1 import request_id
 from push_service.limits import AIOHTTP_CONNECTIONS
@@ -38,12 +38,12 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 # --- request reading
 
 
-class RequestTimeout(Exception):
+class RequestTimeout(ClientError):
     """A request body that did not come whole within PUSH_HANDSHAKE_TIMEOUT: the listener answered 408,
     counted it and closed the connection (limits.AiohttpConnection)."""
 
 
-class ClientGone(Exception):
+class ClientGone(ClientError):
     """The client closed its connection before its request body was whole."""
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from push_service import access_log, api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
+from push_service.errors import PushServiceError
 from push_service.node import NODE, Node
 from push_service.transports import longpoll, websocket
 
@@ -79,15 +80,14 @@ class Door:
 DOOR = web.AppKey("door", Door)
 
 
-class ListenError(OSError):
+class ListenError(PushServiceError, OSError):
     """The listening socket could not be opened (address in use, not permitted...)."""
 
 
 def tune_gc() -> None:
     """Fewer, cheaper collections: startup objects are frozen out of every scan, and the young
-    generation is allowed to grow before a pass. A server holds many long-lived objects (sessions,
-    presence metas) that the default thresholds rescan over and over; measured on a crowd of 5,000
-    joining one presence topic, the collector took about three quarters of the CPU."""
+    generation grows before a pass, because the default thresholds rescan a server's many long-lived
+    objects (sessions, presence metas) over and over (docs/performance.md)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)

@@ -22,16 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from push_service.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Settings
-
-
-class AuthError(Exception):
-    """A token was refused; `reason` is a short label used in metrics, `explanation` what a client and the
-    log are told (the reason, and the failing claim where one did), the message PyJWT's wording."""
-
-    def __init__(self, reason: str, detail: str, claim_problem: str | None = None) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.explanation = f"{reason}: {claim_problem}" if claim_problem else reason
+from push_service.errors import AuthError
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,14 +145,9 @@ def _parse_header(segment: bytes) -> tuple[Any, str | None]:
 class TokenVerifier:
     """Verifies client JWTs with pinned algorithms; `none` is never accepted.
 
-    Why not jwt.decode(): its generic path (options merged, header and payload parsed with
-    the json module, the key prepared again, on every token) took 52-63 µs per HS256 token,
-    far too slow for 15,000 connects/s on one core. Here the token is split and decoded by
-    hand, each distinct header parsed once, the keys prepared once, and the claims checked
-    by PyJWT's own rules (jwt/api_jwt.py `_validate_claims`, PyJWT 2.15): 7-8 µs per HS256
-    token, and RS256 90 -> 27 µs. Signatures are still checked by PyJWT's algorithm objects
-    (HMAC through hmac.compare_digest). tests/test_auth.py `test_parity_with_pyjwt` keeps
-    the verdicts and reasons identical to jwt.decode's.
+    Not jwt.decode(): it prepares everything again on every token, too slow for a reconnect storm
+    (docs/performance.md). The claims are checked by PyJWT's own rules and the signatures by its
+    algorithm objects; tests/test_auth.py `test_parity_with_pyjwt` keeps the verdicts identical.
     """
 
     def __init__(self, settings: Settings) -> None:

@@ -20,7 +20,8 @@ import orjson
 
 from push_service import __version__
 from push_service.auth import mint_token
-from push_service.config import OPTIONS, ConfigError, Settings, parse_duration
+from push_service.config import OPTIONS, Settings, parse_duration
+from push_service.errors import ConfigError
 
 EXIT_CONFIG = 2
 # Where `publish` finds a running service; dev mode's banner prints it, as do the examples read it.

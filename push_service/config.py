@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from push_service import values
+from push_service.errors import ConfigError
 from push_service.values import (  # noqa: F401 - parse_duration and redact_url are part of this module's API
     ASYMMETRIC_ALGORITHMS,
     HMAC_ALGORITHMS,
@@ -21,14 +22,6 @@ from push_service.values import (  # noqa: F401 - parse_duration and redact_url 
 )
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class ConfigError(ValueError):
-    """A setting has a value we cannot use; `variable` names it for the operator."""
-
-    def __init__(self, variable: str, message: str) -> None:
-        super().__init__(f"{variable}: {message}")
-        self.variable = variable
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,7 @@
 - A head that is not well-formed (http1.HeadReader, on llhttp): answered 400 here, and closed.
 
 Why: on the paths that carry the load, aiohttp's per-request and per-socket machinery cost more
-than the work itself (measured with benchmarks/run.py: a publish request took about 60 µs of CPU
-in aiohttp, 13 µs here; a socket held an aiohttp request and a handler task for its lifetime).
-Both HTTP front ends apply the same publish rules (publishing.py).
+than the work itself (docs/performance.md). Both HTTP front ends apply the same publish rules (publishing.py).
 
 Request deadlines and the cap on open connections are limits.py's, for these connections and aiohttp's.
 """
@@ -32,16 +30,16 @@ from push_service.transports import websocket
 
 log = logging.getLogger("push_service.api")
 
-# An idle publish connection is closed after IDLE_SWEEPS sweeps without a request: 75 to 90 s
-# (aiohttp's keep-alive timeout, as app.py sets it, is 75 s). Counting sweeps spares a clock read per
+# An idle publish connection is closed after IDLE_CHECKS idle checks without a request: 75 to 90 s
+# (aiohttp's keep-alive timeout, as app.py sets it, is 75 s). Counting checks spares a clock read per
 # request.
-SWEEP_INTERVAL = 15.0
-IDLE_SWEEPS = 5
+IDLE_CHECK_INTERVAL = 15.0
+IDLE_CHECKS = 5
 
 
 class Listener:
     """The protocol factory of the listening socket; it also keeps the publish connections, for the
-    idle sweep (one timer for all of them) and for closing them at shutdown."""
+    idle check (one timer for all of them) and for closing them at shutdown."""
 
     def __init__(self, node: Node, http: Callable[[], asyncio.Protocol]) -> None:
         self.node = node
@@ -49,7 +47,7 @@ class Listener:
         self.routes = publishing.routes(node.settings)
         self.access_log = node.settings.access_log
         self._publishers: dict[PublishConnection, None] = {}
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._idle_checker: asyncio.TimerHandle | None = None
         self.guard = Guard(node)
 
     def __call__(self) -> FrontDoor:
@@ -67,26 +65,26 @@ class Listener:
         connection = PublishConnection(self, transport, reader)
         transport.set_protocol(connection)
         self._publishers[connection] = None
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+        if self._idle_checker is None:
+            self._idle_checker = asyncio.get_running_loop().call_later(IDLE_CHECK_INTERVAL, self._check_idle)
         connection.data_received(data)
 
     def forget(self, connection: PublishConnection) -> None:
         self._publishers.pop(connection, None)
 
-    def _sweep(self) -> None:
+    def _check_idle(self) -> None:
         for connection in list(self._publishers):
-            connection.swept()
-        self._sweeper = (asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
+            connection.idle_checked()
+        self._idle_checker = (asyncio.get_running_loop().call_later(IDLE_CHECK_INTERVAL, self._check_idle)
                          if self._publishers else None)
 
     def close(self) -> None:
         """At shutdown: close the publish connections (aiohttp closes its own)."""
         for connection in list(self._publishers):
             connection.close_if_idle()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        if self._idle_checker is not None:
+            self._idle_checker.cancel()
+            self._idle_checker = None
         self.guard.close()
 
 
@@ -172,7 +170,7 @@ class PublishConnection(asyncio.Protocol):
     chunked body, `Expect`, a body over PUSH_MAX_PUBLISH_BYTES) hands the connection, from that
     request on, to aiohttp."""
 
-    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_idle_sweeps", "_reader",
+    __slots__ = ("_listener", "_node", "_transport", "_buffer", "_pending", "_closed", "_idle_checks", "_reader",
                  "_waiting")
 
     def __init__(self, listener: Listener, transport: asyncio.Transport, reader: HeadReader) -> None:
@@ -182,7 +180,7 @@ class PublishConnection(asyncio.Protocol):
         self._buffer = b""
         self._pending: asyncio.Task[None] | None = None  # a publish waiting for the broker
         self._closed = False
-        self._idle_sweeps = 0  # sweeps since the last request
+        self._idle_checks = 0  # idle checks since the last request
         self._reader = reader  # the current request's head, read or being read
         self._waiting: dict[Deadline, None] | None = None  # while a request is partly here
 
@@ -218,7 +216,7 @@ class PublishConnection(asyncio.Protocol):
             self._buffer = buffer[body_end:]
             raw = buffer[end:body_end]
             reader.finish(raw)
-            self._idle_sweeps = 0
+            self._idle_checks = 0
             if self._waiting is not None:
                 self._waiting.pop(self, None)
                 self._waiting = None
@@ -319,9 +317,9 @@ class PublishConnection(asyncio.Protocol):
             self._waiting.pop(self, None)
             self._waiting = None
 
-    def swept(self) -> None:
-        self._idle_sweeps += 1
-        if self._idle_sweeps > IDLE_SWEEPS:
+    def idle_checked(self) -> None:
+        self._idle_checks += 1
+        if self._idle_checks > IDLE_CHECKS:
             self.close_if_idle()
 
     def close_if_idle(self) -> None:

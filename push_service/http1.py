@@ -17,6 +17,8 @@ from urllib.parse import unquote_plus
 
 import httptools
 
+from push_service.errors import ClientError
+
 # A caller's X-Request-Id is kept when it looks like one; otherwise the answer carries a new one.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # A longer request head is refused (431), however it arrives: the head is held in memory until whole.
@@ -30,7 +32,7 @@ REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request", 401: "Unau
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
-class BadRequest(Exception):
+class BadRequest(ClientError):
     """A request whose head cannot be served: answered with `status` and closed."""
 
     def __init__(self, status: int, message: str) -> None:

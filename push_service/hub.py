@@ -2,7 +2,7 @@
 
 A broadcast is serialized at most once per wire format (protocol version x transport
 framing), however many subscribers it reaches; each delivery is one write of those bytes. A topic
-with more than SLICE subscribers is written SLICE of them per event-loop turn (`_Sweep`).
+with more than SLICE subscribers is written SLICE of them per event-loop turn (`_Rotation`).
 """
 
 from __future__ import annotations
@@ -106,14 +106,14 @@ class Subscriber(Protocol):
 
 
 # A topic with more local subscribers than this is written SLICE subscribers per event-loop turn (a
-# sweep), so that a broadcast to a huge topic holds the loop for milliseconds, not for the whole
-# pass, and the next message does not wait for the pass to end: it joins the sweep where it stands.
+# rotation), so that a broadcast to a huge topic holds the loop for milliseconds, not for the whole
+# pass, and the next message does not wait for the pass to end: it joins the rotation where it stands.
 SLICE = 100
 
 
 class _Outstanding:
-    """A broadcast in a sweep: it came in at `position` during pass `lap` and is retired when the
-    sweep comes back to that position, so that every subscriber gets it once."""
+    """A broadcast in a rotation: it came in at `position` during pass `lap` and is retired when the
+    rotation comes back to that position, so that every subscriber gets it once."""
 
     __slots__ = ("broadcast", "position", "lap", "delivered_before", "to_joiners")
 
@@ -122,11 +122,11 @@ class _Outstanding:
         self.broadcast = broadcast
         self.position = position
         self.lap = lap
-        self.delivered_before = delivered_before  # the sweep's deliveries when it came
+        self.delivered_before = delivered_before  # the rotation's deliveries when it came
         self.to_joiners = to_joiners  # how many joiners got it when it came
 
 
-class _Sweep:
+class _Rotation:
     """A circular pass over the subscribers a topic had when it began (`members`). The one under the
     cursor gets every outstanding broadcast, in dispatch order, in one write; one that leaves
     becomes None. Who subscribes meanwhile is a joiner: it gets what is dispatched after it came,
@@ -161,16 +161,16 @@ class Hub:
     current iteration, together with whatever else was dispatched meanwhile (concurrent publishes,
     a batch, a burst read from the broker): consecutive broadcasts on the same topic go out as one
     Run. Order is kept per topic: each subscriber gets a topic's broadcasts in dispatch order. A
-    topic with more than `slice_size` subscribers is written by a `_Sweep`, a slice per turn."""
+    topic with more than `slice_size` subscribers is written by a `_Rotation`, a slice per turn."""
 
     def __init__(self, on_dispatched: Callable[[Broadcast, int], None] | None = None,
                  slice_size: int = SLICE) -> None:
-        # topic -> subscriber -> its place in the topic's sweep's members (-1: a joiner, or no sweep;
-        # a stale place once the sweep is over)
+        # topic -> subscriber -> its place in the topic's rotation's members (-1: a joiner, or no rotation;
+        # a stale place once the rotation is over)
         self._topics: dict[str, dict[Subscriber, int]] = {}
         self._pending: list[Broadcast] = []
-        self._sweeps: dict[str, _Sweep] = {}
-        self._sweeping = False  # a call to _advance is scheduled
+        self._rotations: dict[str, _Rotation] = {}
+        self._advance_scheduled = False  # a call to _advance is scheduled
         self._on_dispatched = on_dispatched
         self._slice = slice_size
 
@@ -179,9 +179,9 @@ class Hub:
         subscribers = self._topics.get(topic)
         if subscribers is not None and subscriber in subscribers:
             return False
-        sweep = self._sweeps.get(topic)
-        if sweep is not None:
-            sweep.joiners[subscriber] = None
+        rotation = self._rotations.get(topic)
+        if rotation is not None:
+            rotation.joiners[subscriber] = None
         if subscribers is None:
             self._topics[topic] = {subscriber: -1}
             return True
@@ -194,13 +194,13 @@ class Hub:
         if subscribers is None or subscriber not in subscribers:
             return False
         position = subscribers.pop(subscriber)
-        sweep = self._sweeps.get(topic)
-        if sweep is not None:
+        rotation = self._rotations.get(topic)
+        if rotation is not None:
             if position >= 0:
-                sweep.members[position] = None
-                sweep.dead += 1
+                rotation.members[position] = None
+                rotation.dead += 1
             else:
-                sweep.joiners.pop(subscriber, None)
+                rotation.joiners.pop(subscriber, None)
         if subscribers:
             return False
         del self._topics[topic]
@@ -225,16 +225,16 @@ class Hub:
             stop = start + 1
             while stop < end and pending[stop].topic == topic:
                 stop += 1
-            sweep = self._sweeps.get(topic)
+            rotation = self._rotations.get(topic)
             subscribers = self._topics.get(topic)
-            if sweep is not None:
-                sweep.add(pending[start:stop])
+            if rotation is not None:
+                rotation.add(pending[start:stop])
             elif subscribers and len(subscribers) > self._slice:
                 members = list(subscribers)
                 for position, member in enumerate(members):
                     subscribers[member] = position
-                sweep = self._sweeps[topic] = _Sweep(members)  # type: ignore[arg-type]
-                sweep.add(pending[start:stop])
+                rotation = self._rotations[topic] = _Rotation(members)  # type: ignore[arg-type]
+                rotation.add(pending[start:stop])
             elif subscribers:
                 delivery = first if stop - start == 1 else Run(pending[start:stop])
                 for subscriber in subscribers:
@@ -243,32 +243,32 @@ class Hub:
                     for index in range(start, stop):
                         on_dispatched(pending[index], len(subscribers))
             start = stop
-        if self._sweeps and not self._sweeping:
+        if self._rotations and not self._advance_scheduled:
             self._advance()
 
     def _advance(self) -> None:
-        """One slice of every sweep; again next turn while any has outstanding broadcasts."""
-        self._sweeping = False
-        for topic, sweep in list(self._sweeps.items()):
-            if not self._sweep(topic, sweep, self._slice):
-                del self._sweeps[topic]
-        if self._sweeps:
-            self._sweeping = True
+        """One slice of every rotation; again next turn while any has outstanding broadcasts."""
+        self._advance_scheduled = False
+        for topic, rotation in list(self._rotations.items()):
+            if not self._write_slice(topic, rotation, self._slice):
+                del self._rotations[topic]
+        if self._rotations:
+            self._advance_scheduled = True
             asyncio.get_running_loop().call_soon(self._advance)
 
-    def _sweep(self, topic: str, sweep: _Sweep, budget: int) -> bool:
-        """Deliver to up to `budget` subscribers; False once nothing is outstanding (the sweep is over)."""
-        members, outstanding = sweep.members, sweep.outstanding
+    def _write_slice(self, topic: str, rotation: _Rotation, budget: int) -> bool:
+        """Deliver to up to `budget` subscribers; False once nothing is outstanding (the rotation is over)."""
+        members, outstanding = rotation.members, rotation.outstanding
         while outstanding:
-            cursor, lap = sweep.cursor, sweep.lap
+            cursor, lap = rotation.cursor, rotation.lap
             while outstanding and outstanding[0].lap < lap and outstanding[0].position <= cursor:
-                self._retire(sweep, outstanding.popleft())
+                self._retire(rotation, outstanding.popleft())
             if not outstanding or budget <= 0:
                 break
-            delivery = sweep.delivery
+            delivery = rotation.delivery
             if delivery is None:
                 parts = [entry.broadcast for entry in outstanding]
-                delivery = sweep.delivery = parts[0] if len(parts) == 1 else Run(parts)
+                delivery = rotation.delivery = parts[0] if len(parts) == 1 else Run(parts)
             head = outstanding[0]
             stop = min(len(members), cursor + budget, head.position if head.lap < lap else len(members))
             delivered = 0
@@ -277,29 +277,29 @@ class Hub:
                 if member is not None:
                     member.deliver(delivery)
                     delivered += 1
-            sweep.delivered += delivered
+            rotation.delivered += delivered
             budget -= stop - cursor
-            sweep.cursor = stop
+            rotation.cursor = stop
             if stop == len(members):
-                self._wrap(topic, sweep)
-                members = sweep.members
+                self._wrap(topic, rotation)
+                members = rotation.members
         return bool(outstanding)
 
-    def _wrap(self, topic: str, sweep: _Sweep) -> None:
+    def _wrap(self, topic: str, rotation: _Rotation) -> None:
         """Back to the first subscriber for another pass. The Nones are dropped, and the positions of
         what is outstanding (all of it from the pass that ends) follow. The joiners become members
         at the end: the pass gets there only after all of that is retired, so they never get twice
         what they got as joiners."""
-        sweep.cursor = 0
-        sweep.lap += 1
-        if not sweep.dead and not sweep.joiners:
+        rotation.cursor = 0
+        rotation.lap += 1
+        if not rotation.dead and not rotation.joiners:
             return
         subscribers = self._topics.get(topic, {})
-        members = sweep.members
-        if sweep.dead:
-            entries, index = list(sweep.outstanding), 0
+        members = rotation.members
+        if rotation.dead:
+            entries, index = list(rotation.outstanding), 0
             members = []
-            for position, member in enumerate(sweep.members):
+            for position, member in enumerate(rotation.members):
                 while index < len(entries) and entries[index].position <= position:
                     entries[index].position = len(members)
                     index += 1
@@ -308,29 +308,29 @@ class Hub:
                     members.append(member)
             for entry in entries[index:]:
                 entry.position = len(members)
-            sweep.members, sweep.dead = members, 0
-        for joiner in sweep.joiners:
+            rotation.members, rotation.dead = members, 0
+        for joiner in rotation.joiners:
             subscribers[joiner] = len(members)
             members.append(joiner)
-        sweep.joiners = {}
+        rotation.joiners = {}
 
-    def _retire(self, sweep: _Sweep, entry: _Outstanding) -> None:
-        sweep.delivery = None
+    def _retire(self, rotation: _Rotation, entry: _Outstanding) -> None:
+        rotation.delivery = None
         if self._on_dispatched is not None:
-            self._on_dispatched(entry.broadcast, sweep.delivered - entry.delivered_before + entry.to_joiners)
+            self._on_dispatched(entry.broadcast, rotation.delivered - entry.delivered_before + entry.to_joiners)
 
     def finish(self) -> None:
         """Write everything dispatched so far, now, however big the topics: before the node closes
         sockets on purpose (drain, shutdown), so that what it accepted reaches them first."""
         if self._pending:
             self.flush()
-        for topic, sweep in list(self._sweeps.items()):
-            self._sweep(topic, sweep, sys.maxsize)
-        self._sweeps.clear()
+        for topic, rotation in list(self._rotations.items()):
+            self._write_slice(topic, rotation, sys.maxsize)
+        self._rotations.clear()
 
-    def sweeping(self, topic: str) -> bool:
-        """Whether a sweep is still writing `topic`: what is dispatched now waits for its pass."""
-        return topic in self._sweeps
+    def rotating(self, topic: str) -> bool:
+        """Whether a rotation is still writing `topic`: what is dispatched now waits for its pass."""
+        return topic in self._rotations
 
     def subscriber_count(self, topic: str) -> int:
         return len(self._topics.get(topic, ()))

@@ -23,10 +23,10 @@ from push_service.node import Node
 
 log = logging.getLogger("push_service.api")
 
-# A partial request is cut by a sweep every timeout/HEAD_SWEEPS, so between 1 and 1 + 1/HEAD_SWEEPS
-# timeouts after it began. One timer for all of them instead of one per connection: a connect is the hot
-# path of a reconnect storm.
-HEAD_SWEEPS = 4
+# A partial request is cut on a deadline tick, one every timeout/DEADLINE_TICKS, so between 1 and
+# 1 + 1/DEADLINE_TICKS timeouts after it began. One timer for all of them instead of one per connection:
+# a connect is the hot path of a reconnect storm.
+DEADLINE_TICKS = 4
 # Files the process keeps for itself when PUSH_MAX_CONNECTIONS is derived from its limit of open files:
 # the listening socket, broker connections, logs, the event loop's own; and refused connections, each
 # open for the moment its 503 takes.
@@ -66,10 +66,10 @@ class Guard:
         self.open = 0
         self.lingering = 0  # refused connections reading their 503
         self._websockets = node.metrics.connections.labels("websocket")
-        # Connections in the middle of a request, by the sweep interval it began in (oldest first); the
+        # Connections in the middle of a request, by the tick interval it began in (oldest first); the
         # last one is filling.
         self._partial: list[dict[Deadline, None]] = [{}]
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.TimerHandle | None = None
 
     def full(self) -> bool:
         return self.open + self._websockets.value >= self.max_connections
@@ -92,20 +92,20 @@ class Guard:
         """Cut `connection` unless it leaves the returned set (its request came whole, or it closed) in time."""
         current = self._partial[-1]
         current[connection] = None
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self.timeout / HEAD_SWEEPS, self._sweep)
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(self.timeout / DEADLINE_TICKS, self._tick)
         return current
 
-    def _sweep(self) -> None:
+    def _tick(self) -> None:
         partial = self._partial
         partial.append({})
-        if len(partial) > HEAD_SWEEPS + 1:  # the oldest set came at least HEAD_SWEEPS intervals ago
+        if len(partial) > DEADLINE_TICKS + 1:  # the oldest set came at least DEADLINE_TICKS intervals ago
             for connection in list(partial.pop(0)):  # a copy: a connection leaves the set as it is lost
                 connection.timed_out()
         if any(partial):
-            self._sweeper = asyncio.get_running_loop().call_later(self.timeout / HEAD_SWEEPS, self._sweep)
+            self._ticker = asyncio.get_running_loop().call_later(self.timeout / DEADLINE_TICKS, self._tick)
         else:
-            self._partial, self._sweeper = [{}], None
+            self._partial, self._ticker = [{}], None
 
     def timed_out(self, transport: asyncio.Transport, what: str, answer: bool = True) -> None:
         """A request not whole in time: 408, or a cut when the client reads no answers either (or `answer`
@@ -129,9 +129,9 @@ class Guard:
         refuse(transport, error.status, error.message)
 
     def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
 
 class AiohttpConnection(asyncio.Protocol):

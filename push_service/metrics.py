@@ -1,11 +1,9 @@
 """Prometheus metrics, in a registry of our own so several servers can live in one process (tests).
 
 Counters, gauges and the histogram are plain numbers kept by `Counter`, `Gauge` and `Histogram`
-below and turned into samples when the registry is scraped. prometheus_client's own take a lock on
-every `inc()` or `observe()` and check their arguments on every `labels()` call; on the paths that
-count each connect, join and publish that cost more than the work counted (measured with
-benchmarks/run.py's connect and rooms scenarios). The server runs on one event-loop thread, so a
-plain `+=` is enough.
+below and turned into samples when the registry is scraped: prometheus_client's own lock and check
+on every call, which cost more than the work they count (docs/performance.md), and one event-loop
+thread needs no lock.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ from typing import Any
 from aiohttp import web
 
 from push_service.auth import Identity, PublishKeys, TokenVerifier
-from push_service.broker import Broker, BrokerUnavailable, create_broker
+from push_service.broker import Broker, create_broker
 from push_service.config import Settings
+from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast, Hub
 from push_service.metrics import Metrics
@@ -47,9 +48,9 @@ class Node:
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
         self._session_ids = itertools.count(1)
-        self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch, self.hub.sweeping)
+        self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch, self.hub.rotating)
         self.now = time.monotonic  # the event loop's clock
-        self._sweeper: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
         # topic -> sessions whose join waits for the broker to confirm the topic's subscription
         self._waiting: dict[str, list[Session]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -59,14 +60,14 @@ class Node:
         await self.broker.start(self.hub.dispatch, self._broker_confirmed, self.presence.signal)
         self.metrics.broker_up.set(1 if self.broker.ready else 0)
         await self.presence.start(self.broker)
-        self._sweeper = asyncio.create_task(self._sweep(), name="push-sweeper")
+        self._expiry = asyncio.create_task(self._expire(), name="push-expiry")
 
     async def stop(self) -> None:
         self.hub.finish()
         for session in list(self.sessions):
             session.disconnect(SHUTDOWN)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         await self.presence.close()
         await self.broker.close()
 
@@ -175,7 +176,7 @@ class Node:
             self.broker.unsubscribe(topic)
             self.presence.drop_replica(topic)
 
-    async def _sweep(self) -> None:
+    async def _expire(self) -> None:
         """One timer for every connection: heartbeat timeouts, token expiry, lapsed typing."""
         timeout = self.settings.heartbeat_timeout
         leeway = self.settings.jwt_leeway

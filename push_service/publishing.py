@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 
 from push_service.auth import PublishKeys
-from push_service.broker import BrokerUnavailable
 from push_service.config import Settings
+from push_service.errors import BrokerUnavailable, ClientError
 from push_service.hub import Broadcast
 from push_service.node import Node, NodeDraining
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, is_topic, topic_for
@@ -27,7 +27,7 @@ RESERVED_EVENT_PREFIX = "phx_"
 MAX_EVENT_BYTES = 255
 
 
-class ApiError(Exception):
+class ApiError(ClientError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status

@@ -15,7 +15,8 @@ from push_service.auth import Identity
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast, Run, Wire
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
-from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message, ProtocolError
+from push_service.errors import ProtocolError
+from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message
 from push_service.topics import Topic, may_join, parse_topic
 
 if TYPE_CHECKING:

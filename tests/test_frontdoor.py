@@ -18,7 +18,7 @@ import pytest
 from conftest import JWT_SECRET, PUBLISH_KEY, make_token
 from push_service import app as application
 from push_service.config import Settings
-from push_service.frontdoor import IDLE_SWEEPS
+from push_service.frontdoor import IDLE_CHECKS
 
 TIMEOUT = 5.0
 TOPIC = "room:lobby:door"
@@ -150,8 +150,8 @@ async def test_publishes_on_a_draining_node_get_503(start_server):
             await ws.close()
 
 
-async def test_an_idle_publish_connection_is_closed_by_the_sweep():
-    """In process, to drive the sweep by hand instead of waiting 90 s."""
+async def test_an_idle_publish_connection_is_closed_by_the_idle_check():
+    """In process, to drive the idle check by hand instead of waiting 90 s."""
     settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
     runner, port = await application.start(settings)
     try:
@@ -162,10 +162,10 @@ async def test_an_idle_publish_connection_is_closed_by_the_sweep():
         for conn in (idle, busy):
             conn.writer.write(post("/api/broadcast", broadcast(1)))
             assert (await conn.answer())[0] == 200
-        for sweep in range(IDLE_SWEEPS + 1):
-            busy.writer.write(post("/api/broadcast", broadcast(sweep)))
+        for check in range(IDLE_CHECKS + 1):
+            busy.writer.write(post("/api/broadcast", broadcast(check)))
             assert (await busy.answer())[0] == 200
-            listener._sweep()
+            listener._check_idle()
         assert await asyncio.wait_for(idle.reader.read(), TIMEOUT) == b""  # closed by the server
         busy.writer.write(post("/api/broadcast", broadcast(9)))
         assert (await busy.answer())[0] == 200  # still served

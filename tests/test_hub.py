@@ -1,5 +1,5 @@
-"""The hub's sweeps: a topic with more subscribers than a slice is written a slice per event-loop turn,
-and what is dispatched meanwhile joins the sweep where it stands. Unit tests on a Hub with small
+"""The hub's rotations: a topic with more subscribers than a slice is written a slice per event-loop turn,
+and what is dispatched meanwhile joins the rotation where it stands. Unit tests on a Hub with small
 slices and recording subscribers."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ async def next_turn() -> None:
 async def settle(hub: Hub) -> None:
     """Let the loop run until the hub has nothing left to write."""
     async with asyncio.timeout(TIMEOUT):
-        while hub._pending or hub._sweeps:
+        while hub._pending or hub._rotations:
             await next_turn()
 
 
@@ -64,12 +64,12 @@ async def test_a_big_topic_is_written_a_slice_per_turn_and_the_loop_runs_between
     asyncio.get_running_loop().call_soon(lambda: others_ran.append(sum(len(r.writes) for r in recorders)))
     await settle(hub)
     assert [recorder.received for recorder in recorders] == [["m1"]] * 25
-    assert others_ran and 0 < others_ran[0] < 25  # something else ran while the sweep was half done
+    assert others_ran and 0 < others_ran[0] < 25  # something else ran while the rotation was half done
     assert len({recorder.writes[0][0] for recorder in recorders}) == 3  # 25 subscribers, slices of 10
     assert counts == [("m1", 25)]
 
 
-async def test_a_broadcast_dispatched_mid_sweep_joins_it_where_it_stands():
+async def test_a_broadcast_dispatched_mid_rotation_joins_it_where_it_stands():
     counts: list[tuple[str, int]] = []
     hub = Hub(on_dispatched=lambda broadcast, count: counts.append((broadcast.event, count)), slice_size=10)
     recorders = subscribed(hub, 25)
@@ -78,7 +78,7 @@ async def test_a_broadcast_dispatched_mid_sweep_joins_it_where_it_stands():
     assert [len(recorder.writes) for recorder in recorders] == [1] * 10 + [0] * 15
     hub.dispatch(message("m2"))
     await settle(hub)
-    # Those the sweep had not reached get both in one write; the others get m2 on the next pass.
+    # Those the rotation had not reached get both in one write; the others get m2 on the next pass.
     assert all(recorder.received == ["m1", "m2"] for recorder in recorders)
     writes = [[events for _, events in recorder.writes] for recorder in recorders]
     assert writes[:10] == [[["m1"], ["m2"]]] * 10
@@ -86,7 +86,7 @@ async def test_a_broadcast_dispatched_mid_sweep_joins_it_where_it_stands():
     assert counts == [("m1", 25), ("m2", 25)]
 
 
-async def test_who_leaves_mid_sweep_gets_nothing_more_and_who_joins_gets_what_follows():
+async def test_who_leaves_mid_rotation_gets_nothing_more_and_who_joins_gets_what_follows():
     hub = Hub(slice_size=10)
     recorders = subscribed(hub, 25)
     hub.dispatch(message("m1"))
@@ -95,7 +95,7 @@ async def test_who_leaves_mid_sweep_gets_nothing_more_and_who_joins_gets_what_fo
     hub.unsubscribe("room:big", reached)
     hub.unsubscribe("room:big", unreached)
     hub.unsubscribe("room:big", rejoiner)
-    hub.subscribe("room:big", rejoiner)  # left and came back: one place in the sweep, not two
+    hub.subscribe("room:big", rejoiner)  # left and came back: one place in the rotation, not two
     joiner = Recorder("joiner")
     hub.subscribe("room:big", joiner)
     hub.dispatch(message("m2"))
@@ -142,7 +142,7 @@ async def test_under_a_steady_stream_with_churn_every_subscriber_gets_each_messa
     for recorder in gone:
         assert recorder.received == sorted(set(recorder.received)), recorder
         assert all(turn < left_at[recorder] for turn, _ in recorder.writes), recorder
-    assert not hub._sweeps
+    assert not hub._rotations
 
 
 async def test_finish_writes_everything_dispatched_so_far_at_once():
@@ -151,11 +151,11 @@ async def test_finish_writes_everything_dispatched_so_far_at_once():
     hub = Hub(on_dispatched=lambda broadcast, count: counts.append((broadcast.event, count)), slice_size=10)
     recorders = subscribed(hub, 25)
     hub.dispatch(message("m1"))
-    await next_turn()  # a slice written, the sweep under way
+    await next_turn()  # a slice written, the rotation under way
     hub.dispatch(message("m2"))  # dispatched, not even flushed yet
     hub.finish()
     assert all(recorder.received == ["m1", "m2"] for recorder in recorders)
-    assert not hub._sweeps and not hub._pending
+    assert not hub._rotations and not hub._pending
     assert counts == [("m1", 25), ("m2", 25)]
     await settle(hub)  # the slice already scheduled finds nothing left
     assert all(recorder.received == ["m1", "m2"] for recorder in recorders)

@@ -137,7 +137,7 @@ async def test_the_per_delivery_path_does_no_json_and_few_calls():
         sys.setprofile(profile)
         try:
             node.hub.flush()
-            while node.hub._sweeps:  # a topic this big is written a slice per turn: the other slices
+            while node.hub._rotations:  # a topic this big is written a slice per turn: the other slices
                 node.hub._advance()
         finally:
             sys.setprofile(None)
@@ -145,7 +145,7 @@ async def test_the_per_delivery_path_does_no_json_and_few_calls():
         assert not [name for name in calls if "orjson" in name or "json" in name.lower()], calls
         total = sum(calls.values())
         # deliver + encoded (a cache hit) + the connection's send: three calls a subscriber, plus a
-        # few per slice (the sweep, and scheduling the next slice).
+        # few per slice (the rotation, and scheduling the next slice).
         slices = -(-SUBSCRIBERS // SLICE)
         assert total <= 3 * SUBSCRIBERS + 50 + 15 * slices, sorted(calls.items(), key=lambda item: -item[1])[:8]
     finally:

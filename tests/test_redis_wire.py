@@ -30,7 +30,7 @@ from push_service.broker import envelope, redis_connection
 from push_service.broker.base import BrokerUnavailable
 from push_service.broker.redis import CHANNEL_PREFIX, COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
 from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
-from push_service.broker.resp import Parser, ProtocolError, ReplyError, command
+from push_service.broker.resp import Parser, ReplyError, RespProtocolError, command
 from push_service.config import Settings
 from push_service.hub import Broadcast
 from push_service.node import Node as PushNode
@@ -75,7 +75,7 @@ def test_a_reply_cut_short_waits_for_the_rest() -> None:
 @pytest.mark.parametrize("data", [b"?what\r\n", b"$x\r\n", b":1.5\r\n", b"$3\r\nabcdef\r\n", b"*1\r\n!\r\n",
                                   pytest.param(NESTED_TOO_DEEP, id="arrays-nested-100000-deep")])
 def test_what_is_not_resp2_is_refused(data: bytes) -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RespProtocolError):
         Parser().feed(data)
 
 
@@ -87,7 +87,7 @@ def test_a_reply_that_never_ends_is_refused_once_past_its_bound(head: bytes, ele
     parser, fed = Parser(), 0
     parser.feed(head)
     piece = element * (PIECE // len(element))
-    with pytest.raises(ProtocolError, match="too large"):
+    with pytest.raises(RespProtocolError, match="too large"):
         while fed < bound + 4 * PIECE:
             parser.feed(piece)
             fed += len(piece)

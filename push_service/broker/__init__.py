@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from push_service.broker.base import Broker, BrokerUnavailable
+from push_service.broker.base import Broker
 from push_service.broker.memory import MemoryBroker
 from push_service.config import Settings
+from push_service.errors import BrokerUnavailable
 
 
 def create_broker(settings: Settings, node_id: str, on_state: Callable[[bool], None],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from push_service.errors import BrokerUnavailable  # noqa: F401 - part of the broker contract: publish raises it
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
@@ -20,10 +21,6 @@ Deliver = Callable[[Broadcast], None]
 Confirmed = Callable[[str], None]
 # Called with (topic, data) for presence signals from other nodes.
 Signal = Callable[[str, bytes], None]
-
-
-class BrokerUnavailable(Exception):
-    """The broker cannot take a publish now; the API answers 503 so the backend can retry."""
 
 
 # How long `start` waits for the first connection attempt: a broker that refuses answers at once, and one

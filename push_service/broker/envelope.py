@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import orjson
 
+from push_service.errors import BrokerError
 from push_service.history.position import Position
 from push_service.hub import Broadcast
 
@@ -18,8 +19,8 @@ BROADCAST = b"B"
 SIGNAL = b"S"
 
 
-class EnvelopeError(ValueError):
-    pass
+class EnvelopeError(BrokerError, ValueError):
+    """Bytes on a push channel that are not one of our envelopes (another program publishing there)."""
 
 
 def pack_broadcast(broadcast: Broadcast) -> bytes:

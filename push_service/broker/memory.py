@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.base import Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings
+from push_service.errors import BrokerUnavailable
 from push_service.history.memory import MemoryHistory
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast

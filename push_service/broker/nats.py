@@ -1,5 +1,5 @@
 """NATS broker: one subject per topic (`push.t.<base64url topic>`), subscribed only while this node
-has subscribers; presence in JetStream key-value buckets (NatsPresenceStore).
+has subscribers; presence in JetStream key-value buckets (nats_presence.py).
 
 nats-py reconnects by itself and resubscribes; while it is disconnected, publishes fail with
 BrokerUnavailable (HTTP 503) instead of sitting in the client's reconnect buffer.
@@ -15,9 +15,13 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from push_service.broker import envelope
-from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.backoff import Backoff
+from push_service.broker.nats_presence import NatsPresenceStore
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
+from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery
+from push_service.history.window import recovery_window
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -29,8 +33,7 @@ try:
     from nats.errors import Error as NatsError
     from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StorageType, StreamConfig
     from nats.js.client import JetStreamContext
-    from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NotFoundError
-    from nats.js.kv import KeyValue
+    from nats.js.errors import NotFoundError
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("PUSH_BROKER=nats://... needs the nats extra: pip install 'push-service[nats]'") from exc
 
@@ -40,8 +43,6 @@ SUBJECT_PREFIX = "push.t."
 HISTORY_PREFIX = "push.h."
 HISTORY_STREAM = "PUSH_HISTORY"
 COMMAND_TIMEOUT = 2.0
-PRESENCE_BUCKET = "push_presence"
-NODES_BUCKET = "push_nodes"
 
 
 def subject_for(topic: str, prefix: str = SUBJECT_PREFIX) -> str:
@@ -87,7 +88,7 @@ class NatsBroker(Broker):
 
     async def _connect_then_subscribe(self) -> None:
         # nats-py retries a first connect itself; this loop covers a connect that still fails outright.
-        backoff = 0.1
+        backoff = Backoff()
         while self._nc is None:
             try:
                 self._nc = await nats.connect(
@@ -97,8 +98,7 @@ class NatsBroker(Broker):
                     disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error)
             except (NatsError, OSError, asyncio.TimeoutError) as exc:
                 self._first_connect_failed(exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(backoff.next())
         if self._history_size:
             await self._ensure_history_stream()
         log.info("nats connected", extra={"event": "broker_up", "broker": redact_url(self._url)})
@@ -177,7 +177,7 @@ class NatsBroker(Broker):
                 task.add_done_callback(lambda done: done.exception() if not done.cancelled() else None)
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
-        return NatsPresenceStore(self._client, node_timeout)
+        return NatsPresenceStore(self._client, node_timeout, COMMAND_TIMEOUT)
 
     @property
     def ready(self) -> bool:
@@ -261,10 +261,8 @@ class NatsBroker(Broker):
             except NotFoundError:
                 last = 0
             current = Position(self._epoch, last)
-            if since is not None and (since.epoch != self._epoch or since.seq > last):
-                return Recovery(current, False)
-            if last == 0 or (since is not None and since.seq == last):
-                return Recovery(current, True)
+            if last == 0 or (since is not None and (since.epoch != self._epoch or since.seq >= last)):
+                return recovery_window(current, since, [], limit, intact=True)  # nothing to read
             # Positions are stream-wide, so a topic's are not consecutive: the recovery is known to be
             # complete when the message at `since` itself is still kept (the stream drops oldest first).
             # JetStream sequences start at 1 (and refuse a start of 0): `~0` is a join before anything was kept.
@@ -290,13 +288,7 @@ class NatsBroker(Broker):
                 await subscription.unsubscribe()
         except (NatsError, OSError, asyncio.TimeoutError, envelope.EnvelopeError) as exc:
             raise BrokerUnavailable(f"nats history read failed: {type(exc).__name__}") from None
-        if since is None:
-            return Recovery(current, True, messages[-limit:] if limit else messages)
-        complete = first_seq == since.seq
-        if limit is not None and len(messages) > limit:
-            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
-            return Recovery(current, False, messages[:limit] if complete else [])
-        return Recovery(current, complete, messages if complete else [])
+        return recovery_window(current, since, messages, limit, intact=since is None or first_seq == since.seq)
 
     async def _disconnected(self) -> None:
         if self._ready:
@@ -325,88 +317,3 @@ class NatsBroker(Broker):
             self._down_logged = True
             log.warning(DOWN_MESSAGE, "nats", extra={
                 "event": "broker_down", "broker": redact_url(self._url), "error": f"{type(exc).__name__}: {exc}"})
-
-
-class NatsPresenceStore(PresenceStore):
-    """JetStream key-value: bucket push_presence (key `<base64url topic>.<conn id>` -> [key, meta]) and
-    bucket push_nodes (node heartbeats, expired by the bucket's TTL)."""
-
-    def __init__(self, client: Callable[[], Client], node_timeout: float) -> None:
-        self._client = client
-        self._ttl = max(1.0, node_timeout * 2 / 3)
-        self._presence: KeyValue | None = None
-        self._nodes: KeyValue | None = None
-
-    async def _buckets(self) -> tuple[KeyValue, KeyValue]:
-        if self._presence is None or self._nodes is None:
-            js = self._client().jetstream(timeout=COMMAND_TIMEOUT)
-            self._presence = await self._bucket(js, PRESENCE_BUCKET, ttl=0)
-            self._nodes = await self._bucket(js, NODES_BUCKET, ttl=self._ttl)
-        return self._presence, self._nodes
-
-    @staticmethod
-    async def _bucket(js, name: str, ttl: float) -> KeyValue:  # type: ignore[no-untyped-def]
-        try:
-            bucket = await js.key_value(name)
-        except BucketNotFoundError:
-            return await js.create_key_value(bucket=name, history=1, ttl=ttl or None)
-        if ttl:
-            # The bucket keeps the TTL of whoever created it: a node started since with another
-            # PUSH_NODE_TIMEOUT would see live nodes' heartbeats expire early (or dead ones late).
-            try:
-                config = (await js.stream_info(f"KV_{name}")).config
-                if config.max_age is None or abs(config.max_age - ttl) > 0.001:
-                    # As create_key_value: the duplicates window may not exceed max_age.
-                    await js.update_stream(config.evolve(max_age=ttl, duplicate_window=min(ttl, 120.0)))
-                    log.info("node heartbeat ttl changed", extra={"event": "presence_ttl_changed", "bucket": name,
-                                                                  "old": config.max_age, "new": ttl})
-            except NatsError as exc:  # e.g. not allowed to update streams: keep the bucket as it is
-                log.warning("cannot set the node heartbeat ttl", extra={
-                    "event": "presence_ttl_unchanged", "bucket": name, "error": f"{type(exc).__name__}: {exc}"})
-        return bucket
-
-    @staticmethod
-    def _prefix(topic: str) -> str:
-        return base64.urlsafe_b64encode(topic.encode()).decode().rstrip("=") + "."
-
-    async def put(self, topic: str, conn_id: str, value: bytes) -> None:
-        presence, _ = await self._buckets()
-        await presence.put(self._prefix(topic) + conn_id, value)
-
-    async def delete(self, topic: str, conn_id: str) -> None:
-        presence, _ = await self._buckets()
-        await presence.purge(self._prefix(topic) + conn_id)
-
-    async def load(self, topic: str) -> dict[str, bytes]:
-        presence, _ = await self._buckets()
-        prefix = self._prefix(topic)
-        watcher = await presence.watch(prefix + ">", ignore_deletes=True)
-        entries: dict[str, bytes] = {}
-        try:
-            while True:
-                entry = await watcher.updates(timeout=COMMAND_TIMEOUT)
-                if entry is None:  # the end of the current values
-                    break
-                if entry.value:
-                    entries[entry.key[len(prefix):]] = entry.value
-        finally:
-            await watcher.stop()
-        return entries
-
-    async def heartbeat(self, node_id: str) -> None:
-        _, nodes = await self._buckets()
-        await nodes.put(node_id, b"1")
-
-    async def alive(self, node_ids: set[str]) -> set[str]:
-        _, nodes = await self._buckets()
-        alive = set()
-        for node_id in node_ids:
-            with contextlib.suppress(KeyNotFoundError):
-                entry = await nodes.get(node_id)
-                if entry.value:
-                    alive.add(node_id)
-        return alive
-
-    async def forget_node(self, node_id: str) -> None:
-        _, nodes = await self._buckets()
-        await nodes.purge(node_id)

@@ -18,8 +18,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.broker import envelope
-from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.backoff import Backoff
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
+from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
@@ -39,7 +41,6 @@ log = logging.getLogger("push_service.broker")
 PING_INTERVAL = 1.0    # connection health check
 PING_TIMEOUT = 3.0     # no pong for this long: the connection is dead, reconnect
 COMMAND_TIMEOUT = 2.0  # connecting, or publishes answered by nothing for this long: reconnect (they fail, 503)
-BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
 SUBSCRIBE_CHUNK = 1000
 
 
@@ -186,7 +187,7 @@ class RedisBroker(Broker):
             self._on_state(ready)
 
     async def _run(self) -> None:
-        backoff = BACKOFF_FIRST
+        backoff = Backoff()
         while not self._closed:
             try:
                 await self._serve()
@@ -194,8 +195,8 @@ class RedisBroker(Broker):
                 raise
             except Exception as exc:  # connection refused, reset, timed out...
                 if self._ready:
-                    backoff = BACKOFF_FIRST  # it was up: this is a new outage, retry quickly first
-                if self._ready or backoff == BACKOFF_FIRST:
+                    backoff.reset()  # it was up: this is a new outage, retry quickly first
+                if backoff.fresh:
                     log.warning(DOWN_MESSAGE, "redis", extra={
                         "event": "broker_down", "broker": redact_url(self._url), "error": f"{type(exc).__name__}: {exc}"})
             finally:
@@ -203,8 +204,7 @@ class RedisBroker(Broker):
                 self._attempted.set()
             if self._closed:
                 return
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            await asyncio.sleep(backoff.next())
 
     async def _serve(self) -> None:
         """Connect, subscribe to everything wanted, serve until a connection is lost or stalls."""

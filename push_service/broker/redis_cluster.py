@@ -23,7 +23,8 @@ from typing import Any
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, BrokerUnavailable, Confirmed, Deliver, Signal
+from push_service.broker.base import Broker, Confirmed, Deliver, Signal
+from push_service.errors import BrokerUnavailable
 from push_service.broker.redis import COMMAND_TIMEOUT
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, Endpoint, RedisConnection
 from push_service.broker.redis_shard import Shard, seen

@@ -1,8 +1,6 @@
 """The Redis broker's two hot connections, on RESP2 (resp.py, hiredis) straight over an asyncio transport.
 
-Why not redis-py here: a publish through its pipeline took about 60 µs of CPU and a loop turn
-before the command was even written, and each pub/sub message another task wake-up (measured
-with benchmarks: 1,000 rooms of 10 cost twice as much CPU per publish over Redis as in memory).
+Not redis-py here: its pipeline and pub/sub tasks doubled the CPU of a publish (docs/performance.md).
 Here the commands asked for during a loop turn are written together at its end, each reply
 resolves its future in the callback that reads it, and a pub/sub message reaches the hub in the
 read that brings it.
@@ -28,6 +26,7 @@ from typing import Any
 from redis.asyncio.connection import parse_url
 
 from push_service.broker import resp
+from push_service.errors import BrokerError
 
 log = logging.getLogger("push_service.broker")
 
@@ -87,8 +86,8 @@ def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     return context
 
 
-class ConnectionLost(ConnectionError):
-    pass
+class ConnectionLost(BrokerError, ConnectionError):
+    """The connection to Redis closed or was given up before the reply came."""
 
 
 class _Waiter:
@@ -198,7 +197,7 @@ class RedisConnection(asyncio.Protocol):
         except resp.ReplyTooLarge as error:
             self._give_up("reply_too_large", f"redis sent {error}")
             return
-        except resp.ProtocolError as error:
+        except resp.RespProtocolError as error:
             self._give_up("not_resp2", f"redis sent something that is not RESP2: {error}")
             return
         if self._pushing:

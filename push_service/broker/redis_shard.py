@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from push_service.broker.redis import BACKOFF_FIRST, BACKOFF_MAX, COMMAND_TIMEOUT, PING_INTERVAL, PING_TIMEOUT
+from push_service.broker.backoff import Backoff
+from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, PING_TIMEOUT
 from push_service.broker.redis_connection import Endpoint, RedisConnection
 from push_service.broker.redis_shared import PublishScript
 
@@ -60,14 +61,14 @@ class Shard:
             pass
 
     async def _keep(self) -> None:
-        backoff = BACKOFF_FIRST
+        backoff = Backoff()
         while True:
             try:
                 await self._serve()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # connection refused, reset, timed out...
-                if self.up or backoff == BACKOFF_FIRST:
+                if self.up or backoff.fresh:
                     log.warning("redis cluster shard unavailable", extra={
                         "event": "broker_down", "broker": self.label, "error": f"{type(exc).__name__}: {exc}"})
             finally:
@@ -77,9 +78,8 @@ class Shard:
                 self.unconfirmed.clear()
                 self._on_change(self)
             if was_up:
-                backoff = BACKOFF_FIRST  # it was up: this is a new outage, retry quickly first
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+                backoff.reset()  # it was up: this is a new outage, retry quickly first
+            await asyncio.sleep(backoff.next())
 
     async def _serve(self) -> None:
         name = f"push-{self._node_id}"

@@ -18,9 +18,10 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from push_service.broker import envelope
-from push_service.broker.base import BrokerUnavailable
 from push_service.config import Settings
+from push_service.errors import BrokerUnavailable
 from push_service.history.position import Position, Recovery, new_epoch
+from push_service.history.window import recovery_window
 from push_service.hub import Broadcast
 from push_service.presence.replicated import PresenceStore
 
@@ -144,24 +145,7 @@ async def read_recovery(client: Any, topic: str, since: Position | None, limit: 
     messages = [Broadcast(topic, fields[b"e"].decode(), fields[b"p"], None,
                           Position(current.epoch, int(entry_id.split(b"-", 1)[0])))
                 for entry_id, fields in entries if float(fields[b"t"]) >= expired_before]
-    return _recovery(current, since, limit, messages)
-
-
-def _recovery(current: Position, since: Position | None, limit: int | None,
-              messages: Sequence[Broadcast]) -> Recovery:
-    if since is None:
-        return Recovery(current, True, list(messages))
-    if since.epoch != current.epoch or since.seq > current.seq:
-        return Recovery(current, False)
-    wanted = current.seq - since.seq
-    complete = len(messages) == wanted and (not messages or messages[0].position.seq == since.seq + 1)  # type: ignore[union-attr]
-    if limit is not None and wanted > limit:
-        # The first `limit` of what was missed; none when the oldest of it is no longer kept.
-        first = list(messages[:limit])
-        expected = list(range(since.seq + 1, since.seq + 1 + limit))
-        contiguous = [m.position.seq for m in first] == expected  # type: ignore[union-attr]
-        return Recovery(current, False, first if contiguous else [])
-    return Recovery(current, complete, list(messages) if complete else [])
+    return recovery_window(current, since, messages, limit)
 
 
 class RedisPresenceStore(PresenceStore):

@@ -4,7 +4,7 @@ hiredis (the C parser redis-py itself prefers; the redis extra installs it, so t
 pure-Python fallback) reads the replies and packs the commands. What the broker's own connections
 (redis_connection.py) get: simple and bulk strings as bytes, integers, arrays as lists, nulls as
 None, and errors as a `ReplyError` value (not raised: it answers one command, the connection goes
-on). Bytes that are not RESP raise ProtocolError.
+on). Bytes that are not RESP raise RespProtocolError.
 
 hiredis also reads RESP3's types, which Redis never sends a RESP2 client; they would come through as
 values (True, 1.5, a dict) that answer nothing the broker asks. It skips the two bytes after a bulk
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from push_service.errors import BrokerError
+
 try:
     from hiredis import Reader, pack_command  # pack_command: hiredis 3.0 or later
 except ImportError as exc:  # pragma: no cover - depends on the install
@@ -35,7 +37,7 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 MAX_PARSED_BYTES = 1024 * 1024
 
 
-class ReplyError(Exception):
+class ReplyError(BrokerError):
     """An error reply (`-ERR ...`, `-NOSCRIPT ...`): the answer to one command."""
 
     @property
@@ -43,11 +45,11 @@ class ReplyError(Exception):
         return str(self).split(" ", 1)[0]
 
 
-class ProtocolError(Exception):
+class RespProtocolError(BrokerError):
     """Bytes that are not RESP2: the connection cannot be trusted any more."""
 
 
-class ReplyTooLarge(ProtocolError):
+class ReplyTooLarge(RespProtocolError):
     """A reply past what one reply may hold (see the module's docstring)."""
 
 
@@ -71,7 +73,7 @@ class Parser:
     __slots__ = ("_reader", "_partial")
 
     def __init__(self) -> None:
-        self._reader = Reader(protocolError=ProtocolError, replyError=ReplyError, notEnoughData=_INCOMPLETE)
+        self._reader = Reader(protocolError=RespProtocolError, replyError=ReplyError, notEnoughData=_INCOMPLETE)
         self._partial = 0  # bytes fed since a reply was last completed
 
     def feed(self, data: bytes) -> list[Any]:

@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 
 from push_service.history.position import Position, Recovery, new_epoch
+from push_service.history.window import recovery_window
 from push_service.hub import Broadcast
 
 ENTRY_OVERHEAD = 200  # bytes a stored broadcast costs beyond its payload and names (objects, deque slot)
@@ -76,18 +77,10 @@ class MemoryHistory:
             quiet = Position(self._quiet_epoch, 0)
             return Recovery(quiet, since is None or since == quiet)
         self._expire(topic)
-        current = Position(topic.epoch, topic.seq)
         kept = [broadcast for _, broadcast in topic.entries]
-        if since is None:
-            return Recovery(current, True, kept[-limit:] if limit else kept)
-        if since.epoch != topic.epoch or since.seq > topic.seq:
-            return Recovery(current, False)
-        missed = [broadcast for broadcast in kept if broadcast.position.seq > since.seq]  # type: ignore[union-attr]
-        complete = topic.seq - since.seq == len(missed)
-        if limit is not None and len(missed) > limit:
-            # The first `limit` of what was missed; none when the oldest of it is no longer kept.
-            return Recovery(current, False, missed[:limit] if complete else [])
-        return Recovery(current, complete, missed if complete else [])
+        if since is not None:
+            kept = [broadcast for broadcast in kept if broadcast.position.seq > since.seq]  # type: ignore[union-attr]
+        return recovery_window(Position(topic.epoch, topic.seq), since, kept, limit)
 
     def _expire(self, topic: _Topic) -> None:
         deadline = self._clock() - self._ttl

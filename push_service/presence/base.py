@@ -12,17 +12,49 @@ import base64
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from push_service.errors import BrokerError
+
 Meta = dict[str, Any]
 Metas = dict[str, list[Meta]]  # presence key -> its metas (one per tracked connection)
+Entry = tuple[str, Meta]  # a tracked connection's (presence key, meta)
 
 
 def new_phx_ref() -> str:
     """A 16-character unique ref, shaped like Phoenix's (time in ns, then randomness)."""
     return base64.urlsafe_b64encode(time.time_ns().to_bytes(8, "big") + os.urandom(4)).decode()
+
+
+def tracked_meta(meta: Meta) -> Meta:
+    """A meta as tracked: with a fresh `phx_ref`."""
+    return {**meta, "phx_ref": new_phx_ref()}
+
+
+def updated_meta(old: Meta, changes: Meta) -> Meta:
+    """`changes` merged into a tracked meta, with a fresh `phx_ref` and the old one as `phx_ref_prev` (as Phoenix)."""
+    return {**old, **changes, "phx_ref": new_phx_ref(), "phx_ref_prev": old["phx_ref"]}
+
+
+def grouped(entries: Iterable[Entry]) -> Metas:
+    """Entries grouped by presence key, in their order."""
+    metas: Metas = {}
+    for key, meta in entries:
+        metas.setdefault(key, []).append(meta)
+    return metas
+
+
+def pop_entry(topics: dict[str, dict[str, Entry]], topic: str, conn_id: str) -> Entry | None:
+    """Take a connection's entry out of topic -> conn_id -> entry, and the topic with its last entry."""
+    entries = topics.get(topic)
+    if not entries or conn_id not in entries:
+        return None
+    entry = entries.pop(conn_id)
+    if not entries:
+        del topics[topic]
+    return entry
 
 
 @dataclass(slots=True)
@@ -61,7 +93,7 @@ def state_payload(metas: Metas) -> dict[str, Any]:
 DiffCallback = Callable[[str, Diff], None]
 
 
-class PresenceUnavailable(Exception):
+class PresenceUnavailable(BrokerError):
     """The cluster's presence could not be read (the broker is away or too slow)."""
 
 

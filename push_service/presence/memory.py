@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from push_service.presence.base import Diff, Meta, Metas, Tracker, new_phx_ref
+from push_service.presence.base import (Diff, Entry, Meta, Metas, Tracker, grouped, pop_entry, tracked_meta,
+                                        updated_meta)
 
 
 class MemoryTracker(Tracker):
     def __init__(self, node_id: str, on_diff) -> None:  # type: ignore[no-untyped-def]
         super().__init__(node_id, on_diff)
         # topic -> conn_id -> (key, meta); dicts keep insertion order, so lists are stable.
-        self._topics: dict[str, dict[str, tuple[str, Meta]]] = {}
+        self._topics: dict[str, dict[str, Entry]] = {}
         self._size = 0
 
     def track(self, topic: str, conn_id: str, key: str, meta: Meta) -> Meta:
         self.untrack(topic, conn_id)
-        meta = {**meta, "phx_ref": new_phx_ref()}
+        meta = tracked_meta(meta)
         self._topics.setdefault(topic, {})[conn_id] = (key, meta)
         self._size += 1
         diff = Diff()
@@ -28,7 +29,7 @@ class MemoryTracker(Tracker):
         if entries is None or entry is None:
             return None
         key, old = entry
-        new = {**old, **changes, "phx_ref": new_phx_ref(), "phx_ref_prev": old["phx_ref"]}
+        new = updated_meta(old, changes)
         entries[conn_id] = (key, new)
         diff = Diff()
         diff.add_join(key, new)
@@ -37,22 +38,17 @@ class MemoryTracker(Tracker):
         return new
 
     def untrack(self, topic: str, conn_id: str) -> None:
-        entries = self._topics.get(topic)
-        if not entries or conn_id not in entries:
+        entry = pop_entry(self._topics, topic, conn_id)
+        if entry is None:
             return
-        key, meta = entries.pop(conn_id)
-        if not entries:
-            del self._topics[topic]
+        key, meta = entry
         self._size -= 1
         diff = Diff()
         diff.add_leave(key, meta)
         self._on_diff(topic, diff)
 
     def list(self, topic: str) -> Metas:
-        metas: Metas = {}
-        for key, meta in self._topics.get(topic, {}).values():
-            metas.setdefault(key, []).append(meta)
-        return metas
+        return grouped(self._topics.get(topic, {}).values())
 
     @property
     def size(self) -> int:

@@ -18,11 +18,11 @@ from typing import Any
 
 import orjson
 
-from push_service.presence.base import Diff, DiffCallback, Meta, Metas, PresenceUnavailable, Tracker, new_phx_ref
+from push_service.presence.base import (Diff, DiffCallback, Entry, Meta, Metas, PresenceUnavailable, Tracker, grouped,
+                                        pop_entry, tracked_meta, updated_meta)
 
 log = logging.getLogger("push_service.presence")
 
-Entry = tuple[str, Meta]  # (presence key, meta)
 READ_TIMEOUT = 5.0  # at least this long for a read of a topic this node follows no replica of
 
 
@@ -96,7 +96,7 @@ class ReplicatedTracker(Tracker):
 
     def track(self, topic: str, conn_id: str, key: str, meta: Meta) -> Meta:
         self.untrack(topic, conn_id)
-        meta = {**meta, "phx_ref": new_phx_ref()}
+        meta = tracked_meta(meta)
         self._set(topic, conn_id, (key, meta), previous=None)
         return meta
 
@@ -105,17 +105,15 @@ class ReplicatedTracker(Tracker):
         if entry is None:
             return None
         key, old = entry
-        new = {**old, **changes, "phx_ref": new_phx_ref(), "phx_ref_prev": old["phx_ref"]}
+        new = updated_meta(old, changes)
         self._set(topic, conn_id, (key, new), previous=old)
         return new
 
     def untrack(self, topic: str, conn_id: str) -> None:
-        entries = self._local.get(topic)
-        if not entries or conn_id not in entries:
+        entry = pop_entry(self._local, topic, conn_id)
+        if entry is None:
             return
-        key, meta = entries.pop(conn_id)
-        if not entries:
-            del self._local[topic]
+        key, meta = entry
         self._size -= 1
         replica = self._replicas.get(topic)
         if replica is not None:
@@ -129,10 +127,7 @@ class ReplicatedTracker(Tracker):
         entries = self._replicas.get(topic)
         if entries is None:
             entries = self._local.get(topic, {})
-        metas: Metas = {}
-        for key, meta in entries.values():
-            metas.setdefault(key, []).append(meta)
-        return metas
+        return grouped(entries.values())
 
     async def cluster_list(self, topic: str) -> Metas:
         if topic in self._replicas and topic not in self._loading:
@@ -145,10 +140,7 @@ class ReplicatedTracker(Tracker):
                                                        "error": f"{type(exc).__name__}: {exc}"})
             raise PresenceUnavailable(f"{type(exc).__name__} reading presence of {topic}") from None
         entries.update(self._local.get(topic, {}))
-        metas: Metas = {}
-        for key, meta in entries.values():
-            metas.setdefault(key, []).append(meta)
-        return metas
+        return grouped(entries.values())
 
     @property
     def size(self) -> int:

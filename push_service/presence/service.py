@@ -127,7 +127,7 @@ class Presence:
         return "ok", {}
 
     def expire_typing(self, now: float) -> None:
-        """Clear every typing: true that was not refreshed in time (called by the node's sweeper)."""
+        """Clear every typing: true that was not refreshed in time (called by the node's expiry timer)."""
         lapsed = [entry for entry, until in self._typing_until.items() if until <= now]
         for conn_id, topic in lapsed:
             del self._typing_until[(conn_id, topic)]

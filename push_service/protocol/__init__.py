@@ -13,8 +13,8 @@ from push_service.protocol.message import (
     PHOENIX_TOPIC,
     REPLY,
     Message,
-    ProtocolError,
 )
+from push_service.errors import ProtocolError
 from push_service.protocol.serializers import V1, V2, Serializer, negotiate
 
 __all__ = [

@@ -17,14 +17,6 @@ ERROR = "phx_error"
 Ref = str | int | None
 
 
-class ProtocolError(ValueError):
-    """A frame that is not a Phoenix message; `reason` is a short machine-readable label."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
 class Message(NamedTuple):
     """A tuple: built on every frame in and out, and a tuple is the cheapest immutable record."""
 

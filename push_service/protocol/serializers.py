@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 
-from push_service.protocol.message import Message, ProtocolError, Ref
+from push_service.errors import ProtocolError
+from push_service.protocol.message import Message, Ref
 
 _REF_TYPES = (str, int, type(None))
 

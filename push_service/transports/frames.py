@@ -12,6 +12,8 @@ import base64
 import hashlib
 import struct
 
+from push_service.errors import ClientError
+
 TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 CONTINUATION = 0x0
 
@@ -33,7 +35,7 @@ _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
 
 
-class FrameError(Exception):
+class FrameError(ClientError):
     """The peer broke the protocol; close with `code`. `messages`: the complete messages that came before
     the offending frame in the same read, which are still to be handled."""
 

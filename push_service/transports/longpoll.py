@@ -39,7 +39,7 @@ import orjson
 from aiohttp import web
 
 from push_service.api import ClientGone, RequestTimeout, read_body
-from push_service.auth import AuthError
+from push_service.errors import AuthError
 from push_service.node import Node
 from push_service.protocol import negotiate
 from push_service.session import Disconnect

@@ -21,7 +21,8 @@ import orjson
 from aiohttp import web
 
 from push_service.api import json_response
-from push_service.auth import AuthError, Identity
+from push_service.auth import Identity
+from push_service.errors import AuthError, ClientError
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
 from push_service.hub import Wire
 from push_service.limits import taken_over
@@ -50,7 +51,7 @@ PEER_CLOSE_TIMEOUT = 2.0
 WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
 
 
-class Refusal(Exception):
+class Refusal(ClientError):
     """An upgrade that is answered with an HTTP error instead of 101."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
