@@ -248,7 +248,8 @@ class LongPollTransport:
         if self._per_address.get(address, 0) >= settings.longpoll_max_sessions_per_address:
             return self._refuse(request, "longpoll_sessions_per_address", _STATUS_500, 429)
         key, token = self._new_token()
-        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now(), sub, address)
+        conn = LongPollConnection(self.end, settings.send_buffer_bytes, key, token, WIRES[serializer], node.now(),
+                                  sub, address)
         conn.session = node.open_session(identity, conn, LongPollConnection.transport_name)
         self._conns[key] = conn
         self._per_sub[sub] = self._per_sub.get(sub, 0) + 1
