@@ -49,7 +49,7 @@ class Listener:
         self.routes = publishing.routes(node.settings)
         self._publishers: dict[PublishConnection, None] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        self.guard = Guard(node)
+        self.guard = Guard(node.settings, node.metrics)
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)
