@@ -33,7 +33,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
                           handler_args={"access_log": None, "keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[NODE] = node
     api.add_routes(app, node)
-    app.router.add_get("/socket/websocket", websocket.handle)
+    websocket.setup(app, node)
     longpoll.setup(app, node)
     console.setup(app, node)
 

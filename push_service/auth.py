@@ -18,10 +18,10 @@ from typing import Any
 
 import jwt
 import orjson
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from push_service.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Settings
+from push_service.algorithms import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, accepted_algorithms
+from push_service.config import Settings
 from push_service.errors import AuthError
 
 
@@ -50,27 +50,6 @@ class PublishKeys:
         for key in self._keys:
             matched |= hmac.compare_digest(given, key)
         return matched
-
-
-def _default_asymmetric_algorithm(key: Any) -> str:
-    if isinstance(key, rsa.RSAPublicKey):
-        return "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}.get(key.curve.name, "ES256")
-    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
-        return "EdDSA"
-    raise ValueError(f"unsupported public key type {type(key).__name__}")
-
-
-def accepted_algorithms(settings: Settings, public_key: Any = None) -> tuple[str, ...]:
-    if settings.jwt_algorithms:
-        return settings.jwt_algorithms
-    algorithms: list[str] = []
-    if settings.jwt_secret:
-        algorithms.append("HS256")
-    if public_key is not None:
-        algorithms.append(_default_asymmetric_algorithm(public_key))
-    return tuple(algorithms)
 
 
 # --- client JWTs: TokenVerifier and the helpers it parses tokens with

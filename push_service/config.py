@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from push_service import values
+from push_service.algorithms import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, accepted_algorithms
 from push_service.errors import ConfigError
 from push_service.values import (  # noqa: F401 - parse_duration and redact_url are part of this module's API
-    ASYMMETRIC_ALGORITHMS,
-    HMAC_ALGORITHMS,
     parse_duration,
     redact_url,
 )
@@ -213,7 +212,6 @@ class Settings:
 
         import jwt
 
-        from push_service.auth import accepted_algorithms  # late: auth imports this module
         try:
             key = load_pem_public_key(self.jwt_public_key.encode())
             accepted_algorithms(self, key)

@@ -48,7 +48,7 @@ class Listener:
         self.access_log = node.settings.access_log
         self._publishers: dict[PublishConnection, None] = {}
         self._idle_checker: asyncio.TimerHandle | None = None
-        self.guard = Guard(node)
+        self.guard = Guard(node.settings, node.metrics)
 
     def __call__(self) -> FrontDoor:
         return FrontDoor(self)

@@ -18,8 +18,9 @@ from typing import Protocol, cast
 import httptools
 import orjson
 
+from push_service.config import Settings
 from push_service.http1 import BadRequest, json_answer, new_request_id
-from push_service.node import Node
+from push_service.metrics import Metrics
 
 log = logging.getLogger("push_service.api")
 
@@ -57,15 +58,15 @@ def refuse(transport: asyncio.Transport, status: int, message: str) -> None:
 class Guard:
     """The request deadlines and the count of open connections, for one listening socket."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.timeout = node.settings.handshake_timeout
-        self.max_connections = node.settings.max_connections or default_max_connections()
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.timeout = settings.handshake_timeout
+        self.max_connections = settings.max_connections or default_max_connections()
         # Open connections whose end a protocol of ours sees: front door, publish and aiohttp's. A WebSocket
         # the front door upgraded is counted by the sessions' gauge from then on.
         self.open = 0
         self.lingering = 0  # refused connections reading their 503
-        self._websockets = node.metrics.connections.labels("websocket")
+        self._websockets = metrics.connections.labels("websocket")
         # Connections in the middle of a request, by the tick interval it began in (oldest first); the
         # last one is filling.
         self._partial: list[dict[Deadline, None]] = [{}]
@@ -77,7 +78,7 @@ class Guard:
     def refuse_connection(self, transport: asyncio.Transport) -> bool:
         """Answer a connection over the limit 503. True: it is left open until the client's first bytes
         are read (closing with them unread would reset it, and the client might never see the 503)."""
-        self.node.metrics.connects_refused.labels("too_many_connections").inc()
+        self.metrics.connects_refused.labels("too_many_connections").inc()
         body = orjson.dumps({"error": f"too many open connections ({self.max_connections}, "
                                       "PUSH_MAX_CONNECTIONS); retry later or on another replica"})
         transport.write(json_answer(503, body, new_request_id(), close=True))
@@ -110,7 +111,7 @@ class Guard:
     def timed_out(self, transport: asyncio.Transport, what: str, answer: bool = True) -> None:
         """A request not whole in time: 408, or a cut when the client reads no answers either (or `answer`
         is False)."""
-        self.node.metrics.client_errors.labels("request_timeout").inc()
+        self.metrics.client_errors.labels("request_timeout").inc()
         if not answer or transport.get_write_buffer_size():
             transport.abort()
         else:
@@ -118,7 +119,7 @@ class Guard:
 
     def bad_request(self, transport: asyncio.Transport, error: Exception) -> None:
         """Answer a request head that cannot be read (a BadRequest, or anything raised reading it) and close."""
-        self.node.metrics.client_errors.labels("bad_http_request").inc()
+        self.metrics.client_errors.labels("bad_http_request").inc()
         if not isinstance(error, BadRequest):
             # Ours to fix, but the client's bytes that found it: a warning, and the client gets a 400.
             log.warning("request head not read", exc_info=error, extra={"event": "http_bad_request"})

@@ -99,7 +99,13 @@ class Node:
             self.metrics.broker_reconnects.inc()
         self._broker_was_up |= up
 
-    # --- sessions
+    # --- sessions (Node is the transports' Admission and the sessions' SessionHost)
+
+    def allows_origin(self, origin: str | None) -> bool:
+        return self.origins.allows(origin)
+
+    def verify(self, token: str | None) -> Identity:
+        return self.tokens.verify(token)
 
     def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session:
         session = Session(self, f"{self.id}.{next(self._session_ids)}", identity, conn)

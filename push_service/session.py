@@ -1,27 +1,27 @@
 """One client connection's Phoenix state: joins, heartbeats, client events.
 
 Independent of the transport: a transport hands in raw frames (`receive`) and gives the
-session a `Connection` to write framed bytes to and to close.
+session a `Connection` to write framed bytes to and to close. Independent of the node too: a
+session asks what it needs of a `SessionHost` (node.Node is the real one; tests use a fake).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from push_service.auth import Identity
+from push_service.config import Settings
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast, Run, Wire
+from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.errors import ProtocolError
 from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message
 from push_service.topics import Topic, may_join, parse_topic
-
-if TYPE_CHECKING:
-    from push_service.node import Node
-
 
 log = logging.getLogger("push_service.session")
 
@@ -75,6 +75,43 @@ class Connection(Protocol):
         """Close from the server side; the transport then calls Session.closed()."""
 
 
+class SessionPresence(Protocol):
+    """The presence operations a session uses (presence.Presence)."""
+
+    def tracks(self, topic: Topic) -> bool: ...
+    def join(self, session: Session, topic: str) -> dict[str, Any]: ...
+    def leave(self, session: Session, topic: str) -> None: ...
+    def typing(self, session: Session, topic: str, payload: Any) -> tuple[str, dict[str, Any]]: ...
+    def forget(self, session: Session) -> None: ...
+
+
+class SessionHost(Protocol):
+    """What a session asks of the node that holds it: subscriptions, history, presence, counters."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def presence(self) -> SessionPresence: ...
+    @property
+    def history_enabled(self) -> bool: ...
+
+    def now(self) -> float:
+        """The event loop's clock."""
+
+    def subscribe(self, topic: str, session: Session) -> bool:
+        """True: in effect now; False: `session.subscribed(topic)` follows once it is."""
+
+    def unsubscribe(self, topic: str, session: Session) -> None: ...
+
+    def recover(self, topic: str, since: Position | None, done: Callable[[Recovery | None], None]) -> None:
+        """Call `done` with the topic's position and what came after `since` (None: unreadable)."""
+
+    def forget(self, session: Session) -> None:
+        """The session is over: stop counting it."""
+
+
 class _Ended:
     """What a session holds in place of its connection once the transport is gone. The connection
     refers to the session too: dropping the session's side of that cycle lets reference counting
@@ -107,16 +144,16 @@ class Channel:
 
 
 class Session:
-    __slots__ = ("id", "node", "identity", "conn", "channels", "last_seen", "_wire", "_write", "_closing",
+    __slots__ = ("id", "host", "identity", "conn", "channels", "last_seen", "_wire", "_write", "_closing",
                  "_disconnected", "_held", "_floors")
 
-    def __init__(self, node: Node, session_id: str, identity: Identity, conn: Connection) -> None:
+    def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
-        self.node = node
+        self.host = host
         self.identity = identity
         self.conn = conn
         self.channels: dict[str, Channel] = {}
-        self.last_seen = node.now()
+        self.last_seen = host.now()
         self._wire = conn.wire
         self._write = conn.send
         self._closing = False  # a slow-consumer disconnect is scheduled or done
@@ -172,11 +209,11 @@ class Session:
     # --- input
 
     def receive(self, data: str | bytes) -> None:
-        self.last_seen = self.node.now()
+        self.last_seen = self.host.now()
         try:
             message = self._wire.serializer.decode(data)
         except ProtocolError as exc:
-            self.node.metrics.client_errors.labels(exc.reason).inc()
+            self.host.metrics.client_errors.labels(exc.reason).inc()
             self.disconnect(INVALID_MESSAGE)
             return
         if message.event == HEARTBEAT and message.topic == PHOENIX_TOPIC:
@@ -195,7 +232,7 @@ class Session:
                 self._client_event(channel, message)
 
     def _join(self, message: Message) -> None:
-        metrics = self.node.metrics
+        metrics = self.host.metrics
         join_ref = message.join_ref if message.join_ref is not None else message.ref
         replaced = self.channels.get(message.topic)
         if replaced is not None:
@@ -204,20 +241,20 @@ class Session:
         if topic is None:
             metrics.joins_refused.labels("unmatched_topic").inc()
             self._reply(None, message, "error", {"reason": "unmatched topic"})
-        elif len(self.channels) >= self.node.settings.max_topics_per_connection:
+        elif len(self.channels) >= self.host.settings.max_topics_per_connection:
             metrics.joins_refused.labels("too_many_channels").inc()
             self._reply(join_ref, message, "error", {"reason": "too many channels joined"})
-        elif not may_join(self.identity, topic, self.node.settings.require_topics_claim):
+        elif not may_join(self.identity, topic, self.host.settings.require_topics_claim):
             metrics.joins_refused.labels("unauthorized").inc()
             self._reply(join_ref, message, "error", {"reason": "unauthorized"})
-        elif (since := _since(message.payload, self.node.history_enabled)) is _BAD_SINCE:
+        elif (since := _since(message.payload, self.host.history_enabled)) is _BAD_SINCE:
             metrics.joins_refused.labels("bad_since").inc()
             self._reply(join_ref, message, "error", {"reason": "bad since: a position is <epoch>~<seq>, "
                                                                "as received in a broadcast's ref"})
         else:
-            channel = Channel(topic, join_ref, self.node.presence.tracks(topic), message.ref, since)
+            channel = Channel(topic, join_ref, self.host.presence.tracks(topic), message.ref, since)
             self.channels[topic.name] = channel
-            if self.node.subscribe(topic.name, self):
+            if self.host.subscribe(topic.name, self):
                 self._subscribed(channel)
         if replaced is not None:
             # As Phoenix: the old join is closed, after the new join's reply.
@@ -230,9 +267,9 @@ class Session:
             self._subscribed(channel)
 
     def _subscribed(self, channel: Channel) -> None:
-        if not self.node.history_enabled:
+        if not self.host.history_enabled:
             if channel.since is not None:
-                self.node.metrics.recoveries.labels("not_recovered").inc()
+                self.host.metrics.recoveries.labels("not_recovered").inc()
             self._joined(channel, {"recovered": False} if channel.since is not None else {})
             return
         # Live broadcasts are held until the reply and the replay are out: no gap, no duplicate.
@@ -240,7 +277,7 @@ class Session:
             self._held = {}
         self._held[channel.topic.name] = []
         since = channel.since if isinstance(channel.since, Position) else None
-        self.node.recover(channel.topic.name, since, lambda recovery: self._recovered(channel, recovery))
+        self.host.recover(channel.topic.name, since, lambda recovery: self._recovered(channel, recovery))
 
     def _recovered(self, channel: Channel, recovery: Recovery | None) -> None:
         name = channel.topic.name
@@ -255,13 +292,13 @@ class Session:
         replay = recovery is not None and recovery.recovered and isinstance(channel.since, Position)
         if channel.since is not None:
             response["recovered"] = replay
-            self.node.metrics.recoveries.labels("recovered" if replay else "not_recovered").inc()
+            self.host.metrics.recoveries.labels("recovered" if replay else "not_recovered").inc()
         self._joined(channel, response)
         if replay:
             assert recovery is not None
             for broadcast in recovery.messages:
                 self._write(broadcast.encoded(self._wire))
-            self.node.metrics.replayed.inc(len(recovery.messages))
+            self.host.metrics.replayed.inc(len(recovery.messages))
         latest = recovery.position if recovery is not None else None
         beyond = False
         for broadcast in held:  # what came while reading, minus what the position already covers
@@ -278,8 +315,8 @@ class Session:
     def _joined(self, channel: Channel, response: dict[str, Any]) -> None:
         channel.joined = True
         name = channel.topic.name
-        self.node.metrics.joins.labels(channel.topic.family).inc()
-        state = self.node.presence.join(self, name) if channel.tracked else None
+        self.host.metrics.joins.labels(channel.topic.family).inc()
+        state = self.host.presence.join(self, name) if channel.tracked else None
         self._push(Message.reply(channel.join_ref, channel.reply_ref, name, "ok", response))
         if state is not None:
             # Taken after tracking, so it includes the joiner; the batched diff of this join comes
@@ -295,17 +332,17 @@ class Session:
         if message.event == LEAVE:
             self._reply(message.join_ref, message, "ok", {})
         else:
-            self.node.metrics.client_errors.labels("unmatched_topic").inc()
+            self.host.metrics.client_errors.labels("unmatched_topic").inc()
             self._reply(None, message, "error", {"reason": "unmatched topic"})
 
     def _client_event(self, channel: Channel, message: Message) -> None:
         if message.event == TYPING_EVENT and channel.tracked:
-            status, response = self.node.presence.typing(self, channel.topic.name, message.payload)
+            status, response = self.host.presence.typing(self, channel.topic.name, message.payload)
             self._reply(channel.join_ref, message, status, response)
             return
         # The service writes nothing and relays nothing a client sends: any other event is refused
         # calmly (Phoenix would crash the channel and make the client rejoin).
-        self.node.metrics.client_errors.labels("unhandled_event").inc()
+        self.host.metrics.client_errors.labels("unhandled_event").inc()
         self._reply(channel.join_ref, message, "error", {"reason": "unhandled event"})
 
     def _drop_channel(self, channel: Channel) -> None:
@@ -316,11 +353,11 @@ class Session:
             self._floors.pop(channel.topic.name, None)
             if not self._floors:
                 self._floors = None
-        self.node.unsubscribe(channel.topic.name, self)
+        self.host.unsubscribe(channel.topic.name, self)
         if channel.joined:
             if channel.tracked:
-                self.node.presence.leave(self, channel.topic.name)
-            self.node.metrics.leaves.labels(channel.topic.family).inc()
+                self.host.presence.leave(self, channel.topic.name)
+            self.host.metrics.leaves.labels(channel.topic.family).inc()
 
     # --- end of life
 
@@ -329,11 +366,11 @@ class Session:
         if self._disconnected:
             return
         self._disconnected = self._closing = True
-        self.node.metrics.disconnects.labels(disconnect.reason).inc()
+        self.host.metrics.disconnects.labels(disconnect.reason).inc()
         fields = {"event": "disconnect", "reason": disconnect.reason, "code": disconnect.code,
                   "connection": self.id, "sub": self.identity.sub, "topics": len(self.channels)}
         if disconnect is SLOW_CONSUMER:
-            self.node.metrics.slow_consumers.inc()
+            self.host.metrics.slow_consumers.inc()
             log.warning("slow consumer dropped", extra=fields)
         elif disconnect is not DRAIN and disconnect is not SHUTDOWN:  # those are logged once per node
             log.info("connection closed by the server", extra=fields)
@@ -344,8 +381,8 @@ class Session:
         """The transport is gone (either side closed it): release everything."""
         self._disconnected = self._closing = True
         self._drop_all_channels()
-        self.node.presence.forget(self)
-        self.node.forget(self)
+        self.host.presence.forget(self)
+        self.host.forget(self)
         if not isinstance(self.conn, _Ended):
             ended = _Ended(self.conn)
             self.conn, self._write = ended, ended.send

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
-
-if TYPE_CHECKING:  # a type only: this module stays a leaf that config can import
-    from push_service.auth import Identity
+from typing import NamedTuple, Protocol
 
 LOBBY = "lobby"          # room:lobby:<channel_id>
 THREAD = "topic"         # room:topic:<thread_id>
@@ -73,7 +70,18 @@ def claim_allows(patterns: tuple[str, ...], topic: str) -> bool:
     return False
 
 
-def may_join(identity: Identity, topic: Topic, require_topics_claim: bool) -> bool:
+class Bearer(Protocol):
+    """What the join rule reads of a verified token (auth.Identity); declared here so this module
+    stays a leaf that config can import."""
+
+    @property
+    def sub(self) -> str: ...
+
+    @property
+    def topics(self) -> tuple[str, ...] | None: ...
+
+
+def may_join(identity: Bearer, topic: Topic, require_topics_claim: bool) -> bool:
     if topic.family == USER and topic.id != identity.sub:
         return False
     if identity.topics is not None:

@@ -11,13 +11,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import jwt
 
+from push_service.algorithms import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS
 from push_service.topics import FAMILIES
-
-HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
-ASYMMETRIC_ALGORITHMS = (
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-    "ES256", "ES384", "ES512", "EdDSA",
-)
 
 
 def text(raw: str) -> str:

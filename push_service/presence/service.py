@@ -7,7 +7,7 @@ session only asks "is this topic tracked?" and hands over the events.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from push_service.hub import Broadcast
 from push_service.presence.base import Diff, Metas, Tracker, state_payload
@@ -19,10 +19,10 @@ from push_service.topics import Topic, parse_topic
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from push_service.auth import Identity
     from push_service.broker.base import Broker
     from push_service.config import Settings
     from push_service.metrics import Metrics
-    from push_service.session import Session
 
 PRESENCE_STATE = "presence_state"
 PRESENCE_DIFF = "presence_diff"
@@ -45,6 +45,15 @@ def presence_key(sub: str) -> str:
     if sub in PROTOTYPE_MEMBERS or sub.startswith(KEY_ESCAPE):
         return KEY_ESCAPE + sub
     return sub
+
+
+class Member(Protocol):
+    """A connection as presence sees it (session.Session is one)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def identity(self) -> Identity: ...
 
 
 class TypingBudget:
@@ -84,21 +93,21 @@ class Presence:
     def tracks(self, topic: Topic) -> bool:
         return topic.family in self.families
 
-    def join(self, session: Session, topic: str) -> dict[str, Any]:
+    def join(self, session: Member, topic: str) -> dict[str, Any]:
         """Track the session on `topic`; returns the presence_state payload for the joiner."""
         identity = session.identity
         meta = {**identity.info, "online_at": str(int(time.time()))}
         self.tracker.track(topic, session.id, presence_key(identity.sub), meta)
         return state_payload(self.tracker.list(topic))
 
-    def leave(self, session: Session, topic: str) -> None:
+    def leave(self, session: Member, topic: str) -> None:
         self._typing_until.pop((session.id, topic), None)
         self.tracker.untrack(topic, session.id)
 
-    def forget(self, session: Session) -> None:
+    def forget(self, session: Member) -> None:
         self._budgets.pop(session.id, None)
 
-    def typing(self, session: Session, topic: str, payload: Any) -> tuple[str, dict[str, Any]]:
+    def typing(self, session: Member, topic: str, payload: Any) -> tuple[str, dict[str, Any]]:
         """Handle `user:typing`; returns the (status, response) of the reply."""
         if not isinstance(payload, dict) or not isinstance(payload.get("typing"), bool):
             self._metrics.client_errors.labels("bad_typing").inc()

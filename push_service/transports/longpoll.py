@@ -40,9 +40,9 @@ from aiohttp import web
 
 from push_service.api import ClientGone, RequestTimeout, read_body
 from push_service.errors import AuthError
-from push_service.node import Node
 from push_service.protocol import negotiate
 from push_service.session import Disconnect
+from push_service.transports.admission import Admission
 from push_service.transports.longpoll_connection import WIRES, LongPollConnection
 
 log = logging.getLogger("push_service.longpoll")
@@ -83,9 +83,9 @@ def _with_messages(status: int, token: str, frames: list[bytes]) -> bytes:
 class LongPollTransport:
     """The sessions of this node's long-poll clients, the request handler and one inactivity timer."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.window = node.settings.longpoll_window
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.window = admission.settings.longpoll_window
         self._secret = secrets.token_bytes(32)
         self._conns: dict[str, LongPollConnection] = {}
         # Live sessions per JWT sub and per remote address (no entry at 0), for the caps.
@@ -126,11 +126,11 @@ class LongPollTransport:
     async def _reap(self) -> None:
         """One timer for every long-poll session: a waiting GET is the client's sign of life (it
         sends no heartbeats over long-poll); no GET for 1.5 windows ends the session."""
-        settings = self.node.settings
+        settings = self.admission.settings
         tick = min(1.0, self.window / 4, settings.heartbeat_timeout / 4)
         while True:
             await asyncio.sleep(tick)
-            now = self.node.now()
+            now = self.admission.now()
             idle_before = now - self.window * INACTIVE_WINDOWS
             for conn in list(self._conns.values()):
                 if conn.polling:
@@ -167,7 +167,7 @@ class LongPollTransport:
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
-        if origin is not None and self.node.settings.allowed_origins and self.node.origins.allows(origin):
+        if origin is not None and self.admission.settings.allowed_origins and self.admission.allows_origin(origin):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
         else:
@@ -176,7 +176,7 @@ class LongPollTransport:
 
     def _refuse(self, request: web.Request, reason: str, body: bytes = _STATUS_403,
                 status: int = 200, error: str | None = None) -> web.Response:
-        self.node.metrics.connects_refused.labels(reason).inc()
+        self.admission.metrics.connects_refused.labels(reason).inc()
         fields = {"event": "connect_refused", "reason": reason, "transport": LongPollConnection.transport_name}
         if error is not None:
             fields["error"] = error  # the answer has no room for it: the operator reads it here
@@ -200,7 +200,7 @@ class LongPollTransport:
                                     content_type="application/json")
             self._cors(request, response)
             return response
-        if not self.node.origins.allows(request.headers.get("Origin")):
+        if not self.admission.allows_origin(request.headers.get("Origin")):
             return self._refuse(request, "origin")
         if method == "OPTIONS":
             return self._preflight(request)
@@ -231,25 +231,26 @@ class LongPollTransport:
         return response
 
     def _connect(self, request: web.Request, query_token: str | None) -> web.Response:
-        node = self.node
-        if node.draining:
+        admission = self.admission
+        if admission.draining:
             return self._refuse(request, "draining", _STATUS_500, 503)
         serializer = negotiate(request.query.get("vsn"))
         if serializer is None:
             return self._refuse(request, "vsn")
         try:
-            identity = node.tokens.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
+            identity = admission.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
         except AuthError as exc:
             return self._refuse(request, exc.reason, error=f"token refused: {exc.explanation}")
         sub, address = identity.sub, request.remote or ""
-        settings = node.settings
+        settings = admission.settings
         if self._per_sub.get(sub, 0) >= settings.longpoll_max_sessions_per_sub:
             return self._refuse(request, "longpoll_sessions_per_sub", _STATUS_500, 429)
         if self._per_address.get(address, 0) >= settings.longpoll_max_sessions_per_address:
             return self._refuse(request, "longpoll_sessions_per_address", _STATUS_500, 429)
         key, token = self._new_token()
-        conn = LongPollConnection(self, key, token, WIRES[serializer], node.now(), sub, address)
-        conn.session = node.open_session(identity, conn, LongPollConnection.transport_name)
+        conn = LongPollConnection(self.end, settings.send_buffer_bytes, key, token, WIRES[serializer], admission.now(),
+                                  sub, address)
+        conn.session = admission.open_session(identity, conn, LongPollConnection.transport_name)
         self._conns[key] = conn
         self._per_sub[sub] = self._per_sub.get(sub, 0) + 1
         self._per_address[address] = self._per_address.get(address, 0) + 1
@@ -258,12 +259,12 @@ class LongPollTransport:
     async def _poll(self, request: web.Request, conn: LongPollConnection) -> web.Response:
         session = conn.session
         conn.polling += 1
-        conn.last_poll = session.last_seen = self.node.now()
+        conn.last_poll = session.last_seen = self.admission.now()
         try:
             await conn.wait(self.window)
         finally:
             conn.polling -= 1
-            conn.last_poll = self.node.now()
+            conn.last_poll = self.admission.now()
             if not conn.gone:
                 session.last_seen = conn.last_poll
         transport = request.transport
@@ -279,8 +280,8 @@ class LongPollTransport:
 
     async def _publish(self, request: web.Request, conn: LongPollConnection) -> web.Response:
         session = conn.session
-        metrics = self.node.metrics
-        frame_limit = self.node.settings.max_frame_bytes
+        metrics = self.admission.metrics
+        frame_limit = self.admission.settings.max_frame_bytes
         batch = request.content_type == NDJSON
         body = await read_body(request, frame_limit * BATCH_FRAMES if batch else frame_limit)
         if body is None:
@@ -335,9 +336,9 @@ def _count_down(counts: dict[str, int], key: str) -> None:
         del counts[key]
 
 
-def setup(app: web.Application, node: Node) -> LongPollTransport:
+def setup(app: web.Application, admission: Admission) -> LongPollTransport:
     """Serve `/socket/longpoll` on `app`."""
-    transport = LongPollTransport(node)
+    transport = LongPollTransport(admission)
     app.router.add_route("*", PATH, transport.handle)
     app.on_startup.append(transport.start)
     app.on_cleanup.append(transport.stop)

@@ -7,16 +7,13 @@ broadcast and quotes it once for every long-poll subscriber, and a poll's answer
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import orjson
 
 from push_service.hub import Wire
 from push_service.protocol import V1, V2
 from push_service.session import Disconnect, Session
-
-if TYPE_CHECKING:
-    from push_service.transports.longpoll import LongPollTransport
 
 
 def frame_json_string(payload: bytes) -> bytes:
@@ -33,12 +30,12 @@ WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, 
 class LongPollConnection:
     """A Session's view of one long-poll session: frames wait here until the client's next GET."""
 
-    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "_transport",
-                 "_frames", "_size", "_waiter")
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "_end",
+                 "_buffer_limit", "_frames", "_size", "_waiter")
     transport_name = "longpoll"
 
-    def __init__(self, transport: LongPollTransport, key: str, token: str, wire: Wire, now: float, sub: str,
-                 address: str) -> None:
+    def __init__(self, end: Callable[[LongPollConnection], None], buffer_limit: int, key: str, token: str, wire: Wire,
+                 now: float, sub: str, address: str) -> None:
         self.key = key
         self.token = token
         self.wire = wire
@@ -48,7 +45,8 @@ class LongPollConnection:
         self.polling = 0  # GETs waiting right now
         self.last_poll = now  # when the last GET started or ended
         self.gone = False
-        self._transport = transport
+        self._end = end  # the transport's: releases the session, whoever ends it
+        self._buffer_limit = buffer_limit  # PUSH_SEND_BUFFER_BYTES
         self._frames: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -59,12 +57,12 @@ class LongPollConnection:
         self._frames.append(data)
         self._size += len(data)
         self._wake()
-        if self._size > self._transport.node.settings.send_buffer_bytes and self.session is not None:
+        if self._size > self._buffer_limit and self.session is not None:
             self.session.overflowed()  # nobody has polled for a while and the frames pile up
 
     def close(self, disconnect: Disconnect) -> None:
         """Server-side close (token expiry, drain, slow consumer, ...): a waiting GET answers at once."""
-        self._transport.end(self)
+        self._end(self)
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -26,9 +26,9 @@ from push_service.errors import AuthError, ClientError
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
 from push_service.hub import Wire
 from push_service.limits import taken_over
-from push_service.node import NODE, Node
 from push_service.protocol import V1, V2, Serializer, negotiate
 from push_service.session import Disconnect
+from push_service.transports.admission import Admission
 from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key, close_code, frame, frame_close,
     frame_text,
@@ -76,24 +76,24 @@ def token_from_subprotocols(header: str | None) -> str | None:
     return None
 
 
-def admit(node: Node, origin: str | None, vsn: str | None, subprotocols: str | None,
+def admit(admission: Admission, origin: str | None, vsn: str | None, subprotocols: str | None,
           query_token: str | None) -> tuple[Identity, Serializer]:
     """Who connects, speaking which version; Refusal (counted and logged) when they may not."""
     try:
-        if node.draining:
+        if admission.draining:
             raise Refusal(503, "draining", "this node is shutting down; reconnect")
-        if not node.origins.allows(origin):
+        if not admission.allows_origin(origin):
             raise Refusal(403, "origin", "origin not allowed")
         serializer = negotiate(vsn)
         if serializer is None:
             raise Refusal(403, "vsn", "unsupported vsn; use 1.0.0 or 2.0.0")
         try:
             token = token_from_subprotocols(subprotocols)
-            identity = node.tokens.verify(query_token if token is None else token)
+            identity = admission.verify(query_token if token is None else token)
         except AuthError as exc:
             raise Refusal(403, exc.reason, f"token refused: {exc.explanation}") from None
     except Refusal as refusal:
-        refused(node, refusal)
+        refused(admission, refusal)
         raise
     return identity, serializer
 
@@ -107,51 +107,59 @@ def wrong_version(header: Callable[[str], str | None]) -> bool:
             and header("sec-websocket-version") != VERSION)
 
 
-def version_refusal(node: Node) -> Refusal:
+def version_refusal(admission: Admission) -> Refusal:
     """426 Upgrade Required, with the version we speak (RFC 6455 4.2.2), counted and logged."""
     refusal = Refusal(426, "websocket_version", f"unsupported WebSocket version; this server speaks {VERSION}")
-    refused(node, refusal)
+    refused(admission, refusal)
     return refusal
 
 
-def refused(node: Node, refusal: Refusal) -> None:
-    node.metrics.connects_refused.labels(refusal.reason).inc()
+def refused(admission: Admission, refusal: Refusal) -> None:
+    admission.metrics.connects_refused.labels(refusal.reason).inc()
     if refusal.reason != "draining":  # every client retries during a drain: the metric counts those, not the log
         log.info("connection refused", extra={"event": "connect_refused", "reason": refusal.reason,
                                               "status": refusal.status, "error": refusal.message})
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+def setup(app: web.Application, admission: Admission) -> None:
+    """Serve the socket path's requests that aiohttp parsed (the front door takes the rest)."""
+
+    async def handle_request(request: web.Request) -> web.StreamResponse:
+        return await handle(admission, request)
+
+    app.router.add_get(PATH, handle_request)
+
+
+async def handle(admission: Admission, request: web.Request) -> web.StreamResponse:
     """The socket path as aiohttp sees it: requests the front door did not take. A well-formed upgrade
     here is not its connection's first request (aiohttp's client, for one, upgrades pooled keep-alive
     connections): the connection is taken over from aiohttp all the same, and this handler waits
     until the socket closes."""
-    node: Node = request.app[NODE]
     if wrong_version(request.headers.get):
-        refusal = version_refusal(node)
+        refusal = version_refusal(admission)
         return web.Response(status=426, body=orjson.dumps({"error": refusal.message}), content_type="application/json",
                             headers=UPGRADE_REQUIRED_HEADERS)
     try:
-        identity, serializer = admit(node, request.headers.get("Origin"), request.query.get("vsn"),
+        identity, serializer = admit(admission, request.headers.get("Origin"), request.query.get("vsn"),
                                      request.headers.get("Sec-WebSocket-Protocol"), request.query.get("token"))
     except Refusal as refusal:
         return json_response({"error": refusal.message}, refusal.status)
     transport, http = request.transport, request.protocol
     if not is_upgrade(request.headers.get) or transport is None:
         refusal = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
-        refused(node, refusal)
+        refused(admission, refusal)
         return json_response({"error": refusal.message}, refusal.status)
     http.keep_alive(False)  # no keep-alive timer of aiohttp's may close the socket later
     # What the client sent behind its request head, which the connection's wrapper kept aside.
     rest = taken_over(transport)
     if rest is None:
         refusal = Refusal(400, "not_websocket", "too much data sent before the upgrade was answered")
-        refused(node, refusal)
+        refused(admission, refusal)
         response = json_response({"error": refusal.message}, refusal.status)
         response.force_close()
         return response
     lost = asyncio.get_running_loop().create_future()
-    open_socket(node, transport, request.headers.get, identity, serializer, rest, lost)
+    open_socket(admission, transport, request.headers.get, identity, serializer, rest, lost)
     transport.resume_reading()  # in case aiohttp paused it while the tail grew
     await lost
     # aiohttp still thinks it owns the connection: tell it the connection is gone (its answer to this
@@ -167,18 +175,18 @@ class WebSocketProtocol(asyncio.Protocol):
     """One upgraded socket: frames in to its Session, framed bytes out. It is also the Session's
     Connection, so a socket is this object, its transport and its session."""
 
-    __slots__ = ("wire", "session", "_node", "_transport", "_write", "_reader", "_closing", "_awaiting_close",
+    __slots__ = ("wire", "session", "_metrics", "_transport", "_write", "_reader", "_closing", "_awaiting_close",
                  "_close_timer", "_lost", "_out")
     transport_name = "websocket"
 
-    def __init__(self, node: Node, transport: asyncio.Transport, wire: Wire, identity: Identity,
+    def __init__(self, admission: Admission, transport: asyncio.Transport, wire: Wire, identity: Identity,
                  lost: asyncio.Future[None] | None = None) -> None:
         self.wire = wire
         self._lost = lost
-        self._node = node
+        self._metrics = admission.metrics
         self._transport = transport
         self._write = transport.write
-        self._reader = FrameReader(node.settings.max_frame_bytes)
+        self._reader = FrameReader(admission.settings.max_frame_bytes)
         self._closing = False  # a Close was sent: nothing more goes out
         self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
         self._close_timer: asyncio.TimerHandle | None = None
@@ -186,8 +194,8 @@ class WebSocketProtocol(asyncio.Protocol):
         # (a join's reply and presence_state, the 101 and the reply to a join sent behind it).
         self._out: list[bytes] | None = None
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
-        transport.set_write_buffer_limits(high=node.settings.send_buffer_bytes)
-        self.session = node.open_session(identity, self, self.transport_name)
+        transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
+        self.session = admission.open_session(identity, self, self.transport_name)
 
     # --- Connection, for the session
 
@@ -292,7 +300,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """The peer broke the protocol: its frames can no longer be parsed, so the Close goes out with
         our end of the connection (a half close), and what the peer sends is read and dropped until
         it ends its own end, or PEER_CLOSE_TIMEOUT has passed."""
-        self._node.metrics.client_errors.labels(error.kind).inc()
+        self._metrics.client_errors.labels(error.kind).inc()
         if self._send_close(frame_close(error.code, error.reason)):
             self._half_close()
             self._close_timer = asyncio.get_running_loop().call_later(PEER_CLOSE_TIMEOUT, self._end)
@@ -357,27 +365,27 @@ def takes(request: Request) -> bool:
             and header("content-length", "0") == "0" and "transfer-encoding" not in request.headers)
 
 
-def accept(node: Node, transport: asyncio.Transport, request: Request, rest: bytes) -> tuple[int, int]:
+def accept(admission: Admission, transport: asyncio.Transport, request: Request, rest: bytes) -> tuple[int, int]:
     """Answer an upgrade the front door took: 101 and a WebSocketProtocol, or the refusal and a close.
     Returns the answer's status and body size (for the access log)."""
     headers, query = request.headers, parse_query(request.query)
     if headers.get("sec-websocket-version") != VERSION:  # `takes` has seen it ask for an upgrade
-        node.metrics.http_requests.labels(PATH, "GET", 426).inc()
-        body = orjson.dumps({"error": version_refusal(node).message})
+        admission.metrics.http_requests.labels(PATH, "GET", 426).inc()
+        body = orjson.dumps({"error": version_refusal(admission).message})
         transport.write(_upgrade_required(body, request_id(headers.get("x-request-id"))))
         transport.close()
         return 426, len(body)
     try:
-        identity, serializer = admit(node, headers.get("origin"), query.get("vsn"),
+        identity, serializer = admit(admission, headers.get("origin"), query.get("vsn"),
                                      headers.get("sec-websocket-protocol"), query.get("token"))
     except Refusal as refusal:
-        node.metrics.http_requests.labels(PATH, "GET", refusal.status).inc()
+        admission.metrics.http_requests.labels(PATH, "GET", refusal.status).inc()
         body = orjson.dumps({"error": refusal.message})
         transport.write(json_answer(refusal.status, body, request_id(headers.get("x-request-id")), close=True))
         transport.close()
         return refusal.status, len(body)
-    node.metrics.http_requests.labels(PATH, "GET", 101).inc()
-    open_socket(node, transport, headers.get, identity, serializer, rest)
+    admission.metrics.http_requests.labels(PATH, "GET", 101).inc()
+    open_socket(admission, transport, headers.get, identity, serializer, rest)
     return 101, 0
 
 
@@ -388,7 +396,7 @@ def _upgrade_required(body: bytes, answer_id: str) -> bytes:
             "Upgrade: websocket\r\nConnection: Upgrade, close\r\n\r\n").encode() + body
 
 
-def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str], str | None], identity: Identity,
+def open_socket(admission: Admission, transport: asyncio.Transport, header: Callable[[str], str | None], identity: Identity,
                 serializer: Serializer, rest: bytes, lost: asyncio.Future[None] | None = None) -> None:
     """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head."""
     response = b"".join((
@@ -396,6 +404,6 @@ def open_socket(node: Node, transport: asyncio.Transport, header: Callable[[str]
         b"Sec-WebSocket-Accept: ", accept_key(header("sec-websocket-key") or "").encode(), b"\r\n",
         b"Sec-WebSocket-Protocol: phoenix\r\n" if has_token(header("sec-websocket-protocol"), SUBPROTOCOL) else b"",
         b"\r\n"))
-    protocol = WebSocketProtocol(node, transport, WIRES[serializer], identity, lost)
+    protocol = WebSocketProtocol(admission, transport, WIRES[serializer], identity, lost)
     transport.set_protocol(protocol)
     protocol.start(response, rest)

@@ -1,0 +1,35 @@
+"""What a transport asks of the node: may this client connect, and a session for it once it may.
+
+node.Node implements it; a transport sees nothing else of the node.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from push_service.auth import Identity
+from push_service.config import Settings
+from push_service.metrics import Metrics
+from push_service.session import Connection, Session
+
+
+class Admission(Protocol):
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: new sockets are refused so clients reconnect to another replica."""
+
+    def now(self) -> float:
+        """The event loop's clock."""
+
+    def allows_origin(self, origin: str | None) -> bool:
+        """Whether a browser on `origin` may connect (PUSH_ALLOWED_ORIGINS)."""
+
+    def verify(self, token: str | None) -> Identity:
+        """Who a client token says the client is; auth.AuthError when it is refused."""
+
+    def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session: ...
