@@ -187,7 +187,7 @@ class Settings:
         except ValueError as exc:
             raise ConfigError("PUSH_ALLOWED_ORIGINS", str(exc)) from None
         if self.jwt_public_key:
-            self._check_public_key()
+            self._check_public_key(self.jwt_public_key)
         for algorithm in self.jwt_algorithms:
             if algorithm in HMAC_ALGORITHMS and not self.jwt_secret:
                 raise ConfigError("PUSH_JWT_ALGORITHMS", f"{algorithm} needs PUSH_JWT_SECRET")
@@ -205,7 +205,7 @@ class Settings:
         if self.jwt_secret and self.env == "production" and len(self.jwt_secret) < 32:
             raise ConfigError("PUSH_JWT_SECRET", "must be at least 32 characters when PUSH_ENV=production")
 
-    def _check_public_key(self) -> None:
+    def _check_public_key(self, pem: str) -> None:
         """Fail at load, as a ConfigError, rather than with a traceback when the server builds its verifier."""
         from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -213,7 +213,7 @@ class Settings:
         import jwt
 
         try:
-            key = load_pem_public_key(self.jwt_public_key.encode())
+            key = load_pem_public_key(pem.encode())
             accepted_algorithms(self, key)
         except (ValueError, TypeError, UnsupportedAlgorithm):
             # Never echo the value: a private key pasted here by mistake must not reach the terminal or logs.

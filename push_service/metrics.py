@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -70,26 +71,29 @@ class GaugeSeries(Series):
         self.value = float(value)
 
 
-class _Metric(Collector):
+S = TypeVar("S", bound="Series")
+
+
+class _Metric(Collector, Generic[S]):
     """A metric family: `labels(*values)` is its series for those values (created on first use, then a
     dict lookup); an unlabelled one is its own only series."""
 
     _family: type[CounterMetricFamily] | type[GaugeMetricFamily]
-    _series_type: type[Series]
+    _series_type: type[S]
 
     def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
                  registry: CollectorRegistry | None = None) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[object, ...], Series] = {}  # by the values as given
-        self._by_text: dict[tuple[str, ...], Series] = {}  # by their text: 101 and "101" are one series
+        self._series: dict[tuple[object, ...], S] = {}  # by the values as given
+        self._by_text: dict[tuple[str, ...], S] = {}  # by their text: 101 and "101" are one series
         if not self.labelnames:
             self._only = self._by_text[()] = self._series_type()
         if registry is not None:
             registry.register(self)
 
-    def labels(self, *values: object) -> Series:
+    def labels(self, *values: object) -> S:
         series = self._series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
@@ -117,7 +121,7 @@ class _Metric(Collector):
         yield family
 
 
-class Counter(_Metric):
+class Counter(_Metric[Series]):
     _family = CounterMetricFamily
     _series_type = Series
 
@@ -127,7 +131,7 @@ class Counter(_Metric):
         super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
 
 
-class Gauge(_Metric):
+class Gauge(_Metric[GaugeSeries]):
     _family = GaugeMetricFamily
     _series_type = GaugeSeries
     _function: Callable[[], float] | None = None
