@@ -115,15 +115,16 @@ class _Outstanding:
     """A broadcast in a sweep: it came in at `position` during pass `lap` and is retired when the
     sweep comes back to that position, so that every subscriber gets it once."""
 
-    __slots__ = ("broadcast", "position", "lap", "delivered_before", "to_joiners")
+    __slots__ = ("broadcast", "position", "lap", "delivered_before", "to_joiners", "since")
 
     def __init__(self, broadcast: Broadcast, position: int, lap: int, delivered_before: int,
-                 to_joiners: int) -> None:
+                 to_joiners: int, since: float) -> None:
         self.broadcast = broadcast
         self.position = position
         self.lap = lap
         self.delivered_before = delivered_before  # the sweep's deliveries when it came
         self.to_joiners = to_joiners  # how many joiners got it when it came
+        self.since = since  # the loop's time when it came
 
 
 class _Sweep:
@@ -145,10 +146,10 @@ class _Sweep:
         self.delivered = 0  # deliveries to members so far
         self.dead = 0  # Nones in members
 
-    def add(self, parts: list[Broadcast]) -> None:
+    def add(self, parts: list[Broadcast], now: float) -> None:
         joiners = self.joiners
         for part in parts:
-            self.outstanding.append(_Outstanding(part, self.cursor, self.lap, self.delivered, len(joiners)))
+            self.outstanding.append(_Outstanding(part, self.cursor, self.lap, self.delivered, len(joiners), now))
         self.delivery = None
         if joiners:
             delivery = parts[0] if len(parts) == 1 else Run(parts)
@@ -228,13 +229,13 @@ class Hub:
             sweep = self._sweeps.get(topic)
             subscribers = self._topics.get(topic)
             if sweep is not None:
-                sweep.add(pending[start:stop])
+                sweep.add(pending[start:stop], asyncio.get_running_loop().time())
             elif subscribers and len(subscribers) > self._slice:
                 members = list(subscribers)
                 for position, member in enumerate(members):
                     subscribers[member] = position
                 sweep = self._sweeps[topic] = _Sweep(members)  # type: ignore[arg-type]
-                sweep.add(pending[start:stop])
+                sweep.add(pending[start:stop], asyncio.get_running_loop().time())
             elif subscribers:
                 delivery = first if stop - start == 1 else Run(pending[start:stop])
                 for subscriber in subscribers:
@@ -327,6 +328,28 @@ class Hub:
         for topic, sweep in list(self._sweeps.items()):
             self._sweep(topic, sweep, sys.maxsize)
         self._sweeps.clear()
+
+    def lag(self) -> float:
+        """Seconds from its dispatch until the oldest broadcast still outstanding will have reached its
+        last subscriber, as its sweep goes now: the time it has waited, plus the writes left before it is
+        retired at the pace its sweep has kept since it came (other sweeps and publishes included)."""
+        if not self._sweeps:
+            return 0.0
+        now = asyncio.get_running_loop().time()
+        worst = 0.0
+        for sweep in self._sweeps.values():
+            if not sweep.outstanding:
+                continue
+            head = sweep.outstanding[0]
+            waited = now - head.since
+            left = head.position - sweep.cursor
+            if head.lap == sweep.lap:  # it came during this pass: the rest of it, then the next up to it
+                left += len(sweep.members)
+            done = sweep.delivered - head.delivered_before
+            # Nothing written yet: the pace is unknown, so count at least the time waited once more.
+            expected = waited + (left * waited / done if done else waited)
+            worst = max(worst, expected)
+        return worst
 
     def sweeping(self, topic: str) -> bool:
         """Whether a sweep is still writing `topic`: what is dispatched now waits for its pass."""
