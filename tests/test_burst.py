@@ -11,6 +11,8 @@ import pytest
 from conftest import PUBLISH_KEY, make_token, read_answer, until
 from ws_client import Client
 
+from push_service.hub import Broadcast, Hub, Run
+
 TOPIC = "room:lobby:burst"
 SUBSCRIBERS = 1500  # 15 slices of the hub's sweep: a pass lasts several loop turns
 PUBLISHERS = 4
@@ -72,6 +74,32 @@ async def refused_total(port: int) -> float:
         if line.startswith('push_publish_refused_total{reason="lag"}'):
             return float(line.split()[-1])
     raise AssertionError("push_publish_refused_total{reason=\"lag\"} is not exported")
+
+
+class Counter:
+    """A subscriber that only counts its writes."""
+
+    writes = 0
+
+    def deliver(self, broadcast: Broadcast | Run) -> None:
+        Counter.writes += 1
+
+
+async def test_the_hub_reports_a_lag_only_while_a_sweep_has_work_left():
+    Counter.writes = 0
+    hub = Hub(slice_size=10)
+    for _ in range(1000):
+        hub.subscribe(TOPIC, Counter())
+    assert hub.lag() == 0.0
+    hub.dispatch(Broadcast(TOPIC, "m", b"{}"))
+    await asyncio.sleep(0)  # the flush: the first slice of 10 is written
+    assert Counter.writes == 10 and hub.lag() > 0
+    time.sleep(0.02)  # the loop stalls: 990 writes left at 10 per 20 ms is 2 s more
+    assert hub.lag() > 2.0
+    async with asyncio.timeout(TIMEOUT):
+        while hub.sweeping(TOPIC):
+            await asyncio.sleep(0)
+    assert hub.lag() == 0.0
 
 
 @pytest.mark.slow
