@@ -174,6 +174,9 @@ class Hub:
         self._sweeping = False  # a call to _advance is scheduled
         self._on_dispatched = on_dispatched
         self._slice = slice_size
+        # Hub.lag, worked out once per change of the sweeps (a flush, a slice), however many publishes ask.
+        self._changes = 0
+        self._lag: tuple[int, float] = (-1, 0.0)
 
     def subscribe(self, topic: str, subscriber: Subscriber) -> bool:
         """Add a subscriber; True when it is the topic's first on this node."""
@@ -218,6 +221,7 @@ class Hub:
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
+        self._changes += 1
         on_dispatched = self._on_dispatched
         start, end = 0, len(pending)
         while start < end:
@@ -250,6 +254,7 @@ class Hub:
     def _advance(self) -> None:
         """One slice of every sweep; again next turn while any has outstanding broadcasts."""
         self._sweeping = False
+        self._changes += 1
         for topic, sweep in list(self._sweeps.items()):
             if not self._sweep(topic, sweep, self._slice):
                 del self._sweeps[topic]
@@ -335,6 +340,9 @@ class Hub:
         retired at the pace its sweep has kept since it came (other sweeps and publishes included)."""
         if not self._sweeps:
             return 0.0
+        changes, worst = self._lag
+        if changes == self._changes:
+            return worst
         now = asyncio.get_running_loop().time()
         worst = 0.0
         for sweep in self._sweeps.values():
@@ -349,6 +357,7 @@ class Hub:
             # Nothing written yet: the pace is unknown, so count at least the time waited once more.
             expected = waited + (left * waited / done if done else waited)
             worst = max(worst, expected)
+        self._lag = (self._changes, worst)
         return worst
 
     def sweeping(self, topic: str) -> bool:
