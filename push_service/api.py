@@ -219,6 +219,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except ApiError as exc:
         response = json_response({"error": exc.message}, exc.status)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
         publishing.log_refusal(exc, answer_id, label, request.method)
     except web.HTTPException as exc:  # 404, 405 from the router
         response = json_response({"error": exc.reason.lower()}, exc.status)

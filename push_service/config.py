@@ -80,6 +80,9 @@ OPTIONS: tuple[Option, ...] = (
            "client shares its address: raise it)"),
     Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", values.size,
            "unsent bytes a subscriber may queue before it is disconnected as a slow consumer (default 1MiB)"),
+    Option("max_delivery_lag", "PUSH_MAX_DELIVERY_LAG", values.non_negative_duration,
+           "answer publishes 503 with Retry-After while what was accepted would reach its last local subscriber "
+           "later than this after its publish (default 1s; 0 turns the check off)"),
     Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", values.choice("lobby", "thread"),
            "where POST /api/message goes: lobby (room:lobby:<channel_id>, default) or thread "
            "(room:topic:<thread_id>)"),
@@ -141,6 +144,7 @@ class Settings:
     longpoll_max_sessions_per_sub: int = 50
     longpoll_max_sessions_per_address: int = 1000
     send_buffer_bytes: int = 1024 * 1024
+    max_delivery_lag: float = 1.0
     api_message_topic: str = "lobby"
     broker: str = "memory"
     node_timeout: float = 15.0

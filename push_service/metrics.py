@@ -37,6 +37,7 @@ disable_created_metrics()
 # rate() and to alerts until its first event, and "absent" cannot be told from "zero".
 TRANSPORTS = ("websocket", "longpoll")
 ENDPOINTS = ("message", "channel", "thread", "community", "user", "broadcast", "batch")
+PUBLISH_REFUSALS = ("lag",)
 RECOVERY_RESULTS = ("recovered", "not_recovered")
 JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since")
 CONNECT_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
@@ -221,6 +222,9 @@ class Metrics:
         self.published = Counter(
             "push_messages_published_total", "Messages accepted for broadcast, by API endpoint", ["endpoint"],
             registry=registry)
+        self.publishes_refused = Counter(
+            "push_publish_refused_total", "Messages refused with 503 before being accepted, by reason (lag: delivery "
+            "is behind by more than PUSH_MAX_DELIVERY_LAG)", ["reason"], registry=registry)
         self.frames_delivered = Counter(
             "push_frames_delivered_total", "Broadcast frames written to client sockets", registry=registry)
         self.publish_latency = Histogram(
@@ -260,6 +264,7 @@ class Metrics:
         self.client_errors.preset(CLIENT_ERRORS)
         self.disconnects.preset(DISCONNECTS)
         self.published.preset(ENDPOINTS)
+        self.publishes_refused.preset(PUBLISH_REFUSALS)
         self.recoveries.preset(RECOVERY_RESULTS)
         # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):

@@ -32,6 +32,15 @@ class NodeDraining(BrokerUnavailable):
     """This node is shutting down: publishes go to another replica."""
 
 
+class NodeBehind(PushServiceError):
+    """What this node accepted would reach its subscribers later than PUSH_MAX_DELIVERY_LAG: a publish is
+    refused rather than accepted to arrive late; `retry_after` is when to try again, in whole seconds."""
+
+    def __init__(self, lag: float) -> None:
+        super().__init__(f"delivery is {lag:.2f}s behind")
+        self.retry_after = max(1, math.ceil(lag))
+
+
 class Node:
     def __init__(self, settings: Settings, broker: Broker | None = None) -> None:
         self.settings = settings
@@ -240,6 +249,12 @@ class Node:
         if self.draining:
             # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
             raise NodeDraining("node is draining")
+        limit = self.settings.max_delivery_lag
+        if limit:
+            lag = self.hub.lag()
+            if lag > limit:
+                self.metrics.publishes_refused.labels("lag").inc(len(broadcasts))
+                raise NodeBehind(lag)
         local = self.hub.audience(broadcasts)
         pending = self.broker.publish(broadcasts)
         if pending is None:
