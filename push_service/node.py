@@ -17,8 +17,8 @@ from push_service.auth import Identity, PublishKeys, TokenVerifier
 from push_service.broker import Broker, create_broker
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast, Hub
+from push_service.hub import Hub
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.metrics import Metrics
 from push_service.origin import OriginPolicy
 from push_service.presence import Presence

@@ -15,7 +15,7 @@ import orjson
 from push_service.auth import PublishKeys
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable, ClientError
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 from push_service.node import Node, NodeDraining
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, is_topic, topic_for
 

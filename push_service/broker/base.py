@@ -11,8 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from push_service.errors import BrokerUnavailable  # noqa: F401 - part of the broker contract: publish raises it
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 # Called on this node for each broadcast the broker delivers (the hub sends it out this loop iteration).

@@ -8,8 +8,7 @@ from push_service.broker.base import Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable
 from push_service.history.memory import MemoryHistory
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 
 
 class MemoryBroker(Broker):

@@ -20,9 +20,8 @@ from push_service.broker.nats_presence import NatsPresenceStore
 from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
-from push_service.history.position import Position, Recovery
 from push_service.history.window import recovery_window
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 try:

@@ -22,8 +22,7 @@ from push_service.broker.backoff import Backoff
 from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 try:

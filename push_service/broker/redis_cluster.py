@@ -33,8 +33,7 @@ from push_service.broker.redis_shared import (CLUSTER, HistoryOptions, RedisPres
 from push_service.broker.redis_slots import SLOTS, Address, key_slot, parse_cluster_url, parse_slots, redirection
 from push_service.broker.resp import ReplyError
 from push_service.config import Settings, redact_url
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 log = logging.getLogger("push_service.broker")
