@@ -98,9 +98,8 @@ def publish_handler(route: publishing.Route) -> Handler:
         if raw is None:
             raise publishing.too_large(node.settings.max_publish_bytes)
         body = publishing.authorized_object(node.publish_keys, authorization, raw)
-        published, delivered = publishing.publish(node, route, body, request[STARTED])
-        if not isinstance(delivered, int):
-            delivered = await delivered
+        published, delivered, accepted = publishing.publish(node, route, body, request[STARTED])
+        await publishing.await_accepted(node, route, published, accepted)
         return web.Response(body=publishing.answer(published, delivered), content_type="application/json")
 
     return handler
