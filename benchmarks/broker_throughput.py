@@ -81,7 +81,7 @@ def worker(url: str, topics: list[str], args: argparse.Namespace, results: multi
 async def publish_all(url: str, topics: list[str], args: argparse.Namespace) -> dict[str, float]:
     from push_service.broker import create_broker
     from push_service.config import Settings
-    from push_service.hub import Broadcast
+    from push_service.messages import Broadcast
 
     settings = Settings(broker=url, history_size=args.history)
     broker = create_broker(settings, uuid.uuid4().hex[:8], lambda up: None, lambda: None)

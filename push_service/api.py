@@ -15,9 +15,9 @@ from aiohttp import HttpVersion11, web
 
 from push_service import publishing
 from push_service.errors import BrokerUnavailable, ClientError
-from push_service.history.position import Position
 from push_service.http1 import request_id
 from push_service.limits import AIOHTTP_CONNECTIONS
+from push_service.messages import Position
 from push_service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from push_service.node import NODE, Node
 from push_service.presence.base import Metas, PresenceUnavailable, state_payload
@@ -98,9 +98,8 @@ def publish_handler(route: publishing.Route) -> Handler:
         if raw is None:
             raise publishing.too_large(node.settings.max_publish_bytes)
         body = publishing.authorized_object(node.publish_keys, authorization, raw)
-        published, delivered = publishing.publish(node, route, body, request[STARTED])
-        if not isinstance(delivered, int):
-            delivered = await delivered
+        published, delivered, accepted = publishing.publish(node, route, body, request[STARTED])
+        await publishing.await_accepted(node, route, published, accepted)
         return web.Response(body=publishing.answer(published, delivered), content_type="application/json")
 
     return handler

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import cast
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import orjson
 
@@ -250,8 +250,8 @@ class PublishConnection(asyncio.Protocol):
         length = int(text)  # digits only, and at most 20 of them: llhttp has checked
         return length if length <= self._node.settings.max_publish_bytes else None
 
-    def _handle(self, route: publishing.Route, request: Request, raw: bytes) -> Awaitable[None] | None:
-        """Answer one publish; an awaitable when the broker takes it later."""
+    def _handle(self, route: publishing.Route, request: Request, raw: bytes) -> Coroutine[Any, Any, None] | None:
+        """Answer one publish; what finishes it when the broker takes it later."""
         started = time.time()  # wall clock: carried to other nodes with the broadcast
         node, headers = self._node, request.headers
         answer_id = request_id(headers.get("x-request-id"))
@@ -260,22 +260,23 @@ class PublishConnection(asyncio.Protocol):
             authorization = headers.get("authorization")
             publishing.check_head(node.publish_keys, authorization, _mimetype(headers.get("content-type")))
             body = publishing.authorized_object(node.publish_keys, authorization, raw)
-            published, delivered = publishing.publish(node, route, body, started)
+            published, delivered, accepted = publishing.publish(node, route, body, started)
+            if not accepted.done():
+                return self._finish(route, published, delivered, accepted, answer_id, close, started)
+            publishing.check_accepted(node, route, published, accepted)
         except ApiError as error:
             self._refuse(route, error, answer_id, close, started)
             return None
         except Exception:
             self._failed(route, answer_id, started)
             return None
-        if isinstance(delivered, int):
-            self._answer(route, 200, publishing.answer(published, delivered), answer_id, close, started)
-            return None
-        return self._finish(route, published, delivered, answer_id, close, started)
+        self._answer(route, 200, publishing.answer(published, delivered), answer_id, close, started)
+        return None
 
-    async def _finish(self, route: publishing.Route, published: int, pending: Awaitable[int], answer_id: str,
-                      close: bool, started: float) -> None:
+    async def _finish(self, route: publishing.Route, published: int, delivered: int,
+                      accepted: asyncio.Future[None], answer_id: str, close: bool, started: float) -> None:
         try:
-            delivered = await pending
+            await publishing.await_accepted(self._node, route, published, accepted)
         except ApiError as error:
             self._refuse(route, error, answer_id, close, started)
         except Exception:

@@ -8,7 +8,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -17,8 +17,8 @@ from push_service.auth import Identity, PublishKeys, TokenVerifier
 from push_service.broker import Broker, create_broker
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable, PushServiceError
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast, Hub
+from push_service.hub import Hub
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.metrics import Metrics
 from push_service.origin import OriginPolicy
 from push_service.presence import Presence
@@ -63,6 +63,7 @@ class Node:
         # topic -> sessions whose join waits for the broker to confirm the topic's subscription
         self._waiting: dict[str, list[Session]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._answers: set[asyncio.Future[Recovery | None]] = set()  # history reads, until they answer
         self.draining = False
 
     async def start(self) -> None:
@@ -215,37 +216,37 @@ class Node:
         return self.settings.history_size > 0
 
     def recover(self, topic: str, since: Position | None, done: Callable[[Recovery | None], None]) -> None:
-        """Call `done` with the topic's position and what came after `since` (None: history unreadable),
-        at once when the broker answers synchronously (memory), else when it answers."""
+        """Call `done` with the topic's position and what came after `since` (None: history is off or
+        unreadable), at once when the broker's answer is ready (memory), else when it comes."""
         try:
-            result = self.broker.recover(topic, since)
+            pending = self.broker.recover(topic, since)
         except BrokerUnavailable:
             done(None)
             return
-        if result is None or isinstance(result, Recovery):
-            done(result)
-            return
 
-        async def wait(pending: Awaitable[Recovery]) -> None:
+        def answered(pending: asyncio.Future[Recovery | None]) -> None:
             try:
-                recovery: Recovery | None = await pending
+                recovery = pending.result()
             except BrokerUnavailable:
                 recovery = None
             done(recovery)
 
-        self._spawn(wait(result))
+        if pending.done():  # the memory broker: the join is answered in this loop turn
+            answered(pending)
+            return
+        self._answers.add(pending)  # asyncio keeps only a weak reference to a task
+        pending.add_done_callback(self._answers.discard)
+        pending.add_done_callback(answered)
 
     async def history(self, topic: str, since: Position | None, limit: int) -> Recovery | None:
-        result = self.broker.recover(topic, since, limit)
-        if result is None or isinstance(result, Recovery):
-            return result
-        return await result
+        return await self.broker.recover(topic, since, limit)
 
     # --- publishing
 
-    def publish(self, broadcasts: Sequence[Broadcast], endpoint: str) -> int | Awaitable[int]:
-        """Publish to every node; this node's subscribers of those topics, at once when the broker takes
-        the publish at once (memory), else awaitable."""
+    def publish(self, broadcasts: Sequence[Broadcast]) -> tuple[int, asyncio.Future[None]]:
+        """Publish to every node: (this node's subscribers of those topics, the broker's answer, done once
+        it has taken the publish: already with the memory broker). Raises BrokerUnavailable, or the answer
+        holds it; the caller counts what was taken (`count_published`)."""
         if self.draining:
             # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
             raise NodeDraining("node is draining")
@@ -255,17 +256,10 @@ class Node:
             if lag > limit:
                 self.metrics.publishes_refused.labels("lag").inc(len(broadcasts))
                 raise NodeBehind(lag)
-        local = self.hub.audience(broadcasts)
-        pending = self.broker.publish(broadcasts)
-        if pending is None:
-            self.metrics.published.labels(endpoint).inc(len(broadcasts))
-            return local
-        return self._published(pending, endpoint, len(broadcasts), local)
+        return self.hub.audience(broadcasts), self.broker.publish(broadcasts)
 
-    async def _published(self, pending: Awaitable[None], endpoint: str, count: int, local: int) -> int:
-        await pending
+    def count_published(self, endpoint: str, count: int) -> None:
         self.metrics.published.labels(endpoint).inc(count)
-        return local
 
     def _dispatched(self, broadcast: Broadcast, count: int) -> None:
         self.metrics.frames_delivered.inc(count)

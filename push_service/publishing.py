@@ -5,9 +5,10 @@ keep-alive publish connection (frontdoor.py), so a publish is judged the same ei
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ import orjson
 from push_service.auth import PublishKeys
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable, ClientError
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 from push_service.node import Node, NodeBehind, NodeDraining
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, is_topic, topic_for
 
@@ -168,7 +169,9 @@ def _broadcast_from(item: Any, index: int | None, started: float) -> Broadcast:
     if not _is_topic(topic):
         raise ApiError(400, f"{_where(index)}: unknown topic family {topic!r} (room:lobby:<id>, room:topic:<id>, "
                             "room:<id>, user:<id>)")
-    problem = _event_problem(event) if isinstance(event, str) else BAD_EVENT
+    if not isinstance(event, str):
+        raise ApiError(400, f"{_where(index)}: {BAD_EVENT}")
+    problem = _event_problem(event)
     if problem is not None:
         raise ApiError(400, f"{_where(index)}: {problem}")
     if not isinstance(payload, dict):
@@ -207,29 +210,43 @@ def routes(settings: Settings) -> dict[str, Route]:
 # --- publishing, and the answer
 
 
-def publish(node: Node, route: Route, body: dict[str, Any], started: float) -> tuple[int, int | Awaitable[int]]:
-    """Publish what the body asks for: (messages published, local deliveries or an awaitable of them).
-    ApiError for a bad body, or 503 when this node or its broker cannot take it."""
+def publish(node: Node, route: Route, body: dict[str, Any], started: float) -> tuple[int, int, asyncio.Future[None]]:
+    """Publish what the body asks for: (messages published, local deliveries, the broker's answer: see
+    `check_accepted`, `await_accepted`). ApiError for a bad body, or 503 when this node or its broker
+    cannot take it."""
     broadcasts = route.broadcasts(body, started)
     try:
-        delivered = node.publish(broadcasts, route.endpoint)
+        delivered, accepted = node.publish(broadcasts)
     except NodeDraining:
         raise ApiError(503, "node is draining; retry on another replica") from None
     except NodeBehind as behind:
         raise ApiError(503, f"{behind}, more than PUSH_MAX_DELIVERY_LAG: retry later",
                        behind.retry_after) from None
     except BrokerUnavailable:
-        raise ApiError(503, "broker unavailable") from None
-    if isinstance(delivered, int):
-        return len(broadcasts), delivered
-    return len(broadcasts), _unavailable_is_503(delivered)
+        raise _broker_unavailable() from None
+    return len(broadcasts), delivered, accepted
 
 
-async def _unavailable_is_503(pending: Awaitable[int]) -> int:
+def check_accepted(node: Node, route: Route, published: int, accepted: asyncio.Future[None]) -> None:
+    """The broker has answered: counted when it took the publish, else 503."""
     try:
-        return await pending
+        accepted.result()
     except BrokerUnavailable:
-        raise ApiError(503, "broker unavailable") from None
+        raise _broker_unavailable() from None
+    node.count_published(route.endpoint, published)
+
+
+async def await_accepted(node: Node, route: Route, published: int, accepted: asyncio.Future[None]) -> None:
+    """`check_accepted`, once the broker has answered."""
+    try:
+        await accepted
+    except BrokerUnavailable:
+        pass  # check_accepted answers it
+    check_accepted(node, route, published, accepted)
+
+
+def _broker_unavailable() -> ApiError:
+    return ApiError(503, "broker unavailable")
 
 
 def answer(published: int, delivered: int) -> bytes:

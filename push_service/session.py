@@ -15,8 +15,7 @@ from typing import Any, Protocol
 
 from push_service.auth import Identity
 from push_service.config import Settings
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast, Run, Wire
+from push_service.messages import Broadcast, Position, Recovery, Run, Wire
 from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.errors import ProtocolError
@@ -211,7 +210,7 @@ class Session:
     def receive(self, data: str | bytes) -> None:
         self.last_seen = self.host.now()
         try:
-            message = self._wire.serializer.decode(data)
+            message: Message = self._wire.serializer.decode(data)
         except ProtocolError as exc:
             self.host.metrics.client_errors.labels(exc.reason).inc()
             self.disconnect(INVALID_MESSAGE)

@@ -11,7 +11,8 @@ import pytest
 from conftest import PUBLISH_KEY, make_token, read_answer, until
 from ws_client import Client
 
-from push_service.hub import Broadcast, Hub, Run
+from push_service.hub import Hub
+from push_service.messages import Broadcast, Run
 
 TOPIC = "room:lobby:burst"
 SUBSCRIBERS = 1500  # 15 slices of the hub's rotation: a pass lasts several loop turns

@@ -13,7 +13,7 @@ from pathlib import Path
 import push_service
 from push_service.broker.memory import MemoryBroker
 from push_service.errors import BrokerError, BrokerUnavailable, PushServiceError
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 
 PACKAGE = Path(push_service.__file__).resolve().parent
 

@@ -38,8 +38,7 @@ from push_service.auth import Identity
 from push_service.broker.memory import MemoryBroker
 from push_service.config import Settings
 from push_service.history.memory import ENTRY_OVERHEAD, MemoryHistory
-from push_service.history.position import Position, Recovery, new_epoch
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery, new_epoch
 from push_service.node import Node
 from push_service.protocol import V2
 from push_service.transports.websocket import WIRES

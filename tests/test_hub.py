@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-from push_service.hub import Broadcast, Hub, Run
+from push_service.hub import Hub
+from push_service.messages import Broadcast, Run
 
 TIMEOUT = 5.0
 

@@ -18,7 +18,7 @@ from brokers import Proxy, proxy_to, require_nats
 from push_service.broker.base import BrokerUnavailable
 from push_service.broker.nats import NatsBroker, subject_for
 from push_service.config import Settings
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 
 TIMEOUT = 5.0
 

@@ -22,7 +22,8 @@ from conftest import JWT_SECRET, make_token, until
 from push_service import app as application
 from push_service.auth import Identity
 from push_service.config import Settings
-from push_service.hub import SLICE, Broadcast, Wire
+from push_service.hub import SLICE
+from push_service.messages import Broadcast, Wire
 from push_service.node import Node
 from push_service.protocol import V1, V2
 from push_service.transports.frames import frame_text

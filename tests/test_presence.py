@@ -24,7 +24,7 @@ import pytest
 from conftest import PUBLISH_KEY, make_token
 from push_service.auth import Identity
 from push_service.config import Settings
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 from push_service.metrics import Metrics
 from push_service.presence import Diff, DiffBatcher, MemoryTracker, Presence, new_phx_ref
 from push_service.presence.diffs import MAX_WAITS

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from push_service.history.position import Position
 from push_service.history.window import recovery_window
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position
 
 EPOCH = "e1"
 

@@ -32,7 +32,7 @@ from push_service.broker.redis import CHANNEL_PREFIX, COMMAND_TIMEOUT, PING_INTE
 from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
 from push_service.broker.resp import Parser, ReplyError, RespProtocolError, command
 from push_service.config import Settings
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 from push_service.node import Node as PushNode
 
 TIMEOUT = 5.0

@@ -14,8 +14,7 @@ import orjson
 
 from push_service.auth import Identity
 from push_service.config import Settings
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast, Wire
+from push_service.messages import Broadcast, Position, Recovery, Wire
 from push_service.metrics import Metrics
 from push_service.protocol import V2
 from push_service.session import INVALID_MESSAGE, Disconnect, Session

@@ -7,12 +7,13 @@ replicated trackers travel over the same per-topic channel, as `Signal`s.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from push_service.errors import BrokerUnavailable  # noqa: F401 - part of the broker contract: publish raises it
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 # Called on this node for each broadcast the broker delivers (the hub sends it out this loop iteration).
@@ -30,6 +31,17 @@ START_WAIT = 2.0
 DOWN_MESSAGE = "%s unreachable: retrying until it answers (readyz and publishes answer 503 meanwhile)"
 
 
+T = TypeVar("T")
+
+
+def resolved(value: T) -> asyncio.Future[T]:
+    """A future already done with `value`: a broker's answer when it needs no I/O, which a caller that
+    cannot wait (the front door, a join) uses at once, seeing `done()`."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
 class Broker(ABC):
     name: str
     # The id of this node, to tell our own signals from other nodes'.
@@ -40,9 +52,9 @@ class Broker(ABC):
         """Connect, and from now on pass every broadcast (from any node) to `deliver`."""
 
     @abstractmethod
-    def publish(self, broadcasts: Sequence[Broadcast]) -> Awaitable[None] | None:
-        """Publish in order to every node (this one included): None when done at once (memory), else an
-        awaitable. Raises BrokerUnavailable (or the awaitable does)."""
+    def publish(self, broadcasts: Sequence[Broadcast]) -> asyncio.Future[None]:
+        """Publish in order to every node (this one included): a future, done once the broker has taken it
+        (already, with the memory broker). Raises BrokerUnavailable, or the future holds it."""
 
     @abstractmethod
     def subscribe(self, topic: str) -> bool:
@@ -56,10 +68,10 @@ class Broker(ABC):
         """Send a presence signal to the other nodes hearing `topic`."""
 
     def recover(self, topic: str, since: Position | None,
-                limit: int | None = None) -> Recovery | Awaitable[Recovery] | None:
-        """The topic's current position and what came after `since` (None: history is off).
-        May answer at once or as an awaitable; raises BrokerUnavailable."""
-        return None
+                limit: int | None = None) -> asyncio.Future[Recovery | None]:
+        """The topic's current position and what came after `since`, None when history is off: a future,
+        done at once when no I/O is needed (`resolved`). Raises BrokerUnavailable, or the future holds it."""
+        return resolved(None)
 
     def presence_store(self, node_timeout: float) -> PresenceStore | None:
         """Where cluster-wide presence lives; None: presence is this node's alone."""

@@ -12,8 +12,7 @@ from __future__ import annotations
 import orjson
 
 from push_service.errors import BrokerError
-from push_service.history.position import Position
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position
 
 BROADCAST = b"B"
 SIGNAL = b"S"

@@ -12,17 +12,16 @@ import base64
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from push_service.broker import envelope
 from push_service.broker.backoff import Backoff
 from push_service.broker.nats_presence import NatsPresenceStore
-from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal, resolved
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
-from push_service.history.position import Position, Recovery
 from push_service.history.window import recovery_window
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 try:
@@ -120,7 +119,10 @@ class NatsBroker(Broker):
         # A stream created anew (a NATS restart lost its memory) starts a new epoch.
         self._epoch = hashlib.sha256(str(info.created).encode()).hexdigest()[:12]
 
-    async def publish(self, broadcasts: Sequence[Broadcast]) -> None:
+    def publish(self, broadcasts: Sequence[Broadcast]) -> asyncio.Future[None]:
+        return asyncio.ensure_future(self._publish(broadcasts))
+
+    async def _publish(self, broadcasts: Sequence[Broadcast]) -> None:
         nc = self._nc
         if nc is None or not self._ready or not nc.is_connected:
             raise BrokerUnavailable("nats unavailable")
@@ -245,12 +247,13 @@ class NatsBroker(Broker):
         elif item[1] != self.node_id:
             self._signal(item[0], item[2])
 
-    def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
+    def recover(self, topic: str, since: Position | None,
+                limit: int | None = None) -> asyncio.Future[Recovery | None]:
         if not self._history_size:
-            return None
+            return resolved(None)
         if self._js is None or not self._ready:
             raise BrokerUnavailable("nats unavailable")
-        return self._recover(self._js, topic, since, limit)
+        return asyncio.ensure_future(self._recover(self._js, topic, since, limit))
 
     async def _recover(self, js: JetStreamContext, topic: str, since: Position | None,
                        limit: int | None) -> Recovery:

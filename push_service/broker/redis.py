@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from push_service.broker import envelope
 from push_service.broker.backoff import Backoff
-from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal, resolved
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 try:
@@ -90,7 +90,7 @@ class RedisBroker(Broker):
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
             await asyncio.wait_for(self._attempted.wait(), START_WAIT)
 
-    def publish(self, broadcasts: Sequence[Broadcast]) -> Awaitable[None]:
+    def publish(self, broadcasts: Sequence[Broadcast]) -> asyncio.Future[None]:
         publisher = self._publisher
         if not self._ready or publisher is None:
             raise BrokerUnavailable("redis unavailable")
@@ -98,17 +98,30 @@ class RedisBroker(Broker):
         # its order, and each script call is atomic on its own.
         history = self._history
         commands = [publish_command(broadcast, STANDALONE, PUBLISH_SCRIPT, history) for broadcast in broadcasts]
-        return self._answered(publisher, publisher.call(commands))
+        return self._accepted(publisher, publisher.call(commands))
 
-    async def _answered(self, publisher: RedisConnection, reply: Awaitable[object]) -> None:
-        try:
-            await reply
-        except ReplyError as error:
+    def _accepted(self, publisher: RedisConnection, reply: asyncio.Future[object]) -> asyncio.Future[None]:
+        """Done when Redis has answered; BrokerUnavailable when it refused or the connection went. A
+        callback rather than a task: a task per publish costs more than the rest of it."""
+        accepted: asyncio.Future[None] = reply.get_loop().create_future()
+        reply.add_done_callback(functools.partial(self._answered, publisher, accepted))
+        return accepted
+
+    def _answered(self, publisher: RedisConnection, accepted: asyncio.Future[None],
+                  reply: asyncio.Future[object]) -> None:
+        error = ConnectionLost() if reply.cancelled() else reply.exception()
+        if accepted.cancelled():
+            return
+        if error is None:
+            accepted.set_result(None)
+            return
+        if isinstance(error, ReplyError):
             if error.code == "NOSCRIPT":  # the script cache was flushed: load it again for what comes next
                 self._load_script(publisher)
-            raise BrokerUnavailable(f"redis refused the publish: {error.code}") from None
-        except ConnectionLost:
-            raise BrokerUnavailable("redis publish failed: connection lost") from None
+            error = BrokerUnavailable(f"redis refused the publish: {error.code}")
+        elif isinstance(error, ConnectionLost):
+            error = BrokerUnavailable("redis publish failed: connection lost")
+        accepted.set_exception(error)
 
     @staticmethod
     def _load_script(publisher: RedisConnection) -> asyncio.Future[object]:
@@ -116,18 +129,19 @@ class RedisBroker(Broker):
         loaded.add_done_callback(lambda future: future.cancelled() or future.exception())  # seen, whatever it is
         return loaded
 
-    def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
+    def recover(self, topic: str, since: Position | None,
+                limit: int | None = None) -> asyncio.Future[Recovery | None]:
         if not self._history.size:
-            return None
+            return resolved(None)
         if not self._ready:
             raise BrokerUnavailable("redis unavailable")
-        return read_recovery(self._client, topic, since, limit, self._history)
+        return asyncio.ensure_future(read_recovery(self._client, topic, since, limit, self._history))
 
     async def send_signal(self, topic: str, data: bytes) -> None:
         publisher = self._publisher
         if publisher is None:
             raise BrokerUnavailable("redis unavailable")
-        await self._answered(publisher, publisher.call(
+        await self._accepted(publisher, publisher.call(
             [("PUBLISH", CHANNEL_PREFIX + topic, envelope.pack_signal(topic, self.node_id, data))]))
 
     def subscribe(self, topic: str) -> bool:

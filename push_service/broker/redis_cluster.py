@@ -17,13 +17,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, Confirmed, Deliver, Signal
+from push_service.broker.base import Broker, Confirmed, Deliver, Signal, resolved
 from push_service.errors import BrokerUnavailable
 from push_service.broker.redis import COMMAND_TIMEOUT
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, Endpoint, RedisConnection
@@ -33,8 +33,7 @@ from push_service.broker.redis_shared import (CLUSTER, HistoryOptions, RedisPres
 from push_service.broker.redis_slots import SLOTS, Address, key_slot, parse_cluster_url, parse_slots, redirection
 from push_service.broker.resp import ReplyError
 from push_service.config import Settings, redact_url
-from push_service.history.position import Position, Recovery
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
 log = logging.getLogger("push_service.broker")
@@ -92,7 +91,7 @@ class RedisClusterBroker(Broker):
         address = self._owners[key_slot(CLUSTER.channel(topic))]
         return None if address is None else self._shards.get(address)
 
-    def publish(self, broadcasts: Sequence[Broadcast]) -> Awaitable[None]:
+    def publish(self, broadcasts: Sequence[Broadcast]) -> asyncio.Future[None]:
         routed = []
         for broadcast in broadcasts:  # all or nothing: no part of a batch goes out when a shard is down
             shard = self._shard_of(broadcast.topic)
@@ -105,7 +104,7 @@ class RedisClusterBroker(Broker):
             reply = publisher.call([command])
             reply.add_done_callback(seen)
             pending.append((shard, topic, command, reply))
-        return self._answered(pending)
+        return asyncio.ensure_future(self._answered(pending))
 
     async def _answered(self, pending: list[tuple[Shard, str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         # Per topic, the order is the order of one connection; a redirected command is sent once more, where
@@ -141,13 +140,14 @@ class RedisClusterBroker(Broker):
         except (ReplyError, ConnectionLost) as failure:
             raise BrokerUnavailable(f"redis cluster refused the publish: {failure}") from None
 
-    def recover(self, topic: str, since: Position | None, limit: int | None = None) -> Awaitable[Recovery] | None:
+    def recover(self, topic: str, since: Position | None,
+                limit: int | None = None) -> asyncio.Future[Recovery | None]:
         if not self._history.size:
-            return None
+            return resolved(None)
         shard = self._shard_of(topic)
         if shard is None or not shard.up:
             raise BrokerUnavailable("redis cluster: the topic's shard is unavailable")
-        return read_recovery(self._client, topic, since, limit, self._history)
+        return asyncio.ensure_future(read_recovery(self._client, topic, since, limit, self._history))
 
     async def send_signal(self, topic: str, data: bytes) -> None:
         shard = self._shard_of(topic)

@@ -20,9 +20,8 @@ from redis.exceptions import RedisError
 from push_service.broker import envelope
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable
-from push_service.history.position import Position, Recovery, new_epoch
 from push_service.history.window import recovery_window
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery, new_epoch
 from push_service.presence.replicated import PresenceStore
 
 

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from push_service.api import ApiError, json_response, require_bearer_key
-from push_service.hub import Broadcast, Run, Wire
+from push_service.messages import Broadcast, Run, Wire
 from push_service.node import Node
 from push_service.protocol import V2
 from push_service.topics import parse_topic

@@ -1,5 +1,5 @@
-"""Missed-message recovery: per-topic positions and a bounded history of recent broadcasts.
+"""Missed-message recovery: a bounded history of recent broadcasts.
 
-`position` (Position, Recovery) has no dependencies so the hub can import it; `memory` holds the
-single-node history; the Redis and NATS brokers keep theirs in Redis streams / JetStream.
+`memory` holds the single-node history (positions and `Recovery` are in push_service.messages);
+the Redis and NATS brokers keep theirs in Redis streams / JetStream.
 """

@@ -15,9 +15,8 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-from push_service.history.position import Position, Recovery, new_epoch
 from push_service.history.window import recovery_window
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery, new_epoch
 
 ENTRY_OVERHEAD = 200  # bytes a stored broadcast costs beyond its payload and names (objects, deque slot)
 

@@ -4,12 +4,8 @@ sent and whether it is all it missed. Every history (memory, Redis, NATS) reads,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from push_service.history.position import Position, Recovery
-
-if TYPE_CHECKING:
-    from push_service.hub import Broadcast
+from push_service.messages import Broadcast, Position, Recovery
 
 
 def recovery_window(current: Position, since: Position | None, kept: Sequence[Broadcast], limit: int | None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from push_service.hub import Broadcast
+from push_service.messages import Broadcast
 from push_service.presence.base import Diff, Metas, Tracker, state_payload
 from push_service.presence.diffs import DiffBatcher
 from push_service.presence.memory import MemoryTracker

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import orjson
 
-from push_service.hub import Wire
+from push_service.messages import Wire
 from push_service.protocol import V1, V2
 from push_service.session import Disconnect, Session
 

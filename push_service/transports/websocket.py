@@ -24,8 +24,8 @@ from push_service.api import json_response
 from push_service.auth import Identity
 from push_service.errors import AuthError, ClientError
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
-from push_service.hub import Wire
 from push_service.limits import taken_over
+from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer, negotiate
 from push_service.session import Disconnect
 from push_service.transports.admission import Admission
