@@ -26,7 +26,8 @@ log = logging.getLogger("push_service.admin")
 
 ANSWER_WAIT = 1.0  # seconds the asking node waits for the other nodes' answers
 MAX_BODY = 16 * 1024
-MAX_USER = 1024  # characters of a `sub`
+MAX_USER = 512  # characters of a `sub`: percent-encoded in a query, it still fits aiohttp's 8 KiB request line
+MAX_TOPIC = 255  # characters of a topics prefix or cursor (a topic name is at most 255 bytes)
 MAX_REASON = 200
 MAX_CONNECTIONS = 1000  # of one user, per node, in /connections
 MAX_TOPICS_SHOWN = 100  # per connection, in /connections
@@ -246,8 +247,8 @@ async def topics(request: web.Request) -> web.StreamResponse:
     raw_limit = request.query.get("limit", str(TOPICS_LIMIT))
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= TOPICS_MAX_LIMIT:
         raise ApiError(400, f"limit must be a whole number from 1 to {TOPICS_MAX_LIMIT}")
-    if len(prefix) > MAX_USER or len(cursor) > MAX_USER:
-        raise ApiError(400, f"prefix and cursor must be at most {MAX_USER} characters")
+    if len(prefix) > MAX_TOPIC or len(cursor) > MAX_TOPIC:
+        raise ApiError(400, f"prefix and cursor must be at most {MAX_TOPIC} characters")
     limit = int(raw_limit)
     gathered = await request.app[CONTROL].ask("topics", {"prefix": prefix, "cursor": cursor, "limit": limit},
                                               ANSWER_WAIT)
