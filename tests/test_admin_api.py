@@ -16,6 +16,7 @@ from aiohttp import WSMsgType
 from conftest import ADMIN_KEY, PUBLISH_KEY, ServerProcess, make_token, until
 from nodejs import JS_DIR, run_script
 from test_cluster import NODE_TIMEOUT, broker_url, connect, start_nodes  # noqa: F401  (fixture)
+from test_redis_cluster import redis_cluster  # noqa: F401  (fixture)
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TIMEOUT = 5.0
@@ -271,6 +272,19 @@ async def test_reads_and_unsubscribe_reach_every_node(broker_url, start_server):
         for socket in (on_a, on_b):
             await socket.wait_for(lambda f: f[3] == "phx_close" and f[2] == topic)
             await socket.heartbeat()
+
+
+async def test_disconnect_crosses_nodes_over_a_redis_cluster_too(redis_cluster, start_server):  # noqa: F811
+    a, b = await start_nodes(start_server, 2, redis_cluster.url)
+    await see_each_other([a, b])
+    async with aiohttp.ClientSession() as http, connect(http, b, "ada") as ada:
+        await ada.join("room:lobby:1")
+        started = time.monotonic()
+        answer = await admin(a, "POST", "/api/admin/disconnect", {"user": "ada", "reconnect": True})
+        assert await closed_code(ada.ws, TIMEOUT) == 4000
+        took = time.monotonic() - started
+    print(f"\nredis cluster: disconnect on node A -> socket on node B closed in {took * 1000:.1f} ms")
+    assert took < 1.0 and answer["closed"] == {await node_id(a): 0, await node_id(b): 1}
 
 
 @pytest.mark.slow
