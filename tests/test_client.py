@@ -4,6 +4,8 @@ on 503 only (against a server whose broker is down, and a stub that answers 503 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,12 +15,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import ADMIN_KEY, PUBLISH_KEY
+from conftest import ADMIN_KEY, PUBLISH_KEY, ROOT, communicate
 from brokers import free_port
 from push_service.client import (AsyncPushClient, BadRequest, Forbidden, PushClient, Unauthorized, Unavailable,
                                  backoff)
 from push_service.errors import ConfigError, PushServiceError
 from test_cluster import connect
+from test_examples import readme_block
 
 TIMEOUT = 5.0
 
@@ -150,3 +153,14 @@ def test_backoff_is_jittered_and_bounded():
     waits = [backoff(attempt, None) for attempt in range(1, 10) for _ in range(20)]
     assert all(0 <= wait <= 5.0 for wait in waits) and len(set(waits)) > 100
     assert backoff(1, "2") == 2.0 and backoff(1, "3600") == 30.0
+
+
+async def test_the_readme_snippet_runs(server):
+    script = readme_block("From Python, `push_service.client`", "python")
+    env = {**os.environ, "PUSH_URL": server.http_url, "PUSH_SERVICE_KEY": PUBLISH_KEY, "PUSH_ADMIN_KEY": ADMIN_KEY,
+           "PYTHONPATH": str(ROOT)}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", script, env=env,
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await communicate(process, 20)
+    assert process.returncode == 0, stderr.decode()
+    assert "'connections': {'total': 0" in stdout.decode()
