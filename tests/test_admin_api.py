@@ -21,6 +21,7 @@ from test_redis_cluster import redis_cluster  # noqa: F401  (fixture)
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TIMEOUT = 5.0
 CLIENT = JS_DIR / "client.mjs"
+LONGPOLL = JS_DIR / "longpoll.mjs"
 ENDPOINTS = [("POST", "/api/admin/disconnect", {"user": "nobody", "reconnect": False}),
              ("POST", "/api/admin/unsubscribe", {"user": "nobody", "topic": "room:lobby:1"}),
              ("GET", "/api/admin/connections?user=nobody", None),
@@ -169,6 +170,25 @@ async def test_phoenix_js_reconnects_after_a_disconnect_as_asked(server, version
         assert closed["code"] == (4000 if reconnect else 1000)
         later = await client.collect(1.5)  # 15 of its retry intervals
         assert bool([e for e in later if e["event"] == "open"]) is reopens, later
+
+
+@pytest.mark.parametrize("version", ["16", "17", "18"])
+async def test_phoenix_js_over_longpoll_opens_a_new_session_after_any_disconnect(server, version):
+    """The ended session answers 410; every phoenix.js then starts a new one (README "Server API")."""
+    topic = f"room:lobby:{uuid.uuid4().hex}"
+    async with run_script(LONGPOLL, version, f"http://127.0.0.1:{server.port}/socket", "--token",
+                          make_token("ada"), "--topic", topic, "--retry-ms", "100") as client:
+        await client.wait_event("join", topic=topic, status="ok", timeout=10.0)
+        [before] = (await admin(server, "GET", "/api/admin/connections?user=ada"))["connections"]
+        answer = await admin(server, "POST", "/api/admin/disconnect", {"user": "ada", "reconnect": False})
+        assert list(answer["closed"].values()) == [1]
+        await client.wait_event("join", topic=topic, status="ok", timeout=10.0)  # rejoined on a new session
+
+        async def new_session() -> bool:
+            rows = (await admin(server, "GET", "/api/admin/connections?user=ada"))["connections"]
+            return [row["transport"] for row in rows] == ["longpoll"] and rows[0]["id"] != before["id"]
+
+        await until(new_session, TIMEOUT, "a new long-poll session")
 
 
 async def test_unsubscribe_sends_phx_close_and_a_presence_leave_and_keeps_the_socket(server):
