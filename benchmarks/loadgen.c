@@ -37,7 +37,7 @@
 
 enum { T_PUSH, T_NCHAN, T_WS };
 enum { S_IDLE, S_CONNECTING, S_HANDSHAKE, S_JOINING, S_OPEN, S_DEAD };
-enum { EV_SUB = 1, EV_HTTP = 2, EV_STDIN = 3 };
+enum { EV_SUB = 1, EV_HTTP = 2, EV_STDIN = 3, EV_PUBLISHERS = 4 };
 
 #define RBUF_SIZE (1 << 20)      /* shared read buffer: big reads, few syscalls */
 #define MAX_PENDING (256 * 1024) /* largest partial frame/handshake kept per connection */
@@ -115,6 +115,7 @@ static Http *https;
 static char **tokens; static long ntokens;
 static char *rbuf;
 static int ep;
+static int pep = -1;                     /* open loop: the publishers' own epoll set (in ep as one fd) */
 static struct sockaddr_in addr;          /* publisher (and default subscriber) address */
 static struct sockaddr_in sub_addrs[16];  /* --sub-ports: subscriber i uses port i % count */
 static int nsub_addrs;
@@ -125,7 +126,7 @@ static uint64_t rng;
 static struct {
     long joined, failed, connect_errors, next_connect, pending_connects;
     double t_connect_start;
-    long published, requests, http_errors, http_reconnects, non2xx, first_bad_status;
+    long published, requests, http_errors, http_reconnects, non2xx, first_bad_status, refused;
     long expected, received, duplicates, out_of_order, other_frames, unknown_frames;
     long server_closes, disconnects, write_errors, pings;
     long long frame_bytes;
@@ -157,7 +158,8 @@ static void die(const char *fmt, ...) {
 static void *xrealloc(void *p, size_t n) { p = realloc(p, n); if (!p && n) die("out of memory"); return p; }
 static void ep_set(int op, int fd, uint32_t events, int type, uint32_t idx) {
     struct epoll_event ev = { .events = events, .data.u64 = ((uint64_t)type << 32) | idx };
-    if (epoll_ctl(ep, op, fd, &ev) < 0 && op != EPOLL_CTL_DEL) die("epoll_ctl: %s", strerror(errno));
+    int set = type == EV_HTTP && pep >= 0 ? pep : ep;
+    if (epoll_ctl(set, op, fd, &ev) < 0 && op != EPOLL_CTL_DEL) die("epoll_ctl: %s", strerror(errno));
 }
 /* Append to a growable buffer. */
 static void buf_put(char **b, size_t *len, size_t *cap, const char *src, size_t n) {
@@ -451,6 +453,8 @@ static void http_finish(Http *h, int status) {
     if (!ok) {
         st.http_errors++;
         if (status > 0) { st.non2xx++; if (!st.first_bad_status) st.first_bad_status = status; }
+        /* Refused (503: the server is behind): the messages were not accepted, so not lost either. */
+        if (status == 503) st.refused += h->nmsg;
         /* The server refused these messages: nobody will get them, so expect none. */
         for (uint32_t j = 0; j < h->nmsg && cfg.conns; j++) {
             Msg *m = &msgs[h->first_msg + j];
@@ -653,7 +657,8 @@ static void try_publish(double now) {
         long count = cfg.batch > 0 ? cfg.batch : 1;
         if (cfg.rate > 0) {
             if (now < st.next_due) return;
-        } else if (cfg.conns && ninflight + (size_t)count > (size_t)cfg.max_inflight && ninflight > 0) {
+        } else if (cfg.conns && cfg.max_inflight > 0 && ninflight + (size_t)count > (size_t)cfg.max_inflight
+                   && ninflight > 0) {
             /* Backlog bound: wait until earlier messages reached all their subscribers. */
             if (now - st.t_last_progress > cfg.drain_timeout) { st.stalled = 1; st.publishing = 0; }
             return;
@@ -680,7 +685,7 @@ static void print_result(double t_end, double cpu) {
     }
     long lost = st.expected - st.received;
     printf("{\"phase\":\"result\",\"target\":\"%s\",\"conns\":%ld,\"rooms\":%ld,\"topics_per_conn\":%ld,\"published\":%ld,\"requests\":%ld,"
-           "\"http_errors\":%ld,\"non_2xx\":%ld,\"first_bad_status\":%ld,\"http_reconnects\":%ld,"
+           "\"http_errors\":%ld,\"non_2xx\":%ld,\"first_bad_status\":%ld,\"refused\":%ld,\"http_reconnects\":%ld,"
            "\"frames_expected\":%ld,\"frames_received\":%ld,\"lost\":%ld,\"out_of_order\":%ld,\"duplicates\":%ld,"
            "\"other_frames\":%ld,\"unknown_frames\":%ld,\"server_closes\":%ld,\"disconnects\":%ld,"
            "\"write_errors\":%ld,\"pings\":%ld,\"stalled\":%s,\"elapsed\":%.4f,\"deliveries_per_s\":%.1f,"
@@ -688,13 +693,26 @@ static void print_result(double t_end, double cpu) {
            "\"latency_ms\":{\"p50\":%.3f,\"p99\":%.3f,\"max\":%.3f,\"mean\":%.3f,\"samples\":%ld,\"seen\":%lld},"
            "\"cpu_s\":%.4f,\"cpu_pct\":%.1f}\n",
            cfg.target == T_PUSH ? "push" : cfg.target == T_NCHAN ? "nchan" : "ws", cfg.conns, cfg.rooms, cfg.topics_per_conn,
-           st.published, st.requests, st.http_errors, st.non2xx, st.first_bad_status, st.http_reconnects,
+           st.published, st.requests, st.http_errors, st.non2xx, st.first_bad_status, st.refused, st.http_reconnects,
            st.expected, st.received, lost, st.out_of_order, st.duplicates, st.other_frames, st.unknown_frames,
            st.server_closes, st.disconnects, st.write_errors, st.pings, st.stalled ? "true" : "false", elapsed,
            st.received / elapsed, st.requests / elapsed, st.published / elapsed,
            st.received ? (double)st.frame_bytes / st.received : 0.0, p50, p99, st.lat_max,
            st.lat_seen ? st.lat_sum / st.lat_seen : 0.0, st.nlat, st.lat_seen, cpu, 100.0 * cpu / elapsed);
     fflush(stdout);
+}
+
+/* Open loop: answers are read and the next publishes sent between every few subscriber reads, as
+   independent backends would, instead of waiting behind a whole batch of subscriber reads. */
+static void serve_publishers(void) {
+    struct epoll_event evs[64];
+    int n = epoll_wait(pep, evs, 64, 0);
+    for (int e = 0; e < n; e++) {
+        uint32_t idx = (uint32_t)evs[e].data.u64;
+        if (evs[e].events & EPOLLOUT) http_flush(idx);
+        if (evs[e].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) http_on_readable(idx);
+    }
+    if (phase == P_PUBLISH) try_publish(now_s());
 }
 
 static double phase_cpu0;
@@ -782,7 +800,8 @@ static void usage(void) {
          "  --rate X              messages/s on a fixed schedule (0 = max rate, default)\n"
          "  --http-conns K        keep-alive HTTP connections, one request in flight each (default 4)\n"
          "  --max-inflight W      max rate: at most W messages published but not yet received by all\n"
-         "                        their subscribers (default 16)\n"
+         "                        their subscribers (default 16); 0 = open loop: each connection\n"
+         "                        publishes again as soon as its answer comes, as independent backends do\n"
          "  --batch B             push: POST B messages per request to /api/batch\n"
          "  --room-serial         at most one publish per room in flight, so order is checked per\n"
          "                        room (default: per publisher connection; rooms take concurrent publishes)\n"
@@ -835,7 +854,7 @@ int main(int argc, char **argv) {
         else die("unknown option %s (see --help)", a);
     }
     if (cfg.port <= 0 || cfg.port > 65535) die("--port is required");
-    if (cfg.rooms < 1 || cfg.http_conns < 1 || cfg.max_inflight < 1 || cfg.conns < 0) die("bad counts");
+    if (cfg.rooms < 1 || cfg.http_conns < 1 || cfg.max_inflight < 0 || cfg.conns < 0) die("bad counts");
     if (cfg.batch > 0 && cfg.target != T_PUSH) die("--batch is push only");
     if (cfg.topics_per_conn < 1 || cfg.topics_per_conn > 1000) die("--topics-per-conn must be 1..1000");
     if (cfg.topics_per_conn > 1 && cfg.target != T_PUSH) die("--topics-per-conn is push only");
@@ -907,6 +926,10 @@ int main(int argc, char **argv) {
     if (!connect_req) die("out of memory");
     ep = epoll_create1(EPOLL_CLOEXEC);
     ep_set(EPOLL_CTL_ADD, 0, EPOLLIN, EV_STDIN, 0);
+    if (cfg.max_inflight == 0) {
+        pep = epoll_create1(EPOLL_CLOEXEC);
+        ep_set(EPOLL_CTL_ADD, pep, EPOLLIN, EV_PUBLISHERS, 0);
+    }
 
     double cpu0 = cpu_s(), next_hb = 0;
     st.t_connect_start = st.t_last_event = now_s();
@@ -926,6 +949,7 @@ int main(int argc, char **argv) {
             int type = (int)(evs[e].data.u64 >> 32);
             uint32_t idx = (uint32_t)evs[e].data.u64;
             if (type == EV_STDIN) on_stdin();
+            else if (type == EV_PUBLISHERS) serve_publishers();
             else if (type == EV_HTTP) {
                 if (evs[e].events & EPOLLOUT) http_flush(idx);
                 if (evs[e].events & (EPOLLIN | EPOLLHUP | EPOLLERR)) http_on_readable(idx);
@@ -936,6 +960,7 @@ int main(int argc, char **argv) {
             int type = (int)(evs[e].data.u64 >> 32);
             uint32_t idx = (uint32_t)evs[e].data.u64;
             if (type != EV_SUB) continue;
+            if (pep >= 0 && e % 32 == 31) serve_publishers();
             Sub *s = &subs[idx];
             if (s->state == S_CONNECTING) sub_on_connected(idx);
             else if (s->state != S_DEAD && s->fd >= 0) sub_on_readable(idx);

@@ -194,9 +194,9 @@ def add_routes(app: web.Application, node: Node) -> None:
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)
     app.router.add_get("/metrics", metrics)
-    for route in app.router.routes():  # a 0 series per route from the start, as metrics.py explains
-        if route.method != "HEAD" and route.resource is not None:
-            node.metrics.http_requests.labels(route.resource.canonical, route.method, 200)
+    for added in app.router.routes():  # a 0 series per route from the start, as metrics.py explains
+        if added.method != "HEAD" and added.resource is not None:
+            node.metrics.http_requests.labels(added.resource.canonical, added.method, 200)
 
 
 @web.middleware
@@ -219,6 +219,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except ApiError as exc:
         response = json_response({"error": exc.message}, exc.status)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
         publishing.log_refusal(exc, answer_id, label, request.method)
     except web.HTTPException as exc:  # 404, 405 from the router
         response = json_response({"error": exc.reason.lower()}, exc.status)

@@ -187,10 +187,12 @@ class TokenVerifier:
             self._headers[header_segment] = header
         algorithm, unencoded = header
         # Every segment is decoded before the algorithm is judged, as PyJWT did.
+        payload = b""  # an unencoded payload is refused below, before it would be read
         if unencoded is None:
-            payload = _b64url_decode(payload_segment)
-            if payload is None:
+            decoded = _b64url_decode(payload_segment)
+            if decoded is None:
                 raise AuthError("malformed", "Invalid payload padding")
+            payload = decoded
         elif payload_segment:
             raise AuthError("malformed", "Payload segment must be empty when 'b64' is false")
         signature = _b64url_decode(signature_segment)

@@ -83,6 +83,9 @@ OPTIONS: tuple[Option, ...] = (
            "client shares its address: raise it)"),
     Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", values.size,
            "unsent bytes a subscriber may queue before it is disconnected as a slow consumer (default 1MiB)"),
+    Option("max_delivery_lag", "PUSH_MAX_DELIVERY_LAG", values.non_negative_duration,
+           "answer publishes 503 with Retry-After while what was accepted would reach its last local subscriber "
+           "later than this after its publish (default 1s; 0 turns the check off)"),
     Option("api_message_topic", "PUSH_API_MESSAGE_TOPIC", values.choice("lobby", "thread"),
            "where POST /api/message goes: lobby (room:lobby:<channel_id>, default) or thread "
            "(room:topic:<thread_id>)"),
@@ -145,6 +148,7 @@ class Settings:
     longpoll_max_sessions_per_sub: int = 50
     longpoll_max_sessions_per_address: int = 1000
     send_buffer_bytes: int = 1024 * 1024
+    max_delivery_lag: float = 1.0
     api_message_topic: str = "lobby"
     broker: str = "memory"
     node_timeout: float = 15.0
@@ -191,7 +195,7 @@ class Settings:
         except ValueError as exc:
             raise ConfigError("PUSH_ALLOWED_ORIGINS", str(exc)) from None
         if self.jwt_public_key:
-            self._check_public_key()
+            self._check_public_key(self.jwt_public_key)
         for algorithm in self.jwt_algorithms:
             if algorithm in HMAC_ALGORITHMS and not self.jwt_secret:
                 raise ConfigError("PUSH_JWT_ALGORITHMS", f"{algorithm} needs PUSH_JWT_SECRET")
@@ -209,7 +213,7 @@ class Settings:
         if self.jwt_secret and self.env == "production" and len(self.jwt_secret) < 32:
             raise ConfigError("PUSH_JWT_SECRET", "must be at least 32 characters when PUSH_ENV=production")
 
-    def _check_public_key(self) -> None:
+    def _check_public_key(self, pem: str) -> None:
         """Fail at load, as a ConfigError, rather than with a traceback when the server builds its verifier."""
         from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -217,7 +221,7 @@ class Settings:
         import jwt
 
         try:
-            key = load_pem_public_key(self.jwt_public_key.encode())
+            key = load_pem_public_key(pem.encode())
             accepted_algorithms(self, key)
         except (ValueError, TypeError, UnsupportedAlgorithm):
             # Never echo the value: a private key pasted here by mistake must not reach the terminal or logs.

@@ -288,21 +288,22 @@ class PublishConnection(asyncio.Protocol):
 
     def _refuse(self, route: publishing.Route, error: ApiError, answer_id: str, close: bool, started: float) -> None:
         publishing.log_refusal(error, answer_id, route.path, "POST")
-        self._answer(route, error.status, orjson.dumps({"error": error.message}), answer_id, close, started)
+        self._answer(route, error.status, orjson.dumps({"error": error.message}), answer_id, close, started,
+                     error.retry_after)
 
     def _failed(self, route: publishing.Route, answer_id: str, started: float) -> None:
         log.exception("unhandled error", extra={"event": "http_error", "request_id": answer_id, "route": route.path})
         self._answer(route, 500, b'{"error":"internal server error"}', answer_id, True, started)
 
     def _answer(self, route: publishing.Route, status: int, body: bytes, answer_id: str, close: bool,
-                started: float) -> None:
+                started: float, retry_after: int | None = None) -> None:
         self._node.metrics.http_requests.labels(route.path, "POST", status).inc()
         if self._listener.access_log:
             access_log.write("POST", route.path, access_log.CLIENT_CLOSED if self._closed else status, started,
                              access_log.remote_address(self._transport), 0 if self._closed else len(body))
         if self._closed:
             return  # the client left while the broker took the publish
-        self._transport.write(json_answer(status, body, answer_id, close))
+        self._transport.write(json_answer(status, body, answer_id, close, retry_after))
         if close:
             self._close()
 

@@ -165,10 +165,13 @@ def request_id(given: str | None) -> str:
     return given if given is not None and REQUEST_ID.fullmatch(given) else new_request_id()
 
 
-def json_answer(status: int, body: bytes, request_id: str, close: bool = False) -> bytes:
+def json_answer(status: int, body: bytes, request_id: str, close: bool = False,
+                retry_after: int | None = None) -> bytes:
     """A complete response with a JSON body."""
     head = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\n")
+    if retry_after is not None:
+        head += f"Retry-After: {retry_after}\r\n"
     if close:
         head += "Connection: close\r\n"
     return (head + "\r\n").encode() + body

@@ -115,15 +115,16 @@ class _Outstanding:
     """A broadcast in a rotation: it came in at `position` during pass `lap` and is retired when the
     rotation comes back to that position, so that every subscriber gets it once."""
 
-    __slots__ = ("broadcast", "position", "lap", "delivered_before", "to_joiners")
+    __slots__ = ("broadcast", "position", "lap", "delivered_before", "to_joiners", "since")
 
     def __init__(self, broadcast: Broadcast, position: int, lap: int, delivered_before: int,
-                 to_joiners: int) -> None:
+                 to_joiners: int, since: float) -> None:
         self.broadcast = broadcast
         self.position = position
         self.lap = lap
         self.delivered_before = delivered_before  # the rotation's deliveries when it came
         self.to_joiners = to_joiners  # how many joiners got it when it came
+        self.since = since  # the loop's time when it came
 
 
 class _Rotation:
@@ -145,10 +146,10 @@ class _Rotation:
         self.delivered = 0  # deliveries to members so far
         self.dead = 0  # Nones in members
 
-    def add(self, parts: list[Broadcast]) -> None:
+    def add(self, parts: list[Broadcast], now: float) -> None:
         joiners = self.joiners
         for part in parts:
-            self.outstanding.append(_Outstanding(part, self.cursor, self.lap, self.delivered, len(joiners)))
+            self.outstanding.append(_Outstanding(part, self.cursor, self.lap, self.delivered, len(joiners), now))
         self.delivery = None
         if joiners:
             delivery = parts[0] if len(parts) == 1 else Run(parts)
@@ -173,6 +174,9 @@ class Hub:
         self._advance_scheduled = False  # a call to _advance is scheduled
         self._on_dispatched = on_dispatched
         self._slice = slice_size
+        # Hub.lag, worked out once per change of the rotations (a flush, a slice), however many publishes ask.
+        self._changes = 0
+        self._lag: tuple[int, float] = (-1, 0.0)
 
     def subscribe(self, topic: str, subscriber: Subscriber) -> bool:
         """Add a subscriber; True when it is the topic's first on this node."""
@@ -217,6 +221,7 @@ class Hub:
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
+        self._changes += 1
         on_dispatched = self._on_dispatched
         start, end = 0, len(pending)
         while start < end:
@@ -228,13 +233,13 @@ class Hub:
             rotation = self._rotations.get(topic)
             subscribers = self._topics.get(topic)
             if rotation is not None:
-                rotation.add(pending[start:stop])
+                rotation.add(pending[start:stop], asyncio.get_running_loop().time())
             elif subscribers and len(subscribers) > self._slice:
                 members = list(subscribers)
                 for position, member in enumerate(members):
                     subscribers[member] = position
                 rotation = self._rotations[topic] = _Rotation(members)  # type: ignore[arg-type]
-                rotation.add(pending[start:stop])
+                rotation.add(pending[start:stop], asyncio.get_running_loop().time())
             elif subscribers:
                 delivery = first if stop - start == 1 else Run(pending[start:stop])
                 for subscriber in subscribers:
@@ -249,6 +254,7 @@ class Hub:
     def _advance(self) -> None:
         """One slice of every rotation; again next turn while any has outstanding broadcasts."""
         self._advance_scheduled = False
+        self._changes += 1
         for topic, rotation in list(self._rotations.items()):
             if not self._write_slice(topic, rotation, self._slice):
                 del self._rotations[topic]
@@ -327,6 +333,32 @@ class Hub:
         for topic, rotation in list(self._rotations.items()):
             self._write_slice(topic, rotation, sys.maxsize)
         self._rotations.clear()
+
+    def lag(self) -> float:
+        """Seconds from its dispatch until the oldest broadcast still outstanding will have reached its
+        last subscriber, as its rotation goes now: the time it has waited, plus the writes left before it is
+        retired at the pace its rotation has kept since it came (other rotations and publishes included)."""
+        if not self._rotations:
+            return 0.0
+        changes, worst = self._lag
+        if changes == self._changes:
+            return worst
+        now = asyncio.get_running_loop().time()
+        worst = 0.0
+        for rotation in self._rotations.values():
+            if not rotation.outstanding:
+                continue
+            head = rotation.outstanding[0]
+            waited = now - head.since
+            left = head.position - rotation.cursor
+            if head.lap == rotation.lap:  # it came during this pass: the rest of it, then the next up to it
+                left += len(rotation.members)
+            done = rotation.delivered - head.delivered_before
+            # Nothing written yet: the pace is unknown, so count at least the time waited once more.
+            expected = waited + (left * waited / done if done else waited)
+            worst = max(worst, expected)
+        self._lag = (self._changes, worst)
+        return worst
 
     def rotating(self, topic: str) -> bool:
         """Whether a rotation is still writing `topic`: what is dispatched now waits for its pass."""

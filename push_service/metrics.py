@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -36,6 +37,7 @@ disable_created_metrics()
 # rate() and to alerts until its first event, and "absent" cannot be told from "zero".
 TRANSPORTS = ("websocket", "longpoll")
 ENDPOINTS = ("message", "channel", "thread", "community", "user", "broadcast", "batch")
+PUBLISH_REFUSALS = ("lag",)
 RECOVERY_RESULTS = ("recovered", "not_recovered")
 JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since")
 CONNECT_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
@@ -70,26 +72,29 @@ class GaugeSeries(Series):
         self.value = float(value)
 
 
-class _Metric(Collector):
+S = TypeVar("S", bound="Series")
+
+
+class _Metric(Collector, Generic[S]):
     """A metric family: `labels(*values)` is its series for those values (created on first use, then a
     dict lookup); an unlabelled one is its own only series."""
 
     _family: type[CounterMetricFamily] | type[GaugeMetricFamily]
-    _series_type: type[Series]
+    _series_type: type[S]
 
     def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
                  registry: CollectorRegistry | None = None) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._series: dict[tuple[object, ...], Series] = {}  # by the values as given
-        self._by_text: dict[tuple[str, ...], Series] = {}  # by their text: 101 and "101" are one series
+        self._series: dict[tuple[object, ...], S] = {}  # by the values as given
+        self._by_text: dict[tuple[str, ...], S] = {}  # by their text: 101 and "101" are one series
         if not self.labelnames:
             self._only = self._by_text[()] = self._series_type()
         if registry is not None:
             registry.register(self)
 
-    def labels(self, *values: object) -> Series:
+    def labels(self, *values: object) -> S:
         series = self._series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
@@ -117,7 +122,7 @@ class _Metric(Collector):
         yield family
 
 
-class Counter(_Metric):
+class Counter(_Metric[Series]):
     _family = CounterMetricFamily
     _series_type = Series
 
@@ -127,7 +132,7 @@ class Counter(_Metric):
         super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
 
 
-class Gauge(_Metric):
+class Gauge(_Metric[GaugeSeries]):
     _family = GaugeMetricFamily
     _series_type = GaugeSeries
     _function: Callable[[], float] | None = None
@@ -217,6 +222,9 @@ class Metrics:
         self.published = Counter(
             "push_messages_published_total", "Messages accepted for broadcast, by API endpoint", ["endpoint"],
             registry=registry)
+        self.publishes_refused = Counter(
+            "push_publish_refused_total", "Messages refused with 503 before being accepted, by reason (lag: delivery "
+            "is behind by more than PUSH_MAX_DELIVERY_LAG)", ["reason"], registry=registry)
         self.frames_delivered = Counter(
             "push_frames_delivered_total", "Broadcast frames written to client sockets", registry=registry)
         self.publish_latency = Histogram(
@@ -256,6 +264,7 @@ class Metrics:
         self.client_errors.preset(CLIENT_ERRORS)
         self.disconnects.preset(DISCONNECTS)
         self.published.preset(ENDPOINTS)
+        self.publishes_refused.preset(PUBLISH_REFUSALS)
         self.recoveries.preset(RECOVERY_RESULTS)
         # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):

@@ -17,7 +17,7 @@ from push_service.auth import Identity, PublishKeys, TokenVerifier
 from push_service.broker import Broker, create_broker
 from push_service.config import Settings
 from push_service.control import CONTROL_PREFIX
-from push_service.errors import BrokerUnavailable
+from push_service.errors import BrokerUnavailable, PushServiceError
 from push_service.history.position import Position, Recovery
 from push_service.hub import Broadcast, Hub
 from push_service.metrics import Metrics
@@ -31,6 +31,15 @@ DRAIN_STEP = 0.1  # seconds between two batches of drain closes
 
 class NodeDraining(BrokerUnavailable):
     """This node is shutting down: publishes go to another replica."""
+
+
+class NodeBehind(PushServiceError):
+    """What this node accepted would reach its subscribers later than PUSH_MAX_DELIVERY_LAG: a publish is
+    refused rather than accepted to arrive late; `retry_after` is when to try again, in whole seconds."""
+
+    def __init__(self, lag: float) -> None:
+        super().__init__(f"delivery is {lag:.2f}s behind")
+        self.retry_after = max(1, math.ceil(lag))
 
 
 class Node:
@@ -263,6 +272,12 @@ class Node:
         if self.draining:
             # Its sockets are closing: refuse (503) so the backend retries on a replica that stays.
             raise NodeDraining("node is draining")
+        limit = self.settings.max_delivery_lag
+        if limit:
+            lag = self.hub.lag()
+            if lag > limit:
+                self.metrics.publishes_refused.labels("lag").inc(len(broadcasts))
+                raise NodeBehind(lag)
         local = self.hub.audience(broadcasts)
         pending = self.broker.publish(broadcasts)
         if pending is None:

@@ -16,7 +16,7 @@ from push_service.auth import PublishKeys
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable, ClientError
 from push_service.hub import Broadcast
-from push_service.node import Node, NodeDraining
+from push_service.node import Node, NodeBehind, NodeDraining
 from push_service.topics import COMMUNITY, LOBBY, THREAD, USER, is_topic, topic_for
 
 log = logging.getLogger("push_service.api")
@@ -28,10 +28,11 @@ MAX_EVENT_BYTES = 255
 
 
 class ApiError(ClientError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
 
 def log_refusal(error: ApiError, request_id: str, route: str, method: str) -> None:
@@ -214,6 +215,9 @@ def publish(node: Node, route: Route, body: dict[str, Any], started: float) -> t
         delivered = node.publish(broadcasts, route.endpoint)
     except NodeDraining:
         raise ApiError(503, "node is draining; retry on another replica") from None
+    except NodeBehind as behind:
+        raise ApiError(503, f"{behind}, more than PUSH_MAX_DELIVERY_LAG: retry later",
+                       behind.retry_after) from None
     except BrokerUnavailable:
         raise ApiError(503, "broker unavailable") from None
     if isinstance(delivered, int):

@@ -150,6 +150,13 @@ def test_parse_duration_refuses(raw):
 def test_duration_settings(raw, seconds):
     assert load(PUSH_HEARTBEAT_TIMEOUT=raw).heartbeat_timeout == pytest.approx(seconds)
     assert load(PUSH_JWT_LEEWAY=raw).jwt_leeway == pytest.approx(seconds)
+    assert load(PUSH_MAX_DELIVERY_LAG=raw).max_delivery_lag == pytest.approx(seconds)
+
+
+def test_delivery_lag_is_one_second_by_default_and_zero_turns_it_off():
+    assert load().max_delivery_lag == 1.0
+    assert load(PUSH_MAX_DELIVERY_LAG="0").max_delivery_lag == 0.0
+    assert config_error(PUSH_MAX_DELIVERY_LAG="-1s").variable == "PUSH_MAX_DELIVERY_LAG"
 
 
 def test_leeway_may_be_zero_but_heartbeat_timeout_may_not():

@@ -42,7 +42,7 @@ log = logging.getLogger("push_service.broker")
 SUBJECT_PREFIX = "push.t."
 HISTORY_PREFIX = "push.h."
 HISTORY_STREAM = "PUSH_HISTORY"
-COMMAND_TIMEOUT = 2.0
+COMMAND_TIMEOUT = 2  # seconds (nats-py types its timeouts as int)
 
 
 def subject_for(topic: str, prefix: str = SUBJECT_PREFIX) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from nats.aio.client import Client  # installed: only broker/nats.py, which checks, imports this module
 from nats.errors import Error as NatsError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from push_service.presence.replicated import PresenceStore
@@ -39,7 +40,7 @@ class NatsPresenceStore(PresenceStore):
         return self._presence, self._nodes
 
     @staticmethod
-    async def _bucket(js, name: str, ttl: float) -> KeyValue:  # type: ignore[no-untyped-def]
+    async def _bucket(js: JetStreamContext, name: str, ttl: float) -> KeyValue:
         try:
             bucket = await js.key_value(name)
         except BucketNotFoundError:

@@ -74,8 +74,10 @@ def tls_context(options: dict[str, Any]) -> ssl.SSLContext:
     for flag in options.get("ssl_exclude_verify_flags") or ():
         context.verify_flags &= ~flag
     certfile, keyfile = options.get("ssl_certfile"), options.get("ssl_keyfile")
-    if certfile or keyfile:
+    if certfile:
         context.load_cert_chain(certfile=certfile, keyfile=keyfile, password=options.get("ssl_password"))
+    elif keyfile:
+        raise ValueError("ssl_keyfile needs ssl_certfile")
     cafile, capath, cadata = options.get("ssl_ca_certs"), options.get("ssl_ca_path"), options.get("ssl_ca_data")
     if cafile or capath or cadata:
         context.load_verify_locations(cafile=cafile, capath=capath, cadata=cadata)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from push_service.presence.base import (Diff, Entry, Meta, Metas, Tracker, grouped, pop_entry, tracked_meta,
-                                        updated_meta)
+from push_service.presence.base import (Diff, DiffCallback, Entry, Meta, Metas, Tracker, grouped, pop_entry,
+                                        tracked_meta, updated_meta)
 
 
 class MemoryTracker(Tracker):
-    def __init__(self, node_id: str, on_diff) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, node_id: str, on_diff: DiffCallback) -> None:
         super().__init__(node_id, on_diff)
         # topic -> conn_id -> (key, meta); dicts keep insertion order, so lists are stable.
         self._topics: dict[str, dict[str, Entry]] = {}

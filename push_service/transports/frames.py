@@ -74,7 +74,7 @@ def frame_close(code: int, reason: str = "") -> bytes:
     return frame(CLOSE, _U16.pack(code) + encoded)
 
 
-def _unmask(mask: bytes, payload: bytes) -> bytes:
+def _unmask(mask: bytes | bytearray, payload: bytes | bytearray) -> bytes:
     # XOR as one big integer: C speed in CPython for the sizes a client sends (a join, a heartbeat).
     size = len(payload)
     if not size:

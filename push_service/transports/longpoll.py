@@ -258,6 +258,8 @@ class LongPollTransport:
 
     async def _poll(self, request: web.Request, conn: LongPollConnection) -> web.Response:
         session = conn.session
+        if session is None:  # its session ended while the connection was being made
+            return self._answer(request, _STATUS_410)
         conn.polling += 1
         conn.last_poll = session.last_seen = self.admission.now()
         try:
@@ -280,6 +282,8 @@ class LongPollTransport:
 
     async def _publish(self, request: web.Request, conn: LongPollConnection) -> web.Response:
         session = conn.session
+        if session is None:
+            return self._answer(request, _STATUS_410)
         metrics = self.admission.metrics
         frame_limit = self.admission.settings.max_frame_bytes
         batch = request.content_type == NDJSON

@@ -147,16 +147,16 @@ async def handle(admission: Admission, request: web.Request) -> web.StreamRespon
         return json_response({"error": refusal.message}, refusal.status)
     transport, http = request.transport, request.protocol
     if not is_upgrade(request.headers.get) or transport is None:
-        refusal = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
-        refused(admission, refusal)
-        return json_response({"error": refusal.message}, refusal.status)
+        not_websocket = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
+        refused(admission, not_websocket)
+        return json_response({"error": not_websocket.message}, not_websocket.status)
     http.keep_alive(False)  # no keep-alive timer of aiohttp's may close the socket later
     # What the client sent behind its request head, which the connection's wrapper kept aside.
     rest = taken_over(transport)
     if rest is None:
-        refusal = Refusal(400, "not_websocket", "too much data sent before the upgrade was answered")
-        refused(admission, refusal)
-        response = json_response({"error": refusal.message}, refusal.status)
+        too_early = Refusal(400, "not_websocket", "too much data sent before the upgrade was answered")
+        refused(admission, too_early)
+        response = json_response({"error": too_early.message}, too_early.status)
         response.force_close()
         return response
     lost = asyncio.get_running_loop().create_future()
