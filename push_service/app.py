@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from push_service import access_log, api, console, frontdoor
+from push_service import access_log, admin, api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.errors import PushServiceError
@@ -44,6 +44,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
         await node.stop()
 
     app.on_startup.append(start)
+    admin.setup(app, node)  # after the node's start: its control channel goes over the started broker
     app[DOOR] = door = Door()
     app.on_shutdown.append(door.close)  # first: no new connection while the open ones are closed
     # on_shutdown runs before aiohttp cancels handlers: sockets get a close frame (1001) first.

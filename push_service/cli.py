@@ -46,10 +46,13 @@ def _with_dev_keys(settings: Settings) -> tuple[Settings, dict[str, str]]:
         generated["PUSH_SERVICE_KEY"] = secrets.token_urlsafe(32)
     if not (settings.jwt_secret or settings.jwt_public_key):
         generated["PUSH_JWT_SECRET"] = secrets.token_urlsafe(48)
+    if not settings.admin_keys and settings.env != "production":  # production: the admin API stays off
+        generated["PUSH_ADMIN_KEY"] = secrets.token_urlsafe(32)
     if not generated:
         return settings, generated
     settings = settings.replace(
         service_keys=settings.service_keys or (generated.get("PUSH_SERVICE_KEY", ""),),
+        admin_keys=settings.admin_keys or (generated.get("PUSH_ADMIN_KEY", ""),),
         jwt_secret=settings.jwt_secret or generated.get("PUSH_JWT_SECRET"),
         dev_mode=True,
     )
@@ -77,6 +80,10 @@ def _dev_banner(settings: Settings, generated: dict[str, str], port: int) -> str
         lines += ["", "  publish:",
                   f"  curl -sS -X POST {base}/api/message -H 'Authorization: Bearer {key}' "
                   "-H 'Content-Type: application/json' -d '{\"channel_id\":\"42\",\"message\":\"hello\"}'"]
+    if "PUSH_ADMIN_KEY" in generated:
+        lines += ["", "  admin API and console (the admin key):",
+                  f"  curl -sS {base}/api/admin/nodes -H 'Authorization: Bearer {generated['PUSH_ADMIN_KEY']}'",
+                  f"  {base}/console"]
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,9 @@ OPTIONS: tuple[Option, ...] = (
            "development (default: missing keys are generated for this run) or production (missing keys are an error)"),
     Option("service_keys", "PUSH_SERVICE_KEY", values.comma_list,
            "publish key(s) for the HTTP API, comma-separated to allow rotation", secret=True),
+    Option("admin_keys", "PUSH_ADMIN_KEY", values.comma_list,
+           "admin key(s) for /api/admin/* and the console, comma-separated to allow rotation (production without "
+           "one: the admin API is off)", secret=True),
     Option("jwt_secret", "PUSH_JWT_SECRET", values.hmac_secret, "HMAC secret for client JWTs (HS256/384/512)", secret=True),
     Option("jwt_public_key", "PUSH_JWT_PUBLIC_KEY", values.public_key,
            "PEM public key (or a path to one) for client JWTs signed with RS*/PS*/ES*/EdDSA", secret=True),
@@ -126,6 +129,7 @@ class Settings:
     port: int = 4000
     env: str = "development"
     service_keys: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()
     jwt_secret: str | None = None
     jwt_public_key: str | None = None
     jwt_algorithms: tuple[str, ...] = ()

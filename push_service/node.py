@@ -16,6 +16,7 @@ from aiohttp import web
 from push_service.auth import Identity, PublishKeys, TokenVerifier
 from push_service.broker import Broker, create_broker
 from push_service.config import Settings
+from push_service.control import CONTROL_PREFIX
 from push_service.errors import BrokerUnavailable, PushServiceError
 from push_service.hub import Hub
 from push_service.messages import Broadcast, Position, Recovery
@@ -53,9 +54,16 @@ class Node:
         self._broker_was_up = False
         self.metrics.count_broker_protocol_errors(self.broker.protocol_errors)
         self.tokens = TokenVerifier(settings)
-        self.publish_keys = PublishKeys(settings.service_keys)
+        # An admin key may do whatever a publish key may (the console publishes), not the other way round.
+        self.publish_keys = PublishKeys(settings.service_keys + settings.admin_keys)
+        self.admin_keys = PublishKeys(settings.admin_keys)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
+        # JWT sub -> its sessions here, for the admin API; bounded by the sessions themselves.
+        self.sessions_of: dict[str, set[Session]] = {}
+        self.started_at = time.time()
+        # Where control-channel signals go (control.Control sets it); other signals are presence's.
+        self.on_control: Callable[[str, bytes], None] = lambda topic, data: None
         self._session_ids = itertools.count(1)
         self.presence = Presence(settings, self.metrics, self.id, self.hub.dispatch, self.hub.rotating)
         self.now = time.monotonic  # the event loop's clock
@@ -67,7 +75,7 @@ class Node:
         self.draining = False
 
     async def start(self) -> None:
-        await self.broker.start(self.hub.dispatch, self._broker_confirmed, self.presence.signal)
+        await self.broker.start(self.hub.dispatch, self._broker_confirmed, self._signal)
         self.metrics.broker_up.set(1 if self.broker.ready else 0)
         await self.presence.start(self.broker)
         self._expiry = asyncio.create_task(self._expire(), name="push-expiry")
@@ -103,6 +111,12 @@ class Node:
                 session.disconnect(DRAIN)
         log.info("drained", extra={"event": "drain_done", "connections": len(sessions)})
 
+    def _signal(self, topic: str, data: bytes) -> None:
+        if topic.startswith(CONTROL_PREFIX):
+            self.on_control(topic, data)
+        else:
+            self.presence.signal(topic, data)
+
     def _broker_state(self, up: bool) -> None:
         self.metrics.broker_up.set(1 if up else 0)
         if up and self._broker_was_up:
@@ -117,15 +131,22 @@ class Node:
     def verify(self, token: str | None) -> Identity:
         return self.tokens.verify(token)
 
-    def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session:
+    def open_session(self, identity: Identity, conn: Connection, transport: str, remote: str = "") -> Session:
         session = Session(self, f"{self.id}.{next(self._session_ids)}", identity, conn)
+        session.remote, session.connected_at = remote, time.time()
         self.sessions.add(session)
+        self.sessions_of.setdefault(identity.sub, set()).add(session)
         self.metrics.connections.labels(transport).inc()
         return session
 
     def forget(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
+            of_user = self.sessions_of.get(session.identity.sub)
+            if of_user is not None:
+                of_user.discard(session)
+                if not of_user:
+                    del self.sessions_of[session.identity.sub]
             self.metrics.connections.labels(session.conn.transport_name).dec()
 
     def subscribe(self, topic: str, session: Session) -> bool:
@@ -157,6 +178,8 @@ class Node:
             self.presence.drop_replica(topic)
 
     def _broker_confirmed(self, topic: str) -> None:
+        if topic.startswith(CONTROL_PREFIX):
+            return  # the control channel: no hub subscribers, no presence
         if topic not in self._waiting:
             # A resubscription after a broker outage: presence may have changed meanwhile.
             self._spawn(self.presence.resync(topic))

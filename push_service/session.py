@@ -40,6 +40,10 @@ INVALID_MESSAGE = Disconnect(1007, "invalid message")
 SLOW_CONSUMER = Disconnect(1013, "slow consumer")
 # As Phoenix >= 1.7 drains: a close code, never phx_close (which would make phoenix.js drop the channel).
 DRAIN = Disconnect(1012, "service restart")
+# The admin API's disconnect: phoenix.js 1.6 and 1.7 do not reconnect after a 1000 close they did not
+# initiate, and reconnect after any other code (1.8 reconnects after either: README "Server API").
+ADMIN_CLOSE = Disconnect(1000, "disconnected by an admin")
+ADMIN_RECONNECT = Disconnect(4000, "disconnected by an admin, may reconnect")
 
 
 _BAD_SINCE = object()
@@ -144,7 +148,7 @@ class Channel:
 
 class Session:
     __slots__ = ("id", "host", "identity", "conn", "channels", "last_seen", "_wire", "_write", "_closing",
-                 "_disconnected", "_held", "_floors")
+                 "_disconnected", "_held", "_floors", "remote", "connected_at")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -157,6 +161,8 @@ class Session:
         self._write = conn.send
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
+        self.remote = ""  # the client's address and when it connected, for the admin API
+        self.connected_at = 0.0
         # topic -> broadcasts held while that topic's join recovers history (None: nothing held)
         self._held: dict[str, list[Broadcast]] | None = None
         # topic -> the position its replay went up to, until a live broadcast beyond it arrives (None: none)
@@ -326,6 +332,16 @@ class Session:
         self._drop_channel(channel)
         self._reply(channel.join_ref, message, "ok", {})
         self._push(Message(channel.join_ref, channel.join_ref, message.topic, CLOSE, {}))
+
+    def kick(self, topic: str) -> bool:
+        """Leave `topic` from the server side (the admin API): the client gets phx_close, as after its own
+        leave, and phoenix.js does not rejoin. False when the session is not on the topic."""
+        channel = self.channels.get(topic)
+        if channel is None:
+            return False
+        self._drop_channel(channel)
+        self._push(Message(channel.join_ref, channel.join_ref, topic, CLOSE, {}))
+        return True
 
     def _to_unjoined(self, message: Message) -> None:
         if message.event == LEAVE:

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_KEY = "test-publish-key-0123456789abcdef"
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 START_TIMEOUT = 15.0
 
@@ -142,7 +143,7 @@ def server_env(**overrides: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("PUSH_")}
     # History off unless a test asks for it: frames are then exactly Phoenix's (ref null on broadcasts,
     # empty join responses), which is what the protocol tests pin down. tests/test_history.py turns it on.
-    env.update({"PUSH_SERVICE_KEY": PUBLISH_KEY, "PUSH_JWT_SECRET": JWT_SECRET, "PUSH_LOG_FORMAT": "json",
+    env.update({"PUSH_SERVICE_KEY": PUBLISH_KEY, "PUSH_ADMIN_KEY": ADMIN_KEY, "PUSH_JWT_SECRET": JWT_SECRET, "PUSH_LOG_FORMAT": "json",
                 "PUSH_HISTORY_SIZE": "0", "PYTHONUNBUFFERED": "1"})
     env.update(overrides)
     return env

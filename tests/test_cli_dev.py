@@ -41,7 +41,8 @@ async def test_dev_banner_exports_make_token_and_publish_work_in_another_shell()
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
     try:
         exports = await asyncio.wait_for(read_exports(server), BANNER_TIMEOUT)
-        assert set(exports) == {"PUSH_SERVICE_KEY", "PUSH_JWT_SECRET", "PUSH_URL"}
+        assert set(exports) == {"PUSH_SERVICE_KEY", "PUSH_ADMIN_KEY", "PUSH_JWT_SECRET", "PUSH_URL"}
+        assert exports["PUSH_ADMIN_KEY"] != exports["PUSH_SERVICE_KEY"]
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", exports["PUSH_URL"])
         assert not exports["PUSH_URL"].endswith(":4000")
         shell = cli_env(**exports)  # another shell: nothing but what was pasted
@@ -60,6 +61,12 @@ async def test_dev_banner_exports_make_token_and_publish_work_in_another_shell()
             assert orjson.loads(stdout) == {"status": 200, "published": 1, "delivered": 1}
             broadcast = await ws.receive_json(timeout=5)
             assert broadcast[2:] == ["room:lobby:42", "new_msg", {"message": "hi", "channel_id": "42"}]
+            nodes_url = exports["PUSH_URL"] + "/api/admin/nodes"
+            async with http.get(nodes_url, headers={"Authorization": f"Bearer {exports['PUSH_ADMIN_KEY']}"}) as answer:
+                assert answer.status == 200
+                assert [node["connections"]["websocket"] for node in (await answer.json())["nodes"]] == [1]
+            async with http.get(nodes_url, headers={"Authorization": f"Bearer {exports['PUSH_SERVICE_KEY']}"}) as answer:
+                assert answer.status == 403
     finally:
         if server.returncode is None:
             server.terminate()

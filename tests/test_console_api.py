@@ -11,17 +11,19 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import PUBLISH_KEY, make_token
+from conftest import ADMIN_KEY, PUBLISH_KEY, make_token
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
 
-AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TIMEOUT = 5.0
 
 
 @pytest.mark.parametrize("path", ["/api/stats", "/api/topics"])
-async def test_the_endpoints_need_the_publish_key(api: Api, path: str) -> None:
+async def test_the_endpoints_need_the_admin_key(api: Api, path: str) -> None:
     assert (await api.get(path)).status == 401
     assert (await api.get(path, headers={"Authorization": "Bearer wrong"})).status == 401
+    refused = await api.get(path, headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
+    assert refused.status == 403 and "admin key" in refused.json()["error"]
     assert (await api.get(path, headers=AUTH)).status == 200
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from conftest import PUBLISH_KEY, ROOT, communicate, make_token
+from conftest import ADMIN_KEY, ROOT, communicate, make_token
 from lp_proxy import Proxy
 
 JS_DIR = Path(__file__).resolve().parent / "js"
@@ -54,7 +54,7 @@ async def test_console_in_chromium(start_server):
         fallback_page = (f"http://localhost:{proxy.port}/fallback.html?endpoint=ws://127.0.0.1:{proxy.port}/socket"
                          f"&token={make_token('browser')}&topic=room:lobby:42&fallback=500")
         process = await asyncio.create_subprocess_exec(
-            node, str(JS_DIR / "console.mjs"), "--base", server.http_url, "--key", PUBLISH_KEY,
+            node, str(JS_DIR / "console.mjs"), "--base", server.http_url, "--key", ADMIN_KEY,
             "--token", make_token("node-client"), "--screenshot", str(SCREENSHOT), "--fallback-page", fallback_page,
             "--chromium", str(CHROMIUM), cwd=JS_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         stdout, stderr = await communicate(process, RUN_TIMEOUT)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from conftest import PUBLISH_KEY
+from conftest import ADMIN_KEY
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
 
-AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
+AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 async def test_stats_tell_presence_topics_from_presences(api: Api) -> None:

@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import JWT_SECRET, PUBLISH_KEY, ROOT, communicate, until
+from conftest import ADMIN_KEY, JWT_SECRET, PUBLISH_KEY, ROOT, communicate, until
 from test_console_browser import CHROMIUM, JS_DIR, require_tools
 from ws_client import Client
 
@@ -153,7 +153,7 @@ class Cuttable:
 
 async def no_connections(server) -> bool:
     async with aiohttp.ClientSession() as http:
-        async with http.get(f"{server.http_url}/api/stats", headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as answer:
+        async with http.get(f"{server.http_url}/api/stats", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as answer:
             return (await answer.json())["connections"]["total"] == 0
 
 

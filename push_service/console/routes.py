@@ -1,7 +1,8 @@
-"""The live console: a static page at /console and the JSON it reads, all behind the publish key.
+"""The live console: a static page at /console and the JSON it reads, all behind the admin key.
 
-* `GET /console` (+ app.js, style.css): the page. It holds no secret; the operator types the publish
-  key, which the page keeps in sessionStorage and sends as `Authorization: Bearer` on every call.
+* `GET /console` (+ app.js, style.css): the page. It holds no secret; the operator types the admin
+  key (PUSH_ADMIN_KEY, which publishes too), which the page keeps in sessionStorage and sends as
+  `Authorization: Bearer` on every call.
 * `GET /api/stats`: this node's counters and gauges as plain numbers (the page derives rates from
   two successive answers).
 * `GET /api/topics`: topics with local subscribers, with their presence counts where tracked.
@@ -21,7 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from push_service.api import ApiError, json_response, require_bearer_key
+from push_service.admin import require_admin_key
+from push_service.api import ApiError, json_response
 from push_service.messages import Broadcast, Run, Wire
 from push_service.node import Node
 from push_service.protocol import V2
@@ -177,11 +179,11 @@ def setup(app: web.Application, node: Node) -> None:
         return handler
 
     async def stats(request: web.Request) -> web.StreamResponse:
-        require_bearer_key(request)
+        require_admin_key(request)
         return json_response(stats_of(node, started))
 
     async def topics(request: web.Request) -> web.StreamResponse:
-        require_bearer_key(request)
+        require_admin_key(request)
         raw = request.query.get("limit", str(TOPICS_LIMIT))
         try:
             limit = int(raw)
@@ -192,7 +194,7 @@ def setup(app: web.Application, node: Node) -> None:
         return json_response(topics_of(node, limit))
 
     async def watch(request: web.Request) -> web.StreamResponse:
-        require_bearer_key(request)
+        require_admin_key(request)
         name = request.query.get("topic", "")
         if parse_topic(name) is None:
             raise ApiError(400, "query parameter 'topic' must name a topic (room:lobby:<id>, room:topic:<id>, "

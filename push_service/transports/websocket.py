@@ -20,6 +20,7 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
+from push_service.access_log import remote_address
 from push_service.api import json_response
 from push_service.auth import Identity
 from push_service.errors import AuthError, ClientError
@@ -195,7 +196,7 @@ class WebSocketProtocol(asyncio.Protocol):
         self._out: list[bytes] | None = None
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
-        self.session = admission.open_session(identity, self, self.transport_name)
+        self.session = admission.open_session(identity, self, self.transport_name, remote_address(transport) or "")
 
     # --- Connection, for the session
 
