@@ -174,7 +174,7 @@ class Control:
             elif isinstance(kind, str) and isinstance(message.get("id"), str) and isinstance(message.get("args"), dict):
                 self._answer(sender, message["id"], kind, message["args"])
         elif topic == answers_topic(self.node_id):
-            gathered = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+            gathered = self._pending.get(message.get("id"))
             answer = message.get("answer")
             if gathered is not None and isinstance(answer, dict):
                 gathered.add(sender, answer)

@@ -53,6 +53,8 @@ class WireSerializer(Protocol):
     """A protocol version's serializer (push_service.protocol's V1 and V2), as a Wire's users see it;
     messages are push_service.protocol.Message, typed Any so this module imports nothing of ours."""
 
+    vsn: str  # the protocol version it speaks, as a client asks for it ("1.0.0", "2.0.0")
+
     def decode(self, data: str | bytes) -> Any: ...
 
     def encode(self, message: Any) -> bytes: ...
