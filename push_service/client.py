@@ -33,7 +33,7 @@ RETRY_AFTER_CAP = 30.0  # a Retry-After longer than this is not honoured in full
 TIMEOUT = 10.0  # seconds for one request
 
 
-class ApiError(PushServiceError):
+class PushClientError(PushServiceError):
     """The service answered with an error: `status` and its `error` message."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -42,11 +42,11 @@ class ApiError(PushServiceError):
         self.message = message
 
 
-class RequestRefused(ApiError):
+class RequestRefused(PushClientError):
     """A 4xx: the request is wrong (retrying it as is would fail again)."""
 
 
-class BadRequest(RequestRefused):
+class InvalidRequest(RequestRefused):
     """400: a field or parameter is missing or wrong."""
 
 
@@ -66,19 +66,19 @@ class PayloadTooLarge(RequestRefused):
     """413: the body is over the server's limit."""
 
 
-class Unavailable(ApiError):
+class Unavailable(PushClientError):
     """503 after every retry: the broker is down or the node drains."""
 
 
-class ServerError(ApiError):
+class ServerError(PushClientError):
     """Another 5xx."""
 
 
-REFUSALS: dict[int, type[RequestRefused]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
+REFUSALS: dict[int, type[RequestRefused]] = {400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
                                              413: PayloadTooLarge}
 
 
-def error_for(status: int, body: bytes) -> ApiError:
+def error_for(status: int, body: bytes) -> PushClientError:
     try:
         message = str(orjson.loads(body).get("error", ""))
     except (orjson.JSONDecodeError, AttributeError):

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from conftest import ADMIN_KEY, PUBLISH_KEY, ROOT, communicate
 from brokers import free_port
-from push_service.client import (AsyncPushClient, BadRequest, Forbidden, PushClient, Unauthorized, Unavailable,
+from push_service.client import (AsyncPushClient, InvalidRequest, Forbidden, PushClient, Unauthorized, Unavailable,
                                  backoff)
 from push_service.errors import ConfigError, PushServiceError
 from test_cluster import connect
@@ -72,7 +72,7 @@ async def test_sync_client_admin_calls_and_typed_refusals(server):
         assert list((await asyncio.to_thread(push.unsubscribe, "ada", "room:lobby:1"))["unsubscribed"].values()) == [1]
         closed = await asyncio.to_thread(push.disconnect, "ada", False, "banned")
         assert list(closed["closed"].values()) == [1]
-    with pytest.raises(BadRequest) as refused:
+    with pytest.raises(InvalidRequest) as refused:
         push.publish("nope", "e", {})
     assert refused.value.status == 400 and "unknown topic family" in refused.value.message
     assert isinstance(refused.value, PushServiceError)
@@ -97,9 +97,9 @@ async def test_async_client_does_the_same(server):
         assert len((await push.nodes())["nodes"]) == 1
         assert (await push.topics(limit=1))["topics"][0]["topic"] == "room:lobby:9"
         assert list((await push.disconnect("ada", reconnect=True))["closed"].values()) == [1]
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidRequest):
             await push.history("room:lobby:9")  # history is off on this server
-        with pytest.raises(BadRequest):
+        with pytest.raises(InvalidRequest):
             await push.unsubscribe("ada", "nope")
 
 
@@ -144,7 +144,7 @@ async def test_retry_after_is_honoured_and_4xx_is_never_retried():
         assert len(seen) == 3 and all(later - earlier >= 0.95 for earlier, later in zip(seen, seen[1:], strict=False))
     async with stub([400], None) as (url, seen):
         async with AsyncPushClient(url, publish_key="k", attempts=4) as push:
-            with pytest.raises(BadRequest):
+            with pytest.raises(InvalidRequest):
                 await push.publish("room:lobby:1", "e", {})
         assert len(seen) == 1
 
