@@ -61,13 +61,13 @@ class Broadcast:
         return cls(topic, event, orjson.dumps(payload), published_at)
 
     def encoded(self, wire: Wire) -> bytes:
-        try:
-            return self._encoded[wire]
-        except KeyError:
+        # get, not try/except KeyError: every broadcast misses once, and a raised KeyError costs more.
+        data = self._encoded.get(wire)
+        if data is None:
             ref = None if self.position is None else str(self.position)
             data = wire.frame(wire.serializer.encode_broadcast(self.topic, self.event, self.payload_json, ref))
             self._encoded[wire] = data
-            return data
+        return data
 
     @property
     def parts(self) -> tuple[Broadcast]:
@@ -92,11 +92,10 @@ class Run:
         self._encoded: dict[Wire, bytes] = {}
 
     def encoded(self, wire: Wire) -> bytes:
-        try:
-            return self._encoded[wire]
-        except KeyError:
+        data = self._encoded.get(wire)
+        if data is None:
             data = self._encoded[wire] = wire.separator.join([part.encoded(wire) for part in self.parts])
-            return data
+        return data
 
 
 class Subscriber(Protocol):
@@ -338,6 +337,8 @@ class Hub:
     def audience(self, broadcasts: Sequence[Broadcast]) -> int:
         """How many local deliveries these broadcasts make: the sum of their topics' subscriber counts."""
         topics = self._topics
+        if len(broadcasts) == 1:  # most publishes: no list to build and sum
+            return len(topics.get(broadcasts[0].topic, ()))
         return sum([len(topics.get(broadcast.topic, ())) for broadcast in broadcasts])
 
     def subscriber_counts(self) -> dict[str, int]:
