@@ -45,6 +45,8 @@ class Listener:
         self.node = node
         self.http = http  # aiohttp's own protocol factory
         self.routes = publishing.routes(node.settings)
+        # Each route's series of answered-200 requests, looked up once: the label lookup is per publish.
+        self.answered_ok = {path: node.metrics.http_requests.labels(path, "POST", 200) for path in self.routes}
         self.access_log = node.settings.access_log
         self._publishers: dict[PublishConnection, None] = {}
         self._idle_checker: asyncio.TimerHandle | None = None
@@ -298,7 +300,10 @@ class PublishConnection(asyncio.Protocol):
 
     def _answer(self, route: publishing.Route, status: int, body: bytes, answer_id: str, close: bool,
                 started: float, retry_after: int | None = None) -> None:
-        self._node.metrics.http_requests.labels(route.path, "POST", status).inc()
+        if status == 200:
+            self._listener.answered_ok[route.path].inc()
+        else:
+            self._node.metrics.http_requests.labels(route.path, "POST", status).inc()
         if self._listener.access_log:
             access_log.write("POST", route.path, access_log.CLIENT_CLOSED if self._closed else status, started,
                              access_log.remote_address(self._transport), 0 if self._closed else len(body))

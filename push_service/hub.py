@@ -280,6 +280,8 @@ class Hub:
     def audience(self, broadcasts: Sequence[Broadcast]) -> int:
         """How many local deliveries these broadcasts make: the sum of their topics' subscriber counts."""
         topics = self._topics
+        if len(broadcasts) == 1:  # most publishes: no list to build and sum
+            return len(topics.get(broadcasts[0].topic, ()))
         return sum([len(topics.get(broadcast.topic, ())) for broadcast in broadcasts])
 
     def subscriber_counts(self) -> dict[str, int]:

@@ -250,5 +250,6 @@ def _broker_unavailable() -> ApiError:
 
 
 def answer(published: int, delivered: int) -> bytes:
-    # "status" mirrors the old service's body so backends that read it keep working.
-    return orjson.dumps({"status": 200, "published": published, "delivered": delivered})
+    # "status" mirrors the old service's body so backends that read it keep working. The bytes orjson would
+    # write for these integers, formatted without building a dict: every publish is answered.
+    return b'{"status":200,"published":%d,"delivered":%d}' % (published, delivered)

@@ -147,8 +147,9 @@ class Channel:
 
 
 class Session:
-    __slots__ = ("id", "host", "identity", "conn", "channels", "last_seen", "_wire", "_write", "_closing",
-                 "_disconnected", "_held", "_floors", "remote", "connected_at")
+    # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
+    __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen", "_write",
+                 "_closing", "_disconnected", "remote", "connected_at")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -182,7 +183,9 @@ class Session:
                 if floors is None or part.topic not in floors or not self._replayed(part, floors):
                     self._write(part.encoded(self._wire))
             return
-        self._write(broadcast.encoded(self._wire))
+        # conn.send called as a method, not the bound method kept in _write: with thousands of sockets
+        # that object is one more cache miss per delivery (docs/performance.md, "Small rooms").
+        self.conn.send(broadcast.encoded(self._wire))
 
     def _replayed(self, broadcast: Broadcast, floors: dict[str, Position]) -> bool:
         """Whether the replay already sent this broadcast. With Redis or NATS the history read can answer

@@ -42,6 +42,15 @@ def test_v2_broadcast_has_null_refs():
         None, None, "room:lobby:1", "new_msg", {"a": 1}]
 
 
+@pytest.mark.parametrize("serializer", [V1, V2])
+@pytest.mark.parametrize("ref", [None, "0a1b:17"])
+def test_a_broadcast_frame_is_the_bytes_of_the_same_message(serializer, ref):
+    # encode_broadcast builds its frame its own way (no Message): a client must not see the difference.
+    payload = {"body": "ünïcødé ✓", "n": [1, 2.5, None, True], "big": 2**63 - 1}
+    message = Message(None, ref, "room:ü", "événement", payload)
+    assert serializer.encode_broadcast("room:ü", "événement", orjson.dumps(payload), ref) == serializer.encode(message)
+
+
 @pytest.mark.parametrize("message", [
     Message(None, "1", "room:lobby:42", "phx_join", {}),
     Message(None, None, "room:lobby:42", "new_msg", {"body": "hi"}),

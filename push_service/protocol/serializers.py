@@ -75,6 +75,10 @@ class _V1(Serializer):
         return orjson.dumps({"topic": message.topic, "event": message.event,
                              "payload": message.payload, "ref": message.ref})
 
+    def encode_broadcast(self, topic: str, event: str, payload_json: bytes, ref: str | None = None) -> bytes:
+        # As encode, without building a Message: once per broadcast and wire.
+        return orjson.dumps({"topic": topic, "event": event, "payload": orjson.Fragment(payload_json), "ref": ref})
+
 
 class _V2(Serializer):
     """vsn 2.0.0: `[join_ref, ref, topic, event, payload]` text frames, and binary push frames."""
@@ -117,6 +121,10 @@ class _V2(Serializer):
 
     def encode(self, message: Message) -> bytes:
         return orjson.dumps([message.join_ref, message.ref, message.topic, message.event, message.payload])
+
+    def encode_broadcast(self, topic: str, event: str, payload_json: bytes, ref: str | None = None) -> bytes:
+        # As encode, without building a Message: once per broadcast and wire.
+        return orjson.dumps([None, ref, topic, event, orjson.Fragment(payload_json)])
 
 
 V1: Serializer = _V1()
