@@ -19,7 +19,7 @@ from push_service.api import json_response, read_body
 from push_service.control import Control
 from push_service.node import NODE, Node
 from push_service.publishing import ApiError
-from push_service.session import ADMIN_CLOSE, ADMIN_RECONNECT
+from push_service.connection import ADMIN_CLOSE, ADMIN_RECONNECT
 from push_service.topics import parse_topic
 
 log = logging.getLogger("push_service.admin")

@@ -23,7 +23,8 @@ from push_service.messages import Broadcast, Position, Recovery
 from push_service.metrics import Metrics
 from push_service.origin import OriginPolicy
 from push_service.presence import Presence
-from push_service.session import DRAIN, HEARTBEAT_TIMEOUT, SHUTDOWN, TOKEN_EXPIRED, Connection, Session
+from push_service.connection import DRAIN, HEARTBEAT_TIMEOUT, SHUTDOWN, TOKEN_EXPIRED, Connection
+from push_service.session import Session
 
 log = logging.getLogger("push_service")
 DRAIN_STEP = 0.1  # seconds between two batches of drain closes

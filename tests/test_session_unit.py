@@ -17,7 +17,8 @@ from push_service.config import Settings
 from push_service.messages import Broadcast, Position, Recovery, Wire
 from push_service.metrics import Metrics
 from push_service.protocol import V2
-from push_service.session import INVALID_MESSAGE, Disconnect, Session
+from push_service.connection import INVALID_MESSAGE, Disconnect
+from push_service.session import Session
 from push_service.topics import Topic
 
 LOBBY = "room:lobby:1"

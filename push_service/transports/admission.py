@@ -10,7 +10,8 @@ from typing import Protocol
 from push_service.auth import Identity
 from push_service.config import Settings
 from push_service.metrics import Metrics
-from push_service.session import Connection, Session
+from push_service.connection import Connection
+from push_service.session import Session
 
 
 class Admission(Protocol):

@@ -41,7 +41,7 @@ from aiohttp import web
 from push_service.api import ClientGone, RequestTimeout, read_body
 from push_service.errors import AuthError
 from push_service.protocol import negotiate
-from push_service.session import Disconnect
+from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
 from push_service.transports.longpoll_connection import WIRES, LongPollConnection
 

@@ -13,7 +13,8 @@ import orjson
 
 from push_service.messages import Wire
 from push_service.protocol import V1, V2
-from push_service.session import Disconnect, Session
+from push_service.connection import Disconnect
+from push_service.session import Session
 
 
 def frame_json_string(payload: bytes) -> bytes:

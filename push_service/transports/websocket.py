@@ -28,7 +28,7 @@ from push_service.http1 import Request, has_token, json_answer, parse_query, req
 from push_service.limits import taken_over
 from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer, negotiate
-from push_service.session import Disconnect
+from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
 from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key, close_code, frame, frame_close,

@@ -1,0 +1,41 @@
+"""What a session writes to: the transport's `Connection`, and the `Disconnect`s a connection is closed
+with (their close codes decide whether phoenix.js reconnects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from push_service.messages import Wire
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Why the server ends a connection. Codes other than 1000 make phoenix.js reconnect."""
+
+    code: int
+    reason: str
+
+
+TOKEN_EXPIRED = Disconnect(1001, "token expired")
+HEARTBEAT_TIMEOUT = Disconnect(1001, "heartbeat timeout")
+SHUTDOWN = Disconnect(1001, "server shutting down")
+INVALID_MESSAGE = Disconnect(1007, "invalid message")
+SLOW_CONSUMER = Disconnect(1013, "slow consumer")
+# As Phoenix >= 1.7 drains: a close code, never phx_close (which would make phoenix.js drop the channel).
+DRAIN = Disconnect(1012, "service restart")
+# The admin API's disconnect: phoenix.js 1.6 and 1.7 do not reconnect after a 1000 close they did not
+# initiate, and reconnect after any other code (1.8 reconnects after either: README "Server API").
+ADMIN_CLOSE = Disconnect(1000, "disconnected by an admin")
+ADMIN_RECONNECT = Disconnect(4000, "disconnected by an admin, may reconnect")
+
+
+class Connection(Protocol):
+    wire: Wire
+    transport_name: str  # metrics label: "websocket" or "longpoll"
+
+    def send(self, data: bytes) -> None:
+        """Queue framed bytes. Past PUSH_SEND_BUFFER_BYTES unsent, call the session's overflowed()."""
+
+    def close(self, disconnect: Disconnect) -> None:
+        """Close from the server side; the transport then calls Session.closed()."""
