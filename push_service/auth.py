@@ -178,18 +178,19 @@ class TokenVerifier:
     def verify(self, token: str | None) -> Identity:
         """The token's identity, or AuthError. A token verified before is taken from the cache, its
         expiry checked again (the other claims cannot turn invalid with time: iat and nbf only pass)."""
-        cached = self._verified.get(token) if token else None  # type: ignore[arg-type]
-        if cached is not None:
+        verified = self._verified
+        cached = verified.get(token) if token else None
+        if cached is not None and token:
             identity, exp = cached
             if exp > time.time() - self._leeway:
                 return identity
-            del self._verified[token]  # type: ignore[arg-type]
+            del verified[token]
             raise AuthError("expired", "Signature has expired")
         identity, exp = self._verify(token)
-        verified = self._verified
-        if len(verified) >= VERIFIED_CACHE_SIZE:
-            del verified[next(iter(verified))]
-        verified[token] = (identity, exp)  # type: ignore[index]
+        if token:  # always, once verified; for the type checker
+            if len(verified) >= VERIFIED_CACHE_SIZE:
+                del verified[next(iter(verified))]
+            verified[token] = (identity, exp)
         return identity
 
     def _verify(self, token: str | None) -> tuple[Identity, int]:
