@@ -216,15 +216,16 @@ class Server:
 class PushServer(Server):
     name = "push"
 
-    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None, port: int = 0) -> None:
         super().__init__(workdir)
         self.extra_env = extra_env or {}
+        self.requested_port = port  # 0: any free one
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PUSH_")}
         env.update(PUSH_SERVICE_KEY=KEY, PUSH_JWT_SECRET=SECRET, PUSH_LOG_FORMAT="json",
                    PUSH_LOG_LEVEL="warning", PUSH_HISTORY_SIZE="0", **self.extra_env)
-        self.proc = spawn([*taskset(SERVER_CPU), PYTHON, "-m", "push_service", "serve", "--port", "0"],
+        self.proc = spawn([*taskset(SERVER_CPU), PYTHON, "-m", "push_service", "serve", "--port", str(self.requested_port)],
                           env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         lines: queue.Queue[str] = queue.Queue()
 
@@ -384,6 +385,9 @@ class Loadgen:
                 cmd.append(flag)
             elif value not in (None, False):
                 cmd += [flag, str(value)]
+        self._start(cmd)
+
+    def _start(self, cmd: list[str]) -> None:
         self.cmd = cmd
         self.proc = spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -428,13 +432,21 @@ class Loadgen:
                 self.proc.wait(5)
 
 
+class StormClients(Loadgen):
+    """benchmarks/storm.py: phoenix.js-like clients that reconnect with its backoff (reconnect-storm)."""
+
+    def __init__(self, port: int, tokens: Path, conns: int, storm_timeout: float) -> None:
+        self._start([*taskset(LOADGEN_CPU), PYTHON, str(HERE / "storm.py"), "--port", str(port), "--tokens",
+                     str(tokens), "--conns", str(conns), "--storm-timeout", str(storm_timeout)])
+
+
 # ---------------------------------------------------------------- scenarios
 
 @dataclass
 class Scenario:
     name: str
     title: str
-    kind: str  # publish | connect | idle | publish-only | growth | scaleout | topics
+    kind: str  # publish | connect | storm | idle | publish-only | growth | scaleout | topics
     targets: tuple[str, ...] = ALL_TARGETS
     options: dict[str, Any] = field(default_factory=dict)
     quick: dict[str, Any] = field(default_factory=dict)
@@ -485,6 +497,12 @@ def scenarios() -> list[Scenario]:
                  options=dict(conns=10000, inflight_connects=200), quick=dict(conns=500),
                  columns=("conns", "failed", "connects/s", "us CPU/conn", "server CPU%", "loadgen CPU%",
                           "other load%")),
+        Scenario("reconnect-storm", "push only: 10,000 phoenix.js-like clients joined, the server restarted "
+                 "(SIGTERM, PUSH_DRAIN_SECONDS=2), all reconnect with phoenix.js's backoff", "storm",
+                 targets=("push",), options=dict(conns=10000, storm_timeout=120), quick=dict(conns=500),
+                 env={"PUSH_DRAIN_SECONDS": "2"},
+                 columns=("conns", "rejoined", "s to all rejoined", "s after listening", "attempts", "failed",
+                          "server CPU s", "us CPU/conn", "client CPU s", "other load%")),
         Scenario("publish", "no subscribers, single-message POSTs at max rate, 32 HTTP connections",
                  "publish-only", options=dict(conns=0, seconds=5, http_conns=32), quick=dict(seconds=1),
                  columns=("requests/s", "msgs/s", "us/request", "non-2xx", "server CPU%", "loadgen CPU%",
@@ -579,6 +597,41 @@ def run_connect(server: Server, target: str, tokens: Path, options: dict[str, An
         "us CPU/conn": round(cost["cpu_s"] * 1e6 / max(connected["conns"], 1), 1),
         "server CPU%": cost["cpu_pct"], "loadgen CPU%": connected["cpu_pct"],
         "other load%": cost["other_load_on_server_core_pct"]}}
+
+
+def run_storm(workdir: Path, tokens: Path, options: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """Clients joined, the server stopped as a deploy stops it (SIGTERM: drain, exit) and a new one started on the
+    same port; the clients come back by phoenix.js's schedule. Measured: time until all are joined again (from the
+    first socket lost, and from the new server listening) and the new server's CPU from listening until then."""
+    conns, timeout = options["conns"], options["storm_timeout"]
+    port = free_port()
+    old, new = PushServer(workdir, env, port), PushServer(workdir, env, port)
+    clients = None
+    try:
+        old.start()
+        clients = StormClients(port, tokens, conns, timeout)
+        joined = clients.expect("joined", connect_timeout(conns))
+        assert old.proc is not None
+        old.proc.terminate()
+        old.proc.wait(float(env.get("PUSH_DRAIN_SECONDS", 10)) + 30)
+        new.start()
+        listening = time.monotonic()
+        before = snapshot(new.measured_pids())
+        rejoined = clients.expect("rejoined", timeout + 30)
+        after = snapshot(new.measured_pids())
+        after_listening = time.monotonic() - listening
+    finally:
+        if clients is not None:
+            clients.close()
+        old.stop()
+        new.stop()
+    cost = measured(before, after)
+    return {"joined": joined, "rejoined": rejoined, "server": cost, "row": {
+        "conns": conns, "rejoined": rejoined["conns"], "s to all rejoined": rejoined["seconds_since_first_loss"],
+        "s after listening": round(after_listening, 2), "attempts": rejoined["attempts"],
+        "failed": rejoined["failed_attempts"], "server CPU s": cost["cpu_s"],
+        "us CPU/conn": round(cost["cpu_s"] * 1e6 / max(rejoined["conns"], 1), 1),
+        "client CPU s": rejoined["client_cpu_s"], "other load%": cost["other_load_on_server_core_pct"]}}
 
 
 def run_idle(server: Server, target: str, tokens: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -685,6 +738,8 @@ class Runner:
         if scenario.kind == "connect":
             tokens = self.token_file(options["conns"])
             return self.with_server(target, lambda s: run_connect(s, target, tokens, options))
+        if scenario.kind == "storm":
+            return run_storm(self.workdir, self.token_file(options["conns"]), options, scenario.env)
         if scenario.kind == "idle":
             tokens = self.token_file(options["conns"])
             return self.with_server(target, lambda s: run_idle(s, target, tokens, options))

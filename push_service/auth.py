@@ -61,6 +61,12 @@ _URL_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/**")
 # orjson turns integers beyond 64 bits into floats where the json module keeps them exact.
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 _HEADER_CACHE_SIZE = 64
+# Tokens verified already, with what they said: a reconnect storm brings the same tokens back. Bounded
+# (oldest out first): at most this many tokens held, a few hundred bytes each.
+VERIFIED_CACHE_SIZE = 10_000
+# HMAC algorithms checked with hmac.digest, one C call: PyJWT's HMACAlgorithm builds an hmac object per
+# token for the same digest.
+_HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
 
 
 def _b64url_decode(segment: bytes) -> bytes | None:
@@ -126,7 +132,8 @@ class TokenVerifier:
 
     Not jwt.decode(): it prepares everything again on every token, too slow for a reconnect storm
     (docs/performance.md). The claims are checked by PyJWT's own rules and the signatures by its
-    algorithm objects; tests/test_auth.py `test_parity_with_pyjwt` keeps the verdicts identical.
+    algorithm objects (HMAC by the same digest, called directly); tests/test_auth.py
+    `test_parity_with_pyjwt` keeps the verdicts identical.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -138,6 +145,8 @@ class TokenVerifier:
         leeway = settings.jwt_leeway
         self._leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
         self._headers: dict[bytes, tuple[Any, str | None]] = {}
+        # token -> (its identity, its exp as the claims check reads it): only tokens that passed every check.
+        self._verified: dict[str | bytes, tuple[Identity, int]] = {}
         # Pinning: only the configured algorithms, and each only with its own kind of key, so an
         # HS256 token signed with the public key (key confusion) cannot pass. Keys prepared once.
         self._checkers: dict[str, tuple[Any, Any]] = {}
@@ -156,6 +165,8 @@ class TokenVerifier:
             if weak:  # jwt.decode warned on every token; once is enough
                 warnings.warn(weak, jwt.warnings.InsecureKeyLengthWarning, stacklevel=2)
             self._checkers[algorithm] = (checker, prepared)
+        self._hmac_keys = {algorithm: checker[1] for algorithm, checker in self._checkers.items()
+                           if algorithm in _HMAC_DIGESTS and isinstance(checker[1], bytes)}
 
     def _key_for(self, algorithm: str) -> Any:
         if algorithm in HMAC_ALGORITHMS:
@@ -165,6 +176,24 @@ class TokenVerifier:
         return None
 
     def verify(self, token: str | None) -> Identity:
+        """The token's identity, or AuthError. A token verified before is taken from the cache, its
+        expiry checked again (the other claims cannot turn invalid with time: iat and nbf only pass)."""
+        verified = self._verified
+        cached = verified.get(token) if token else None
+        if cached is not None and token:
+            identity, exp = cached
+            if exp > time.time() - self._leeway:
+                return identity
+            del verified[token]
+            raise AuthError("expired", "Signature has expired")
+        identity, exp = self._verify(token)
+        if token:  # always, once verified; for the type checker
+            if len(verified) >= VERIFIED_CACHE_SIZE:
+                del verified[next(iter(verified))]
+            verified[token] = (identity, exp)
+        return identity
+
+    def _verify(self, token: str | None) -> tuple[Identity, int]:
         if not token:
             raise AuthError("missing", "no token given")
         if isinstance(token, bytes):
@@ -207,19 +236,25 @@ class TokenVerifier:
         algorithm_object, key = checker
         if isinstance(key, Exception):
             raise type(key)(*key.args)
-        if not algorithm_object.verify(signing_input, key, signature):
+        hmac_key = self._hmac_keys.get(algorithm)
+        if hmac_key is not None:  # what HMACAlgorithm.verify does, in one call
+            valid = hmac.compare_digest(signature, hmac.digest(hmac_key, signing_input, _HMAC_DIGESTS[algorithm]))
+        else:
+            valid = algorithm_object.verify(signing_input, key, signature)
+        if not valid:
             raise AuthError("bad_signature", "Signature verification failed")
 
         claims = _json_object(payload)
         if claims is None:
             raise AuthError("malformed", "Invalid payload string: must be a json object")
-        self._check_claims(claims)
+        exp = self._check_claims(claims)
         if claims.get("info") and _LONG_NUMBER.search(payload):
             claims = json.loads(payload)  # keep integers beyond 64 bits in `info` exact, as before
-        return _identity_from(claims)
+        return _identity_from(claims), exp
 
-    def _check_claims(self, claims: dict[str, Any]) -> None:
-        """PyJWT's `_validate_claims` with require=["exp", "sub"], in its order and with its verdicts."""
+    def _check_claims(self, claims: dict[str, Any]) -> int:
+        """PyJWT's `_validate_claims` with require=["exp", "sub"], in its order and with its verdicts.
+        Returns exp as an integer, as compared."""
         if claims.get("exp") is None:
             raise AuthError("missing_claim", 'Token is missing the "exp" claim', "exp")
         if claims.get("sub") is None:
@@ -274,6 +309,7 @@ class TokenVerifier:
             raise AuthError("invalid", "Subject must be a string", "sub must be a string")
         if "jti" in claims and not isinstance(claims["jti"], str):
             raise AuthError("invalid", "JWT ID must be a string", "jti must be a string")
+        return exp
 
 
 def _identity_from(claims: dict[str, Any]) -> Identity:

@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from push_service import auth
 from push_service.auth import (AuthError, Identity, PublishKeys, TokenVerifier, _identity_from, accepted_algorithms,
                                mint_token)
 from push_service.config import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, Settings
@@ -588,6 +589,39 @@ def test_header_cache_is_bounded():
         header = {"alg": "HS256", "kid": f"key-{index}"}
         assert check.verify(jwt.encode(claims(), SECRET, algorithm="HS256", headers=header)).sub == "u1"
     assert len(check._headers) <= 64
+
+
+def test_a_token_accepted_before_is_refused_once_it_expires(monkeypatch):
+    check = verifier(jwt_leeway=5.0)
+    now = time.time()
+    token = hs(claims(ttl=60))
+    assert check.verify(token).sub == "u1"
+    monkeypatch.setattr(auth.time, "time", lambda: now + 64)  # past exp, within the leeway
+    assert check.verify(token).sub == "u1"
+    monkeypatch.setattr(auth.time, "time", lambda: now + 66)
+    assert refused(check, token) == "expired"
+    assert refused(check, token) == "expired"  # and again, from the full check
+
+
+def test_a_token_accepted_before_does_not_vouch_for_another():
+    check = verifier()
+    token = hs(claims())
+    assert check.verify(token).sub == "u1"
+    assert check.verify(token) == check.verify(token)
+    head, payload, signature = token.split(".")
+    assert refused(check, f"{head}.{payload}.{signature[:-2]}AA") == "bad_signature"
+    assert refused(check, f"{head}.{b64url(json.dumps(claims('u2')).encode())}.{signature}") == "bad_signature"
+    assert refused(verifier(), token[:-1]) in ("bad_signature", "malformed")
+
+
+def test_verified_tokens_held_are_bounded(monkeypatch):
+    monkeypatch.setattr(auth, "VERIFIED_CACHE_SIZE", 10)
+    check = verifier()
+    tokens = [hs(claims(f"u{index}")) for index in range(50)]
+    for token in tokens:
+        assert check.verify(token).sub == jwt.decode(token, SECRET, algorithms=["HS256"])["sub"]
+    assert len(check._verified) == 10
+    assert check.verify(tokens[0]).sub == "u0"  # out of the cache: verified again
 
 
 # --- publish keys

@@ -39,3 +39,22 @@ def test_quick_benchmark_delivers_every_frame(tmp_path):
     rows = scenarios["topics"]["targets"]["push"]["rows"]
     assert len(rows) == 3 and all((row["lost"], row["ooo"], row["dup"], row["closes"], row["non-2xx"]) == (0,) * 5
                                   and row["publishes/s"] > 0 for row in rows), rows
+
+
+def test_quick_reconnect_storm_brings_every_client_back(tmp_path):
+    """The server restarted under joined phoenix.js-like clients: every one of them is joined again, through the
+    drain's refusals and the time nothing listens."""
+    report_path = tmp_path / "storm.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--targets", "push", "--scenarios", "reconnect-storm",
+         "--json", str(report_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = orjson.loads(report_path.read_bytes())["scenarios"]["reconnect-storm"]["targets"]["push"]
+    assert "error" not in out, out
+    rejoined = out["rejoined"]
+    assert rejoined["complete"] and rejoined["conns"] == out["joined"]["conns"] > 0, rejoined
+    # Each client came back at least once; the failed attempts are the drain's 503s and the refused connects.
+    assert rejoined["attempts"] - rejoined["failed_attempts"] == rejoined["conns"], rejoined
+    assert set(rejoined["failed_answers"]) <= {"503"}, rejoined
+    assert out["server"]["cpu_s"] > 0, out

@@ -199,3 +199,21 @@ async def test_an_unsupported_websocket_version_is_426(server):
             writer.close()
     assert await metric(server, "push_connects_refused_total", reason="websocket_version") == len(cases)
     assert await metric(server, "push_connections", transport="websocket") == 0
+
+
+async def test_an_upgrade_whose_key_is_not_ascii_is_400(server):
+    """Sec-WebSocket-Key with a byte beyond ASCII: a clear 400, on a connection's first request (front door) and on a
+    kept-alive one (aiohttp), not a failure of the server's reading code that drops the connection unanswered."""
+    for first in (True, False):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            if not first:
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert (await read_response(reader))[0] == 200
+            writer.write(upgrade_head("13").replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: \xe9"))
+            status, _, body = await read_response(reader)
+            assert status == 400, (first, status, body)
+            assert "upgrade" in orjson.loads(body)["error"]
+        finally:
+            writer.close()
+    assert await metric(server, "push_connections", transport="websocket") == 0

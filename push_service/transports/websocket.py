@@ -31,7 +31,7 @@ from push_service.protocol import V1, V2, Serializer, negotiate
 from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
 from push_service.transports.frames import (
-    BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key, close_code, frame, frame_close,
+    BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key_bytes, close_code, frame, frame_close,
     frame_text,
 )
 
@@ -355,9 +355,10 @@ def is_upgrade(header: Callable[[str], str | None]) -> bool:
 
 
 def _valid_key(key: str | None) -> bool:
+    # What base64.b64decode(key, validate=True) checks, without its wrapper: ValueError for non-ASCII too.
     try:
-        return key is not None and len(base64.b64decode(key, validate=True)) == 16
-    except binascii.Error:
+        return key is not None and len(binascii.a2b_base64(key, strict_mode=True)) == 16
+    except ValueError:
         return False
 
 
@@ -405,7 +406,7 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
     """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head."""
     response = b"".join((
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
-        b"Sec-WebSocket-Accept: ", accept_key(header("sec-websocket-key") or "").encode(), b"\r\n",
+        b"Sec-WebSocket-Accept: ", accept_key_bytes((header("sec-websocket-key") or "").encode()), b"\r\n",
         b"Sec-WebSocket-Protocol: phoenix\r\n" if has_token(header("sec-websocket-protocol"), SUBPROTOCOL) else b"",
         b"\r\n"))
     protocol = WebSocketProtocol(admission, transport, WIRES[serializer], identity, lost)
