@@ -30,7 +30,8 @@ from push_service.presence import Diff, DiffBatcher, MemoryTracker, Presence, ne
 from push_service.presence.diffs import MAX_WAITS
 from push_service.presence.base import state_payload
 from push_service.presence.service import TYPING_BURST, TYPING_RATE, TypingBudget
-from test_websocket import OK, RECEIVE_TIMEOUT, connect, metric, wait_for_metric
+from http_helpers import metric, wait_for_metric
+from test_websocket import OK, RECEIVE_TIMEOUT, connect
 
 TOPIC = "room:topic:7"
 PHX_REF = re.compile(r"^[A-Za-z0-9_-]{16}$")

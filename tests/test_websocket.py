@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import socket
 import struct
 import time
@@ -20,9 +19,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import JWT_SECRET, PUBLISH_KEY, make_token
+from http_helpers import metric, publish, wait_for_metric
+from ws_client import CLOSE, CONT, PING, PONG, TEXT, Client, close_payload, raw_frame
 
 OK = {"status": "ok", "response": {}}
 RECEIVE_TIMEOUT = 5
@@ -95,144 +95,6 @@ async def expect_close(ws, code: int) -> aiohttp.WSMessage:
     assert msg.type is WSMsgType.CLOSE, msg
     assert msg.data == code, msg
     return msg
-
-
-async def publish(http: aiohttp.ClientSession, server, topic: str, payload: dict, event: str = "new_msg") -> dict:
-    response = await http.post(f"{server.http_url}/api/broadcast",
-                               json={"topic": topic, "event": event, "payload": payload},
-                               headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
-    assert response.status == 200, await response.text()
-    return await response.json()
-
-
-async def metrics(http: aiohttp.ClientSession, server) -> dict[tuple[str, frozenset], float]:
-    async with http.get(f"{server.http_url}/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    samples: dict[tuple[str, frozenset], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-async def metric(http: aiohttp.ClientSession, server, name: str, **labels: str) -> float:
-    return (await metrics(http, server)).get((name, frozenset(labels.items())), 0.0)
-
-
-async def wait_for_metric(http, server, name: str, expected: float, timeout: float = 10.0, **labels: str) -> None:
-    """The server updates some gauges asynchronously (closes): poll with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await metric(http, server, name, **labels)
-        if value == expected:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name}{labels} is {value}, expected {expected} within {timeout}s")
-        await asyncio.sleep(0.05)
-
-
-# --- a WebSocket client by hand, for what aiohttp's client will not do (stall, send invalid UTF-8)
-
-
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    mask = os.urandom(4)
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
-    elif size < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-    return header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-
-
-class RawWebSocket:
-    """A non-blocking socket with a small receive buffer, read only when the test says so."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def open(cls, server, token: str, vsn: str = "2.0.0", rcvbuf: int | None = None,
-                   before: bytes = b"", behind: bytes = b"") -> RawWebSocket:
-        """`before`: one HTTP request sent first on the same connection (its answer is read and
-        skipped); `behind`: bytes sent in the same write as the upgrade request, right behind it."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
-        sock.setblocking(False)
-        raw = cls(sock)
-        await raw.loop.sock_connect(sock, ("127.0.0.1", server.port))
-        if before:
-            await raw.loop.sock_sendall(sock, before)
-            while b"\r\n\r\n" not in raw.buffer:
-                await raw._fill()
-            head, _, rest = bytes(raw.buffer).partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:")))
-            while len(rest) < length:
-                await raw._fill()
-                rest = bytes(raw.buffer).partition(b"\r\n\r\n")[2]
-            raw.buffer = bytearray(rest[length:])
-        key = base64.b64encode(os.urandom(16)).decode()
-        await raw.loop.sock_sendall(sock, (
-            f"GET /socket/websocket?vsn={vsn}&token={token} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode() + behind)
-        while b"\r\n\r\n" not in raw.buffer:
-            await raw._fill()
-        head, _, rest = bytes(raw.buffer).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        raw.buffer = bytearray(rest)
-        return raw
-
-    async def _fill(self) -> None:
-        chunk = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), RECEIVE_TIMEOUT)
-        if not chunk:
-            raise EOFError("connection closed")
-        self.buffer += chunk
-
-    def _take_frame(self) -> tuple[int, bytes] | None:
-        data = self.buffer
-        if len(data) < 2:
-            return None
-        opcode, size, offset = data[0] & 0x0F, data[1] & 0x7F, 2
-        assert not data[1] & 0x80, "server frames are never masked"
-        if size == 126:
-            if len(data) < 4:
-                return None
-            size, offset = struct.unpack_from("!H", data, 2)[0], 4
-        elif size == 127:
-            if len(data) < 10:
-                return None
-            size, offset = struct.unpack_from("!Q", data, 2)[0], 10
-        if len(data) < offset + size:
-            return None
-        payload = bytes(data[offset:offset + size])
-        del data[:offset + size]
-        return opcode, payload
-
-    async def next_frame(self) -> tuple[int, bytes]:
-        while (frame := self._take_frame()) is None:
-            await self._fill()
-        return frame
-
-    async def receive_json(self) -> Any:
-        opcode, payload = await self.next_frame()
-        assert opcode == 0x1, (opcode, payload)
-        return orjson.loads(payload)
-
-    async def send(self, payload: bytes, opcode: int = 0x1) -> None:
-        await self.loop.sock_sendall(self.sock, client_frame(payload, opcode))
-
-    async def send_json(self, value: Any) -> None:
-        await self.send(orjson.dumps(value))
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --- upgrade refusals
@@ -608,16 +470,16 @@ async def test_oversized_frame_closes_with_1009(start_server):
 async def test_upgrade_on_a_kept_alive_connection_and_frames_behind_the_head(server):
     """The upgrade may be a connection's second request (aiohttp's client reuses pooled connections), and
     a client may send its first frames in the same write as the request: both work, frames in order."""
-    join = client_frame(orjson.dumps(["1", "1", "room:lobby:7", "phx_join", {}]))
-    heartbeat = client_frame(orjson.dumps([None, "2", "phoenix", "heartbeat", {}]))
+    join = raw_frame(TEXT, orjson.dumps(["1", "1", "room:lobby:7", "phx_join", {}]))
+    heartbeat = raw_frame(TEXT, orjson.dumps([None, "2", "phoenix", "heartbeat", {}]))
     for before in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
-        raw = await RawWebSocket.open(server, make_token(), before=before, behind=join + heartbeat)
+        raw = await Client.connect(server.port, make_token(), before=before, behind=join + heartbeat)
         try:
-            assert await raw.receive_json() == ["1", "1", "room:lobby:7", "phx_reply", OK]
-            assert await raw.receive_json() == [None, "2", "phoenix", "phx_reply", OK]
+            assert await raw.next_json() == ["1", "1", "room:lobby:7", "phx_reply", OK]
+            assert await raw.next_json() == [None, "2", "phoenix", "phx_reply", OK]
             async with aiohttp.ClientSession() as http:
                 assert (await publish(http, server, "room:lobby:7", {"n": 1}))["delivered"] == 1
-            assert await raw.receive_json() == [None, None, "room:lobby:7", "new_msg", {"n": 1}]
+            assert await raw.next_json() == [None, None, "room:lobby:7", "new_msg", {"n": 1}]
         finally:
             raw.close()
     async with aiohttp.ClientSession() as http:
@@ -627,46 +489,47 @@ async def test_upgrade_on_a_kept_alive_connection_and_frames_behind_the_head(ser
 
 
 async def test_ping_fragments_and_close_handshake(server):
-    raw = await RawWebSocket.open(server, make_token())
+    raw = await Client.connect(server.port, make_token())
     try:
-        await raw.send(b"are you there", opcode=0x9)
-        assert await raw.next_frame() == (0xA, b"are you there")
+        await raw.send_raw(raw_frame(PING, b"are you there"))
+        assert opcode_and_data(await raw.next_frame()) == (PONG, b"are you there")
         # A text message in three fragments, with a ping between two of them.
         text = orjson.dumps([None, "3", "phoenix", "heartbeat", {}])
-        first = client_frame(text[:5], 0x1)
-        await raw.loop.sock_sendall(raw.sock, bytes([first[0] & 0x7F]) + first[1:])  # FIN clear
-        middle = client_frame(text[5:9], 0x0)
-        await raw.loop.sock_sendall(raw.sock, bytes([middle[0] & 0x7F]) + middle[1:])
-        await raw.send(b"", opcode=0x9)
-        await raw.send(text[9:], opcode=0x0)
-        assert await raw.next_frame() == (0xA, b"")
-        assert await raw.receive_json() == [None, "3", "phoenix", "phx_reply", OK]
+        await raw.send_raw(raw_frame(TEXT, text[:5], fin=False))
+        await raw.send_raw(raw_frame(CONT, text[5:9], fin=False))
+        await raw.send_raw(raw_frame(PING, b""))
+        await raw.send_raw(raw_frame(CONT, text[9:]))
+        assert opcode_and_data(await raw.next_frame()) == (PONG, b"")
+        assert await raw.next_json() == [None, "3", "phoenix", "phx_reply", OK]
         # The client closes: the server answers with the same code, then the connection ends.
-        await raw.send(struct.pack("!H", 4001) + b"bye", opcode=0x8)
-        assert await raw.next_frame() == (0x8, struct.pack("!H", 4001))
+        await raw.send_raw(raw_frame(CLOSE, close_payload(4001, b"bye")))
+        assert opcode_and_data(await raw.next_frame()) == (CLOSE, close_payload(4001))
         with pytest.raises(EOFError):
             await raw.next_frame()
     finally:
         raw.close()
 
 
+def opcode_and_data(frame: Any) -> tuple[int, bytes]:
+    return frame.opcode.value, frame.data
+
+
 @pytest.mark.parametrize("frame, code", [
-    (struct.pack("!BB", 0x81, 2) + b"{}", 1002),  # unmasked
-    (client_frame(b"[]", 0x1)[:1].replace(b"\x81", b"\xc1") + client_frame(b"[]", 0x1)[1:], 1002),  # RSV1
-    (client_frame(b"tail", 0x0), 1002),  # a continuation with nothing to continue
-    (client_frame(b"x", 0x3), 1002),  # a reserved opcode
-    (client_frame(b"x" * 126, 0x9), 1002),  # a control frame over 125 bytes
-    (client_frame(b"\x03", 0x8), 1002),  # a close frame with a one-byte body
-    (client_frame(struct.pack("!H", 999), 0x8), 1002),  # an invalid close code
-    (client_frame(b'["1","1","room:\xff","phx_join",{}]'), 1007),  # a text frame that is not UTF-8
+    (raw_frame(TEXT, b"{}", masked=False), 1002),
+    (raw_frame(TEXT, b"[]", rsv=4), 1002),  # RSV1
+    (raw_frame(CONT, b"tail"), 1002),  # a continuation with nothing to continue
+    (raw_frame(0x3, b"x"), 1002),  # a reserved opcode
+    (raw_frame(PING, b"x" * 126), 1002),  # a control frame over 125 bytes
+    (raw_frame(CLOSE, b"\x03"), 1002),  # a close frame with a one-byte body
+    (raw_frame(CLOSE, close_payload(999)), 1002),  # an invalid close code
+    (raw_frame(TEXT, b'["1","1","room:\xff","phx_join",{}]'), 1007),  # a text frame that is not UTF-8
 ], ids=["unmasked", "rsv1", "stray-continuation", "reserved-opcode", "long-ping", "short-close", "bad-close-code",
         "not-utf8"])
 async def test_protocol_violations_close_and_are_counted(server, frame, code):
-    raw = await RawWebSocket.open(server, make_token())
+    raw = await Client.connect(server.port, make_token())
     try:
-        await raw.loop.sock_sendall(raw.sock, frame)
-        opcode, payload = await raw.next_frame()
-        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, code)
+        await raw.send_raw(frame)
+        assert (await raw.closed_with())[0] == code
     finally:
         raw.close()
     async with aiohttp.ClientSession() as http:
@@ -771,10 +634,10 @@ async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start
     filler = "x" * 8000
     async with aiohttp.ClientSession() as http, connect(http, server) as healthy:
         await joined(healthy, topic)
-        slow = await RawWebSocket.open(server, make_token("slow"), rcvbuf=4096)
+        slow = await Client.connect(server.port, make_token("slow"), rcvbuf=4096)
         try:
-            await slow.send_json(["1", "1", topic, "phx_join", {}])
-            assert await slow.receive_json() == ["1", "1", topic, "phx_reply", OK]
+            await slow.send_text(orjson.dumps(["1", "1", topic, "phx_join", {}]))
+            assert await slow.next_json() == ["1", "1", topic, "phx_reply", OK]
             # From here on the slow socket is never read until the server gives up on it.
             received: list[int] = []
             seq = 0
@@ -805,12 +668,11 @@ async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start
             # What the slow socket finally reads: its queued broadcasts in order, then a close frame (1013).
             slow_seqs: list[int] = []
             while True:
-                opcode, payload = await slow.next_frame()
-                if opcode == 0x8:
-                    assert struct.unpack("!H", payload[:2])[0] == 1013
-                    assert payload[2:] == b"slow consumer"
+                opcode, payload = opcode_and_data(await slow.next_frame())
+                if opcode == CLOSE:
+                    assert payload == close_payload(1013, b"slow consumer")
                     break
-                assert opcode == 0x1
+                assert opcode == TEXT
                 slow_seqs.append(orjson.loads(payload)[4]["seq"])
             # Nothing was dropped from the middle, and nothing published after the disconnect got there.
             assert slow_seqs == list(range(len(slow_seqs)))
@@ -830,9 +692,9 @@ async def test_connections_are_released(server):
         raws = []
         for index in range(count):
             if index % 5 == 4:  # some hand-made clients that will vanish without a close frame
-                raw = await RawWebSocket.open(server, make_token(f"u{index}"))
-                await raw.send_json([str(index), str(index), f"room:lobby:{index % 7}", "phx_join", {}])
-                assert (await raw.receive_json())[4] == OK
+                raw = await Client.connect(server.port, make_token(f"u{index}"))
+                await raw.send_text(orjson.dumps([str(index), str(index), f"room:lobby:{index % 7}", "phx_join", {}]))
+                assert (await raw.next_json())[4] == OK
                 raws.append(raw)
             else:
                 ws = await http.ws_connect(ws_url(server, make_token(f"u{index}")))
