@@ -25,10 +25,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from brokers import BrokerProcess, free_port, require_binary, require_nats, require_redis
+from http_helpers import bounded, metric, publish
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 
 NODE_TIMEOUT = 3.0   # PUSH_NODE_TIMEOUT of every node here
@@ -92,18 +92,6 @@ async def start_nodes(start_server: Callable[..., Any], count: int, broker: str,
         start_server(PUSH_BROKER=broker, PUSH_NODE_TIMEOUT=str(NODE_TIMEOUT), **env) for _ in range(count))))
 
 
-def bounded(seconds: float = TIMEOUT) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds)
-
-
-async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str,
-                  payload: dict[str, Any]) -> tuple[int, Any]:
-    async with http.post(f"{server.http_url}/api/broadcast",
-                         json={"topic": topic, "event": "new_msg", "payload": payload},
-                         headers={"Authorization": f"Bearer {PUBLISH_KEY}"}, timeout=bounded()) as response:
-        return response.status, await response.json()
-
-
 async def readyz(http: aiohttp.ClientSession, server: ServerProcess) -> int:
     async with http.get(f"{server.http_url}/readyz", timeout=bounded()) as response:
         return response.status
@@ -114,17 +102,6 @@ async def ready_is(http: aiohttp.ClientSession, server: ServerProcess, status: i
         return await readyz(http, server) == status
 
     await until(check, timeout, f"{server.http_url}/readyz {status}")
-
-
-async def metric(http: aiohttp.ClientSession, server: ServerProcess, name: str) -> float:
-    async with http.get(f"{server.http_url}/metrics", timeout=bounded()) as response:
-        assert response.status == 200
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return sample.value
-    raise AssertionError(f"metric {name} not exposed by {server.http_url}")
 
 
 async def presences(http: aiohttp.ClientSession, server: ServerProcess, topic: str) -> dict[str, list[str]]:
@@ -238,11 +215,11 @@ async def test_broadcasts_reach_every_node_exactly_once_in_order(broker_url, sta
             assert joined == {"event": "join", "topic": topic, "status": "ok", "response": {}}
 
         for seq in range(20):
-            status, body = await publish(http, nodes[0], topic, {"seq": seq})
             # `delivered` counts node 1's own subscribers only: its phoenix.js client and the raw socket.
-            assert (status, body) == (200, {"status": 200, "published": 1, "delivered": 2})
+            assert await publish(http, nodes[0], topic, {"seq": seq}) == {"status": 200, "published": 1,
+                                                                           "delivered": 2}
         # Delivery keeps the publish order, so a duplicate of any of the 20 would come before this one.
-        assert (await publish(http, nodes[0], topic, {"seq": "end"}))[0] == 200
+        await publish(http, nodes[0], topic, {"seq": "end"})
 
         expected = [{"seq": seq} for seq in range(20)] + [{"seq": "end"}]
         for n, client in enumerate(clients):
@@ -350,7 +327,7 @@ async def test_broker_outage_and_recovery(kind, broker_process, start_server):
         sockets = [await stack.enter_async_context(connect(http, node, f"s{n}")) for n, node in enumerate(nodes)]
         for sock in sockets:
             await sock.join(topic)
-        assert (await publish(http, nodes[0], topic, {"seq": 0}))[0] == 200
+        await publish(http, nodes[0], topic, {"seq": 0})
         for sock in sockets:
             await sock.wait_for(is_message(0))
 
@@ -358,18 +335,17 @@ async def test_broker_outage_and_recovery(kind, broker_process, start_server):
         for node in nodes:
             await ready_is(http, node, 503, TIMEOUT)
         for node in nodes:
-            assert await publish(http, node, topic, {"seq": "lost"}) == (503, {"error": "broker unavailable"})
-            assert await metric(http, node, "push_broker_up") == 0
+            assert await publish(http, node, topic, {"seq": "lost"}, status=503) == {"error": "broker unavailable"}
+            assert await metric(http, node, "push_broker_up", exposed=True) == 0
         for sock in sockets:
             await sock.heartbeat()  # the sockets stay up and answered while the broker is away
 
         await broker.start()  # the same port again
         for node in nodes:
             await ready_is(http, node, 200, RECOVERY)
-            assert await metric(http, node, "push_broker_up") == 1
-            assert await metric(http, node, "push_broker_reconnects_total") >= 1
-        status, body = await publish(http, nodes[0], topic, {"seq": 1})
-        assert (status, body) == (200, {"status": 200, "published": 1, "delivered": 1})
+            assert await metric(http, node, "push_broker_up", exposed=True) == 1
+            assert await metric(http, node, "push_broker_reconnects_total", exposed=True) >= 1
+        assert await publish(http, nodes[0], topic, {"seq": 1}) == {"status": 200, "published": 1, "delivered": 1}
         for sock in sockets:  # node 2 hears the topic again: it resubscribed
             await sock.wait_for(is_message(1))
             assert sock.messages(topic) == [{"seq": 0}, {"seq": 1}]
@@ -428,9 +404,9 @@ async def test_workers_share_the_port_and_stop_together(redis_url, start_server)
             nodes = {conn_id.split(b".")[0] for conn_id in await until(entries, TIMEOUT, "16 presence entries")}
             assert len(nodes) == 2, nodes
 
-            status, body = await publish(http, server, topic, {"seq": 0})
-            assert status == 200 and body["published"] == 1 and 0 < body["delivered"] < 16, body
-            assert (await publish(http, server, topic, {"seq": "end"}))[0] == 200
+            body = await publish(http, server, topic, {"seq": 0})
+            assert body["published"] == 1 and 0 < body["delivered"] < 16, body
+            await publish(http, server, topic, {"seq": "end"})
             for sock in sockets:
                 await sock.wait_for(is_message("end"))
                 assert sock.messages(topic) == [{"seq": 0}, {"seq": "end"}]
@@ -461,18 +437,18 @@ async def test_node_starts_without_its_broker_and_joins_it_later(kind, broker_pr
     topic = f"room:lobby:{uuid.uuid4().hex}"
     async with aiohttp.ClientSession() as http:
         assert await readyz(http, node) == 503
-        assert await publish(http, node, topic, {"seq": 0}) == (503, {"error": "broker unavailable"})
-        assert await metric(http, node, "push_broker_up") == 0
+        assert await publish(http, node, topic, {"seq": 0}, status=503) == {"error": "broker unavailable"}
+        assert await metric(http, node, "push_broker_up", exposed=True) == 0
         async with connect(http, node) as sock:
             await sock.heartbeat()  # it serves sockets meanwhile
 
         # The broker appears on that port: the node connects by itself.
         await broker_process(kind, port=port)
         await ready_is(http, node, 200, RECOVERY)
-        assert await metric(http, node, "push_broker_up") == 1
-        assert await metric(http, node, "push_broker_reconnects_total") == 0  # a first connection
+        assert await metric(http, node, "push_broker_up", exposed=True) == 1
+        assert await metric(http, node, "push_broker_reconnects_total", exposed=True) == 0  # a first connection
         async with connect(http, node) as sock:
             await sock.join(topic)
             published = await publish(http, node, topic, {"seq": 1})
-            assert published == (200, {"status": 200, "published": 1, "delivered": 1})
+            assert published == {"status": 200, "published": 1, "delivered": 1}
             await sock.wait_for(is_message(1))

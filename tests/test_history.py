@@ -29,10 +29,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import WSMsgType
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from brokers import require_nats, require_redis
+from http_helpers import bounded, metric, metrics, publish
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 from push_service.auth import Identity
 from push_service.broker.memory import MemoryBroker
@@ -66,17 +66,6 @@ def pos(text: str) -> Position:
     return Position.parse(text)
 
 
-def bounded(seconds: float = TIMEOUT) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds)
-
-
-async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str, payload: dict[str, Any],
-                  event: str = "new_msg") -> None:
-    async with http.post(f"{server.http_url}/api/broadcast", json={"topic": topic, "event": event, "payload": payload},
-                         headers={"Authorization": f"Bearer {PUBLISH_KEY}"}, timeout=bounded()) as response:
-        assert response.status == 200, await response.text()
-
-
 async def history(http: aiohttp.ClientSession, server: ServerProcess, topic: str,
                   key: str | None = PUBLISH_KEY, **query: Any) -> tuple[int, Any]:
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
@@ -89,18 +78,6 @@ async def latest_position(http: aiohttp.ClientSession, server: ServerProcess, to
     status, body = await history(http, server, topic, limit=1)
     assert status == 200, body
     return body["position"]
-
-
-async def metrics(http: aiohttp.ClientSession, server: ServerProcess) -> dict[tuple[str, frozenset], float]:
-    async with http.get(f"{server.http_url}/metrics", timeout=bounded()) as response:
-        assert response.status == 200
-        text = await response.text()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-async def metric(http: aiohttp.ClientSession, server: ServerProcess, name: str, **labels: str) -> float:
-    return (await metrics(http, server)).get((name, frozenset(labels.items())), 0.0)
 
 
 class Phx:

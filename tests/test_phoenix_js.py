@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
-from nodejs import JS_DIR, TIMEOUT, Event, node_binary, run_script
+from http_helpers import post_json
+from nodejs import JS_DIR, Event, node_binary, run_script
 from nodejs import NodeScript as JsClient
 
 CLIENT = JS_DIR / "client.mjs"
@@ -53,17 +54,15 @@ def node_client() -> Callable[..., Any]:
     return start
 
 
-async def publish(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+async def publish_message(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /api/message as Linen's backend does: the key in the body."""
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{server.http_url}/api/message", json={**body, "token": PUBLISH_KEY},
-                             timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
+        return await post_json(http, server, "/api/message", {**body, "token": PUBLISH_KEY}, headers=None)
 
 
 async def assert_receives(client: JsClient, server: ServerProcess, body: dict[str, Any] = LINEN_BODY) -> None:
     """Publish `body` on /api/message and check the client's channel.on('new_msg') gets it, minus the key."""
-    assert (await publish(server, body))["delivered"] == 1
+    assert (await publish_message(server, body))["delivered"] == 1
     message = await client.wait_event("message")
     assert message == {"event": "message", "topic": f"room:lobby:{body['channel_id']}", "name": "new_msg",
                        "payload": body}
@@ -83,7 +82,7 @@ async def test_join_and_receive_linen_message(version, server, node_client):
         assert "vsn=2.0.0" in open_event["url"] and "token=" in open_event["url"]
         assert await client.wait_event("join") == {"event": "join", "topic": TOPIC, "status": "ok", "response": {}}
         # A message for another channel is not delivered; ours arrives with the body minus `token`.
-        assert (await publish(server, {**LINEN_BODY, "channel_id": "43"}))["delivered"] == 0
+        assert (await publish_message(server, {**LINEN_BODY, "channel_id": "43"}))["delivered"] == 0
         await assert_receives(client, server)
 
 

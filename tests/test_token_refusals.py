@@ -9,10 +9,7 @@ import jwt
 import pytest
 
 from conftest import JWT_SECRET, ServerProcess, make_token
-
-UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-
+from ws_client import UPGRADE_HEADERS
 
 def signed(**claims: object) -> str:
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
@@ -35,7 +32,7 @@ CASES = [
 
 async def upgrade(server: ServerProcess, token: str) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as http, http.get(
-            f"{server.http_url}/socket/websocket", params={"vsn": "2.0.0", "token": token}, headers=UPGRADE,
+            f"{server.http_url}/socket/websocket", params={"vsn": "2.0.0", "token": token}, headers=UPGRADE_HEADERS,
             timeout=aiohttp.ClientTimeout(total=5)) as response:
         return response.status, await response.json()
 
