@@ -47,6 +47,27 @@ async def until(check: Callable[[], Awaitable[T] | T], timeout: float, what: str
         await asyncio.sleep(interval)
 
 
+def unread_bytes(port: int) -> int:
+    """Bytes the kernel holds for connections to local `port` that the process listening there has not read
+    yet (the receive queues in /proc/net/tcp): 0 once the server has taken in all that was sent to it."""
+    unread = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local_port, state, queues = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[4]
+                if local_port == port and state == "01":  # an established connection, the server's end
+                    unread += int(queues.split(":")[1], 16)
+    return unread
+
+
+async def server_has_read(port: int, timeout: float = 5.0) -> None:
+    """Wait until the server on `port` has read everything sent to it: what a test that sends a request in
+    pieces, or wants a request waiting at the server, must know before it goes on."""
+    await until(lambda: unread_bytes(port) == 0, timeout, f"the server on port {port} reading what it was sent")
+
+
 async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 answer off a raw connection: (status, headers by lower-case name, body by Content-Length)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import PUBLISH_KEY, make_token
+from conftest import PUBLISH_KEY, make_token, until
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
 
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
@@ -114,8 +114,7 @@ async def test_watch_streams_a_topic_without_being_a_connection(api: Api) -> Non
                 # Like `delivered`, the topics table counts the watch among the topic's local subscribers.
                 assert topics["topics"] == [{"topic": "room:lobby:5", "subscribers": 2, "presence": None}]
     # Once the watcher is gone, so is the node's subscription.
-    for _ in range(50):
-        if (await api.get("/api/stats", headers=AUTH)).json()["topics"] == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert (await api.get("/api/stats", headers=AUTH)).json()["topics"] == 0
+    async def no_topics() -> bool:
+        return (await api.get("/api/stats", headers=AUTH)).json()["topics"] == 0
+
+    await until(no_topics, 5, "the watch's topic released")

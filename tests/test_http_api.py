@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 from yarl import URL
 
-from conftest import PUBLISH_KEY, ROOT, make_token
+from conftest import PUBLISH_KEY, ROOT, make_token, server_has_read
+from ws_client import UPGRADE_HEADERS
 from push_service.metrics import Metrics
 
 SPEC_PATH = ROOT / "openapi.yaml"
@@ -629,7 +630,7 @@ async def test_body_arriving_in_pieces_is_read_whole(api: Api) -> None:
                          f"Authorization: Bearer {PUBLISH_KEY}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body[:100])
             await writer.drain()
-            await asyncio.sleep(0.2)  # the server has read the first piece by now
+            await server_has_read(parts.port)  # so the rest is a second piece, not part of the first read
             writer.write(body[100:])
             answer = await asyncio.wait_for(reader.read(), TIMEOUT)
         finally:
@@ -837,7 +838,7 @@ async def test_websocket_handshake_is_101_with_the_phoenix_subprotocol(api: Api)
     ({"vsn": "3.0.0", "token": make_token()}, "unsupported vsn; use 1.0.0 or 2.0.0"),
 ])
 async def test_websocket_refused_before_upgrade_is_403(api: Api, params: dict[str, str], message: str) -> None:
-    reply = await api.get("/socket/websocket", params=params, headers=websocket_upgrade_headers())
+    reply = await api.get("/socket/websocket", params=params, headers=UPGRADE_HEADERS)
     assert reply.status == 403
     assert reply.error == message
 
@@ -846,8 +847,3 @@ async def test_websocket_without_upgrade_is_400(api: Api) -> None:
     reply = await api.get("/socket/websocket", params={"vsn": "2.0.0", "token": make_token()})
     assert reply.status == 400
     assert reply.error == "expected a WebSocket upgrade request"
-
-
-def websocket_upgrade_headers() -> dict[str, str]:
-    return {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
