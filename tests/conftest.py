@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import jwt
 import orjson
 import pytest
+import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_KEY = "test-publish-key-0123456789abcdef"
@@ -134,10 +135,12 @@ class ServerProcess:
         if not listening.done():
             listening.set_exception(RuntimeError(f"server exited before listening: {self.log_lines}"))
 
-    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict:
+    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                           since: int = 0) -> dict:
+        """The first log line from index `since` on (a shared server's: `len(log_lines)` before the test acts)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for entry in self.log_lines:
+            for entry in self.log_lines[since:]:
                 if predicate(entry):
                     return entry
             await asyncio.sleep(0.05)
@@ -169,22 +172,64 @@ def server_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-async def start_server() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: `await start_server(PUSH_HEARTBEAT_TIMEOUT="2")` -> a started ServerProcess."""
-    servers: list[ServerProcess] = []
+def server_starter(loop_scope: str = "function") -> Any:
+    """The `start_server` fixture on the given event loop: a module whose tests run on the module's loop
+    (see shared_server) assigns `start_server = server_starter("module")`."""
+    @pytest_asyncio.fixture(loop_scope=loop_scope)
+    async def start_server() -> AsyncIterator[Callable[..., Any]]:
+        """Factory: `await start_server(PUSH_HEARTBEAT_TIMEOUT="2")` -> a started ServerProcess, stopped after
+        the test."""
+        servers: list[ServerProcess] = []
 
-    async def start(*args: str, port: int = 0, **env: str) -> ServerProcess:
-        server = ServerProcess(server_env(**env), list(args))
-        servers.append(server)
-        return await server.start(port)
+        async def start(*args: str, port: int = 0, **env: str) -> ServerProcess:
+            server = ServerProcess(server_env(**env), list(args))
+            servers.append(server)
+            return await server.start(port)
 
-    yield start
-    for server in servers:
-        await server.stop()
+        yield start
+        for server in servers:
+            await server.stop()
+
+    return start_server
+
+
+start_server = server_starter()
 
 
 @pytest.fixture
 async def server(start_server: Callable[..., Any]) -> ServerProcess:
     """A server with the test keys and default settings."""
     return await start_server()
+
+
+def shared_server(**env: str) -> Any:
+    """A module-scoped fixture: one server, started once, for the tests of a module that each look only at
+    their own topics, clients and log lines. Tests using it run on the module's event loop (the server's
+    pipes belong to it): mark them `pytest.mark.asyncio(loop_scope="module")`."""
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def fixture() -> AsyncIterator[ServerProcess]:
+        server = await ServerProcess(server_env(**env), []).start()
+        yield server
+        await server.stop()
+
+    return fixture
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_servers() -> AsyncIterator[Callable[..., Awaitable[list[ServerProcess]]]]:
+    """Factory: `await module_servers(count, **env)` -> `count` servers with those settings, started at the
+    first test that asks and kept for the module's others that ask the same (each looking only at its own
+    topics); such tests are marked `pytest.mark.asyncio(loop_scope="module")`, as with shared_server."""
+    started: dict[tuple[int, tuple[tuple[str, str], ...]], list[ServerProcess]] = {}
+
+    async def get(count: int = 1, **env: str) -> list[ServerProcess]:
+        key = (count, tuple(sorted(env.items())))
+        if key not in started:
+            started[key] = [ServerProcess(server_env(**env), []) for _ in range(count)]
+            await asyncio.gather(*(server.start() for server in started[key]))
+        return started[key]
+
+    yield get
+    for servers in started.values():
+        for server in servers:
+            await server.stop()

@@ -66,4 +66,13 @@ async def wait_for_metric(http: aiohttp.ClientSession, server: ServerProcess, na
     try:
         await until(reached, timeout, f"{name}{labels} == {expected}")
     except AssertionError:
-        raise AssertionError(f"{name}{labels} is {seen[-1] if seen else None}, expected {expected} within {timeout}s") from None
+        last = seen[-1] if seen else None
+        raise AssertionError(f"{name}{labels} is {last}, expected {expected} within {timeout}s") from None
+
+
+async def connections_closed(server: ServerProcess, timeout: float = TIMEOUT) -> None:
+    """Wait until the server holds no client connection: after a test on a shared server, so that the next
+    one's `delivered` counts see only its own subscribers (a client's close reaches the server later)."""
+    async with aiohttp.ClientSession() as http:
+        for transport in ("websocket", "longpoll"):
+            await wait_for_metric(http, server, "push_connections", 0, timeout, transport=transport)

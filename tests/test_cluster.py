@@ -11,17 +11,15 @@ otherwise. Every node runs with PUSH_NODE_TIMEOUT=3 so that a dead node is notic
 from __future__ import annotations
 
 import asyncio
-import itertools
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType
@@ -29,6 +27,7 @@ from aiohttp import WSMsgType
 from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from brokers import BrokerProcess, free_port, require_binary, require_nats, require_redis
 from http_helpers import bounded, metric, publish
+from phx_client import PhoenixSocket, open_socket
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 
 NODE_TIMEOUT = 3.0   # PUSH_NODE_TIMEOUT of every node here
@@ -117,37 +116,13 @@ async def presences(http: aiohttp.ClientSession, server: ServerProcess, topic: s
 # ===================================================================== clients
 
 
-class Socket:
-    """A raw Phoenix v2 WebSocket; every frame read so far is kept in `frames`."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.frames: list[Frame] = []
-        self._refs = itertools.count(1)
-
-    async def next(self, timeout: float = TIMEOUT) -> Frame:
-        msg = await self.ws.receive(timeout=timeout)
-        if msg.type is not WSMsgType.TEXT:
-            raise AssertionError(f"socket closed or failed: {msg!r}; frames so far: {self.frames}")
-        frame = orjson.loads(msg.data)
-        self.frames.append(frame)
-        return frame
-
-    async def wait_for(self, predicate: Callable[[Frame], bool], timeout: float = TIMEOUT) -> Frame:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                frame = await self.next(left)
-            except (TimeoutError, asyncio.TimeoutError):
-                break
-            if predicate(frame):
-                return frame
-        raise AssertionError(f"no matching frame within {timeout}s; frames so far: {self.frames}")
+class Socket(PhoenixSocket):
+    """A raw Phoenix v2 WebSocket that joins as phoenix.js would, presence topics included."""
 
     async def join(self, topic: str) -> dict[str, Any] | None:
         """Join; returns the presence_state payload on a presence topic, else None."""
-        ref = str(next(self._refs))
-        await self.ws.send_json([ref, ref, topic, "phx_join", {}])
+        ref = self.ref()
+        await self.send(ref, ref, topic, "phx_join", {})
         # phoenix.js waits 10 s for a join reply by default; ours waits for the broker's subscription.
         reply = await self.wait_for(lambda f: f[1] == ref, timeout=10.0)
         assert reply == [ref, ref, topic, "phx_reply", OK], reply
@@ -158,20 +133,14 @@ class Socket:
         return None
 
     async def heartbeat(self) -> None:
-        ref = str(next(self._refs))
-        await self.ws.send_json([None, ref, "phoenix", "heartbeat", {}])
+        ref = self.ref()
+        await self.send(None, ref, "phoenix", "heartbeat", {})
         reply = await self.wait_for(lambda f: f[1] == ref)
         assert reply == [None, ref, "phoenix", "phx_reply", OK], reply
 
-    def messages(self, topic: str) -> list[Any]:
-        return [f[4] for f in self.frames if f[2] == topic and f[3] == "new_msg"]
 
-
-@asynccontextmanager
-async def connect(http: aiohttp.ClientSession, server: ServerProcess, sub: str = "u1") -> AsyncIterator[Socket]:
-    url = f"{server.ws_url}?vsn=2.0.0&token={make_token(sub)}"
-    async with http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=2.0), autoping=True) as ws:
-        yield Socket(ws)
+def connect(http: aiohttp.ClientSession, server: ServerProcess, sub: str = "u1") -> AbstractAsyncContextManager[Socket]:
+    return open_socket(Socket, http, server, sub=sub)
 
 
 def is_message(seq: Any) -> Callable[[Frame], bool]:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 import pytest
+import pytest_asyncio
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 from openapi_core import OpenAPI
@@ -29,7 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 from yarl import URL
 
-from conftest import PUBLISH_KEY, ROOT, make_token, server_has_read
+from conftest import PUBLISH_KEY, ROOT, make_token, server_has_read, server_starter, shared_server
+from http_helpers import connections_closed
 from ws_client import UPGRADE_HEADERS
 from push_service.metrics import Metrics
 
@@ -238,7 +240,14 @@ class Api:
         assert await subscriber.next() == [None, None, topic, "sentinel", {}]
 
 
-@pytest.fixture
+# One server for the tests that take `api` (each publishes to topics only its own subscribers join, and
+# waits for them to be gone); a test that counts server-wide totals starts its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+server = shared_server()
+start_server = server_starter("module")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def client() -> AsyncIterator[Callable[[Any], Api]]:
     """`client(server)` -> an Api for that server; all share one ClientSession."""
     handshakes: list[Any] = []
@@ -253,9 +262,10 @@ async def client() -> AsyncIterator[Callable[[Any], Api]]:
         yield lambda server: Api(http, handshakes, server)
 
 
-@pytest.fixture
-async def api(server: Any, client: Callable[[Any], Api]) -> Api:
-    return client(server)
+@pytest_asyncio.fixture(loop_scope="module")
+async def api(server: Any, client: Callable[[Any], Api]) -> AsyncIterator[Api]:
+    yield client(server)
+    await connections_closed(server)
 
 
 def new_msg(topic: str, payload: dict[str, Any]) -> list[Any]:
@@ -750,7 +760,9 @@ def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(api: Api) -> None:
+async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(start_server: Any,
+                                                                         client: Callable[[Any], Api]) -> None:
+    api = client(await start_server())  # its own: it counts everything the server has seen
     await api.publish("/api/message", {"channel_id": "1"})
     await api.publish("/api/message", {"channel_id": "2"})
     await api.publish("/api/channel", {"channel_id": "1"})
@@ -789,7 +801,7 @@ async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(api: Ap
     assert requests("/healthz", "GET", 200) == 1
 
 
-def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:
+async def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:  # async: as the module's mark asks
     metrics = Metrics()
     metrics.http_requests.labels("/api/message", "POST", 200).inc()
     metrics.http_requests.labels("/api/message", "POST", "200").inc(2)  # the same series: labels are text

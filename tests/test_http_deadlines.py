@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 import conftest
-from conftest import PUBLISH_KEY, ROOT, START_TIMEOUT, ServerProcess, server_env, until
+from conftest import PUBLISH_KEY, ROOT, START_TIMEOUT, ServerProcess, server_env, server_starter, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -85,18 +85,7 @@ async def server() -> AsyncIterator[LimitedServer]:
     await process.stop()
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def start_server() -> AsyncIterator[Callable[..., Awaitable[ServerProcess]]]:
-    """conftest's, on this module's event loop."""
-    servers: list[ServerProcess] = []
-
-    async def start(**env: str) -> ServerProcess:
-        servers.append(ServerProcess(server_env(**env), []))
-        return await servers[-1].start()
-
-    yield start
-    for server in servers:
-        await server.stop()
+start_server = server_starter("module")
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

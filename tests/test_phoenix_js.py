@@ -13,9 +13,10 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import pytest_asyncio
 
-from conftest import PUBLISH_KEY, ServerProcess, make_token
-from http_helpers import post_json
+from conftest import PUBLISH_KEY, ServerProcess, make_token, server_starter, shared_server
+from http_helpers import connections_closed, post_json
 from nodejs import JS_DIR, Event, node_binary, run_script
 from nodejs import NodeScript as JsClient
 
@@ -28,6 +29,26 @@ RETRY_MS = 150  # reconnectAfterMs / rejoinAfterMs, so that reconnects and rejoi
 TOPIC = "room:lobby:42"
 LINEN_BODY = {"channel_id": "42", "thread_id": "7", "message_id": "m1", "is_thread": False, "is_reply": True,
               "message": '{"body":"hi"}'}
+
+
+# One server for the tests that need no settings of their own; each waits for its clients to be gone.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+start_server = server_starter("module")
+default_server = shared_server()
+heartbeat_1s_server = shared_server(PUSH_HEARTBEAT_TIMEOUT="1")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def server(default_server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    yield default_server
+    await connections_closed(default_server)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def heartbeat_1s(heartbeat_1s_server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    """A server that closes a socket silent for a second."""
+    yield heartbeat_1s_server
+    await connections_closed(heartbeat_1s_server)
 
 
 @pytest.fixture
@@ -95,6 +116,7 @@ async def test_join_and_receive_linen_message(version, server, node_client):
     pytest.param(make_token(ttl=-60), "expired", id="expired"),
 ])
 async def test_refused_token_never_opens(version, token, reason, server, node_client):
+    logged_before = len(server.log_lines)
     async with node_client(version, server, token=token) as client:
         # phoenix.js reports the refused upgrade through onError and retries; let it try twice.
         for _ in range(2):
@@ -102,7 +124,8 @@ async def test_refused_token_never_opens(version, token, reason, server, node_cl
             assert "403" in error["message"], error
         assert not opened(client.events)
         assert not [e for e in client.events if e["event"] == "join" and e["status"] == "ok"]
-    await server.wait_for_log(lambda entry: entry.get("event") == "connect_refused" and entry.get("reason") == reason)
+    await server.wait_for_log(lambda entry: entry.get("event") == "connect_refused" and entry.get("reason") == reason,
+                              since=logged_before)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -119,8 +142,8 @@ async def test_join_of_another_users_topic_is_refused(version, server, node_clie
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-async def test_heartbeats_keep_the_socket_open(version, start_server, node_client):
-    server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
+async def test_heartbeats_keep_the_socket_open(version, heartbeat_1s, node_client):
+    server = heartbeat_1s
     async with node_client(version, server, token=make_token(), heartbeat_ms=300) as client:
         await client.wait_event("join", status="ok")
         # Waiting is the test here: three heartbeat timeouts pass and the socket must stay up.
@@ -132,8 +155,8 @@ async def test_heartbeats_keep_the_socket_open(version, start_server, node_clien
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-async def test_silent_client_is_closed_and_reconnects(version, start_server, node_client):
-    server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
+async def test_silent_client_is_closed_and_reconnects(version, heartbeat_1s, node_client):
+    server = heartbeat_1s
     async with node_client(version, server, token=make_token(), heartbeat_ms=3_600_000) as client:
         await client.wait_event("join", status="ok")
         close = await client.wait_event("close")
