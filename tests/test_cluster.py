@@ -170,6 +170,7 @@ def js_client() -> Callable[..., Any]:
 # ===================================================================== 1. broadcasts across nodes
 
 
+@pytest.mark.slow
 async def test_broadcasts_reach_every_node_exactly_once_in_order(broker_url, start_server, js_client):
     topic = f"room:lobby:{uuid.uuid4().hex}"
     nodes = await start_nodes(start_server, 3, broker_url)
@@ -228,6 +229,7 @@ async def presence_broker_url(request: pytest.FixtureRequest, broker_process: An
     return url_of("nats", await broker_process("nats"))
 
 
+@pytest.mark.slow
 async def test_presence_is_shared_and_a_killed_nodes_users_leave(presence_broker_url, start_server):
     topic = f"room:topic:{uuid.uuid4().hex}"
     nodes = await start_nodes(start_server, 3, presence_broker_url)
@@ -263,6 +265,7 @@ async def test_presence_is_shared_and_a_killed_nodes_users_leave(presence_broker
             await sock.heartbeat()  # still connected
 
 
+@pytest.mark.slow
 async def test_nats_node_heartbeat_ttl_follows_the_node_timeout(broker_process, start_server):
     """The push_nodes bucket (its TTL makes heartbeats lapse) is made by the first node that needs it;
     nodes started later with another PUSH_NODE_TIMEOUT must still see a dead node in time."""
@@ -398,6 +401,7 @@ async def test_workers_share_the_port_and_stop_together(redis_url, start_server)
 # ===================================================================== 6. no broker at startup
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "nats"])
 async def test_node_starts_without_its_broker_and_joins_it_later(kind, broker_process, start_server):
     port = free_port()  # nothing listens here yet

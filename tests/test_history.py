@@ -826,6 +826,7 @@ async def start_race_nodes(start_server: Callable[..., Awaitable[ServerProcess]]
     return list(await asyncio.gather(*(history_server(start_server, PUSH_BROKER=url) for _ in range(2))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker", ["memory", "redis", "nats"])
 async def test_rejoining_with_since_during_publishes_has_no_gap_and_no_duplicate(broker, start_server):
     """Clients drop their socket at random points of a continuous stream of publishes and rejoin with the
@@ -915,6 +916,7 @@ async def two_nodes(start_server: Callable[..., Awaitable[ServerProcess]], url: 
     return list(await asyncio.gather(*(history_server(start_server, size, PUSH_BROKER=url, **env) for _ in range(2))))
 
 
+@pytest.mark.slow
 async def test_redis_positions_are_shared_by_every_node(start_server):
     a, b = await two_nodes(start_server, require_redis())
     topic = lobby()
@@ -952,6 +954,7 @@ async def test_redis_client_recovers_on_another_node(start_server):
         assert await metric(http, b, "push_replayed_messages_total") == 3
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("case", ["other-epoch", "ahead", "trimmed", "expired"])
 async def test_redis_unrecoverable_since(case, module_servers):
@@ -979,6 +982,7 @@ async def test_redis_unrecoverable_since(case, module_servers):
 # ===================================================================== 4. NATS: stream sequences as positions
 
 
+@pytest.mark.slow
 async def test_nats_positions_are_stream_sequences(start_server):
     a, b = await two_nodes(start_server, require_nats())
     topic, other = lobby(), lobby()
@@ -1022,6 +1026,7 @@ async def test_nats_client_recovers_on_another_node(start_server):
             assert live[4] == {"n": 4} and pos(live[1]).seq > pos(current).seq
 
 
+@pytest.mark.slow
 async def test_nats_rejoin_of_a_topic_that_was_empty_is_answered(start_server):
     """A client that joined while nothing was kept holds `<epoch>~0`. NATS positions are stream-wide, so
     whether everything published since is still kept cannot always be told: the answer may be an honest
@@ -1046,6 +1051,7 @@ async def test_nats_rejoin_of_a_topic_that_was_empty_is_answered(start_server):
         assert body["recovered"] == response["recovered"]
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("case", ["other-epoch", "ahead", "dropped"])
 async def test_nats_unrecoverable_since(case, module_servers):
@@ -1108,6 +1114,7 @@ def assert_exactly_once_in_order(client: RecoverClient, count: int) -> None:
     assert len(set(refs)) == len(refs)
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("version", ["16", "17", "18"])
 async def test_phoenix_js_rejoins_with_since_and_gets_what_it_missed(version, history_of_100, recover_client):
@@ -1136,6 +1143,7 @@ async def test_phoenix_js_rejoins_with_since_and_gets_what_it_missed(version, hi
         assert client.messages() == [(n, f"{epoch}~{n + 1}") for n in range(6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "close"])
 async def test_phoenix_js_reconnects_after_a_dropped_connection_and_recovers(how, start_server, recover_client):
     server = await history_server(start_server)
@@ -1158,6 +1166,7 @@ async def test_phoenix_js_reconnects_after_a_dropped_connection_and_recovers(how
         assert await metric(http, server, "push_replayed_messages_total") >= 1
 
 
+@pytest.mark.slow
 async def test_phoenix_js_after_a_memory_broker_restart_is_told_history_was_lost(start_server, recover_client):
     servers = [await history_server(start_server, PUSH_DRAIN_SECONDS="0.2")]
     topic = lobby()
@@ -1187,6 +1196,7 @@ async def test_phoenix_js_after_a_memory_broker_restart_is_told_history_was_lost
         assert_exactly_once_in_order(client, 3)
 
 
+@pytest.mark.slow
 async def test_phoenix_js_recovers_on_another_redis_node(start_server, recover_client):
     a, b = await two_nodes(start_server, require_redis(), PUSH_DRAIN_SECONDS="0.2")
     topic = lobby()
@@ -1210,6 +1220,7 @@ async def test_phoenix_js_recovers_on_another_redis_node(start_server, recover_c
         assert client.messages() == [(n, f"{epoch}~{n + 1}") for n in range(5)]
 
 
+@pytest.mark.slow
 async def test_redis_joins_of_quiet_topics_leave_nothing_behind_past_the_history_ttl(start_server):
     """A join records its topic's epoch in Redis (so a later first publish keeps the position the joiner
     was given), but for a topic nobody publishes to that record lives PUSH_HISTORY_TTL, not a day: a

@@ -268,6 +268,7 @@ async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> 
         await runner.cleanup()
 
 
+@pytest.mark.slow
 async def test_a_partial_request_pipelined_behind_a_busy_handler_is_cut_in_time(
         start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     """The deadline runs from a request's first byte, whatever aiohttp's handler is doing: a long-poll GET
@@ -325,6 +326,7 @@ async def test_a_websocket_upgraded_on_an_aiohttp_connection_is_counted_once() -
         await runner.cleanup()
 
 
+@pytest.mark.slow
 async def test_requests_behind_a_declined_upgrade_are_served_and_their_deadline_kept(
         start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     """An upgrade declined (to a WebSocket, on a path that has none) leaves the connection HTTP: what follows
@@ -361,6 +363,7 @@ async def test_a_malformed_request_on_an_aiohttp_connection_is_answered_once(
     assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 0
 
 
+@pytest.mark.slow
 async def test_a_body_cut_at_the_deadline_is_one_timeout_not_a_client_abort(
         start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     """A handler waiting for a body the client never finishes: the connection's deadline answers 408 and

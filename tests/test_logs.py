@@ -397,6 +397,7 @@ BROKER_URLS = {  # PUSH_BROKER with a secret -> as the log must show it
 }
 
 
+@pytest.mark.slow
 async def test_broker_secret_is_redacted_while_the_broker_is_down(capturing_server):
     """Three servers at once (each waits 5 s for its broker before serving without it), at debug level."""
     secret = f"broker-secret-{RUN}-{secrets.token_hex(8)}"

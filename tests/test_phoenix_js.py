@@ -96,6 +96,7 @@ def opened(events: list[Event]) -> list[Event]:
 # --- connect, join, receive
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_join_and_receive_linen_message(version, server, node_client):
     async with node_client(version, server, token=make_token()) as client:
@@ -115,6 +116,7 @@ async def test_join_and_receive_linen_message(version, server, node_client):
     pytest.param(make_token(secret="another-secret-0123456789abcdef0123456789"), "bad_signature", id="bad-signature"),
     pytest.param(make_token(ttl=-60), "expired", id="expired"),
 ])
+@pytest.mark.slow
 async def test_refused_token_never_opens(version, token, reason, server, node_client):
     logged_before = len(server.log_lines)
     async with node_client(version, server, token=token) as client:
@@ -128,6 +130,7 @@ async def test_refused_token_never_opens(version, token, reason, server, node_cl
                               since=logged_before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_join_of_another_users_topic_is_refused(version, server, node_client):
     async with node_client(version, server, token=make_token("u1"), topics=("user:u2", "user:u1")) as client:
@@ -141,6 +144,7 @@ async def test_join_of_another_users_topic_is_refused(version, server, node_clie
 # --- heartbeats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_heartbeats_keep_the_socket_open(version, heartbeat_1s, node_client):
     server = heartbeat_1s
@@ -154,6 +158,7 @@ async def test_heartbeats_keep_the_socket_open(version, heartbeat_1s, node_clien
         assert len(opened(client.events)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_silent_client_is_closed_and_reconnects(version, heartbeat_1s, node_client):
     server = heartbeat_1s
@@ -172,6 +177,7 @@ async def test_silent_client_is_closed_and_reconnects(version, heartbeat_1s, nod
 # --- server restart
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_rejoins_after_server_restart(version, start_server, node_client):
     first = await start_server()
@@ -189,6 +195,7 @@ async def test_rejoins_after_server_restart(version, start_server, node_client):
 # --- protocol versions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
 async def test_protocol_versions(version, vsn, server, node_client):

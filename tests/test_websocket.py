@@ -18,10 +18,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import pytest_asyncio
 from aiohttp import WSMsgType
 
-from conftest import JWT_SECRET, PUBLISH_KEY, make_token
-from http_helpers import metric, publish, wait_for_metric
+from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token, shared_server
+from http_helpers import connections_closed, metric, publish, wait_for_metric
 from ws_client import CLOSE, CONT, PING, PONG, TEXT, Client, close_payload, raw_frame
 
 OK = {"status": "ok", "response": {}}
@@ -98,6 +99,17 @@ async def expect_close(ws, code: int) -> aiohttp.WSMessage:
     return msg
 
 
+# One server for the tests that take `reused_server`: each looks only at its own sockets and topics, and
+# waits for its sockets to be gone; the others count server-wide totals or need settings, on their own server.
+default_server = shared_server()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def reused_server(default_server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    yield default_server
+    await connections_closed(default_server)
+
+
 # --- upgrade refusals
 
 
@@ -157,9 +169,10 @@ async def test_origin_policy(start_server):
         assert await metric(http, server, "push_connects_refused_total", reason="origin") == len(refused)
 
 
-async def test_no_vsn_means_v1(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_no_vsn_means_v1(reused_server):
     async with aiohttp.ClientSession() as http:
-        async with connect(http, server, vsn=None) as ws:
+        async with connect(http, reused_server, vsn=None) as ws:
             await ws.send_json({"topic": "room:lobby:1", "event": "phx_join", "payload": {}, "ref": "1",
                                 "join_ref": "1"})
             assert await receive(ws) == {"topic": "room:lobby:1", "event": "phx_reply", "payload": OK, "ref": "1"}
@@ -195,24 +208,27 @@ async def test_token_in_subprotocol(server):
 # --- control events
 
 
-async def test_heartbeat_reply(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_heartbeat_reply(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json([None, "4", "phoenix", "heartbeat", {}])
         assert await receive(ws) == [None, "4", "phoenix", "phx_reply", {"status": "ok", "response": {}}]
         await ws.send_json([None, 5, "phoenix", "heartbeat", {}])  # integer refs are echoed as integers
         assert await receive(ws) == [None, 5, "phoenix", "phx_reply", OK]
 
 
-async def test_join_ok_exact_frame(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_join_ok_exact_frame(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json(["1", "1", "room:lobby:42", "phx_join", {}])
         assert await ws.receive_str(timeout=RECEIVE_TIMEOUT) in (
             '["1","1","room:lobby:42","phx_reply",{"status":"ok","response":{}}]',
             '["1","1","room:lobby:42","phx_reply",{"response":{},"status":"ok"}]')
 
 
-async def test_join_with_null_join_ref_uses_the_ref(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_join_with_null_join_ref_uses_the_ref(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json([None, "3", "room:lobby:1", "phx_join", {}])
         assert await receive(ws) == ["3", "3", "room:lobby:1", "phx_reply", OK]
         await ws.send_json(["3", "4", "room:lobby:1", "phx_leave", {}])
@@ -229,8 +245,9 @@ async def test_unmatched_topic_join(server, topic):
         assert await metric(http, server, "push_joins_refused_total", reason="unmatched_topic") == 1
 
 
-async def test_push_to_unjoined_topic(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_push_to_unjoined_topic(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         for frame in (["1", "7", "room:lobby:9", "new_msg", {}], [None, "8", "room:lobby:9", "user:typing", {}],
                       ["1", "9", "nope:1", "anything", {}]):
             await ws.send_json(frame)
@@ -239,38 +256,41 @@ async def test_push_to_unjoined_topic(server):
         await assert_nothing_pending(ws)  # never a phx_error
 
 
-async def test_leave_of_unjoined_topic(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_leave_of_unjoined_topic(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json(["1", "8", "room:lobby:9", "phx_leave", {}])
         assert await receive(ws) == ["1", "8", "room:lobby:9", "phx_reply", OK]
         await assert_nothing_pending(ws)  # no phx_close for a channel that never was
 
 
-async def test_leave_of_joined_topic(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_leave_of_joined_topic(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await joined(ws, topic, "1")
-        assert (await publish(http, server, topic, {"n": 1}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"n": 1}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"n": 1}]
         await ws.send_json(["1", "2", topic, "phx_leave", {}])
         assert await receive(ws) == ["1", "2", topic, "phx_reply", OK]
         assert await receive(ws) == ["1", "1", topic, "phx_close", {}]
-        assert (await publish(http, server, topic, {"n": 2}))["delivered"] == 0
+        assert (await publish(http, reused_server, topic, {"n": 2}))["delivered"] == 0
         await assert_nothing_pending(ws)
         # A rejoin works and gets broadcasts again.
         await joined(ws, topic, "3")
-        assert (await publish(http, server, topic, {"n": 3}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"n": 3}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"n": 3}]
 
 
-async def test_duplicate_join(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_duplicate_join(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await joined(ws, topic, "1")
         await ws.send_json(["2", "2", topic, "phx_join", {}])
         assert await receive(ws) == ["2", "2", topic, "phx_reply", OK]
         assert await receive(ws) == ["1", "1", topic, "phx_close", {}]  # the OLD join_ref
-        assert (await publish(http, server, topic, {"once": True}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"once": True}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"once": True}]
         await assert_nothing_pending(ws)  # not twice
         # The new join_ref is the live one: leaving with it works.
@@ -279,9 +299,10 @@ async def test_duplicate_join(server):
         assert await receive(ws) == ["2", "2", topic, "phx_close", {}]
 
 
-async def test_stale_join_ref_frames_are_ignored(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stale_join_ref_frames_are_ignored(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await joined(ws, topic, "1")
         await ws.send_json(["2", "2", topic, "phx_join", {}])
         assert await receive(ws) == ["2", "2", topic, "phx_reply", OK]
@@ -289,7 +310,7 @@ async def test_stale_join_ref_frames_are_ignored(server):
         await ws.send_json(["1", "3", topic, "new_msg", {}])      # stale: ignored, no error reply
         await ws.send_json(["1", "4", topic, "phx_leave", {}])    # stale: ignored, still joined
         await assert_nothing_pending(ws)
-        assert (await publish(http, server, topic, {"still": "joined"}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"still": "joined"}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"still": "joined"}]
         # A null join_ref is accepted (the protocol does not require it).
         await ws.send_json([None, "5", topic, "phx_leave", {}])
@@ -328,10 +349,11 @@ async def test_user_topic_only_for_its_user(server):
         assert await metric(http, server, "push_joins_refused_total", reason="unauthorized") == 2
 
 
-async def test_topics_claim_limits_joins(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_topics_claim_limits_joins(reused_server):
     token = make_token("u1", topics=["room:lobby:1", "room:topic:*", "user:u1"])
     unauthorized = {"status": "error", "response": {"reason": "unauthorized"}}
-    async with aiohttp.ClientSession() as http, connect(http, server, token) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server, token) as ws:
         await joined(ws, "room:lobby:1", "1")
         await joined(ws, "room:topic:9", "2")
         await joined(ws, "user:u1", "3")
@@ -374,14 +396,15 @@ async def test_max_topics_per_connection(start_server):
 # --- V1
 
 
-async def test_v1_frames(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_v1_frames(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server, vsn="1.0.0") as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server, vsn="1.0.0") as ws:
         await ws.send_json({"topic": topic, "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"})
         reply = await receive(ws)
         assert reply == {"topic": topic, "event": "phx_reply", "payload": OK, "ref": "1"}
         assert "join_ref" not in reply
-        await publish(http, server, topic, {"body": "hi"})
+        await publish(http, reused_server, topic, {"body": "hi"})
         assert await receive(ws) == {"topic": topic, "event": "new_msg", "payload": {"body": "hi"}, "ref": None}
         await ws.send_json({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "2"})
         assert await receive(ws) == {"topic": "phoenix", "event": "phx_reply", "payload": OK, "ref": "2"}
@@ -489,8 +512,9 @@ async def test_upgrade_on_a_kept_alive_connection_and_frames_behind_the_head(ser
                             status="101") == 2
 
 
-async def test_ping_fragments_and_close_handshake(server):
-    raw = await Client.connect(server.port, make_token())
+@pytest.mark.asyncio(loop_scope="module")
+async def test_ping_fragments_and_close_handshake(reused_server):
+    raw = await Client.connect(reused_server.port, make_token())
     try:
         await raw.send_raw(raw_frame(PING, b"are you there"))
         assert opcode_and_data(await raw.next_frame()) == (PONG, b"are you there")
@@ -503,7 +527,7 @@ async def test_ping_fragments_and_close_handshake(server):
         assert opcode_and_data(await raw.next_frame()) == (PONG, b"")
         assert await raw.next_json() == [None, "3", "phoenix", "phx_reply", OK]
         # The client closes: the server answers with the same code, then the connection ends.
-        await raw.send_raw(raw_frame(CLOSE, close_payload(4001, b"bye")))
+        await raw.send_close(4001, "bye")
         assert opcode_and_data(await raw.next_frame()) == (CLOSE, close_payload(4001))
         with pytest.raises(EOFError):
             await raw.next_frame()
@@ -538,7 +562,8 @@ async def test_protocol_violations_close_and_are_counted(server, frame, code):
         await wait_for_metric(http, server, "push_connections", 0, transport="websocket")
 
 
-async def test_malformed_upgrades_go_to_the_http_layer(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_malformed_upgrades_go_to_the_http_layer(reused_server):
     """A request head the front door does not take whole (bad key, no upgrade) is answered by aiohttp:
     400, never an upgrade, never a hang. (Another WebSocket version: 426, tests/test_ws_hostile.py.)"""
     token = make_token()
@@ -547,7 +572,7 @@ async def test_malformed_upgrades_go_to_the_http_layer(server):
         "Connection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
         f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\n\r\n",
     ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", reused_server.port)
         try:
             writer.write(head.encode())
             status_line = await asyncio.wait_for(reader.readline(), RECEIVE_TIMEOUT)
@@ -584,6 +609,7 @@ async def test_a_connection_that_does_not_finish_its_request_head_is_cut(start_s
 # --- server-side timeouts
 
 
+@pytest.mark.slow
 async def test_heartbeat_timeout(start_server):
     server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
     async with aiohttp.ClientSession() as http, connect(http, server) as silent, connect(http, server) as chatty:
@@ -627,6 +653,7 @@ async def test_token_expiry_closes_the_socket(server):
 # --- slow consumers
 
 
+@pytest.mark.slow
 async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start_server):
     server = await start_server(PUSH_SEND_BUFFER_BYTES="64KiB")
     topic = "room:lobby:slow"
@@ -734,8 +761,9 @@ async def test_publish_reaches_v1_and_v2_sockets(server):
         assert await metric(http, server, "push_frames_delivered_total") == 2
 
 
-async def test_jwt_secret_fixture_is_the_servers(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_jwt_secret_fixture_is_the_servers(reused_server):
     # Guards the suite itself: a token signed with the test secret is accepted by the fixture's server.
     assert JWT_SECRET
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await assert_nothing_pending(ws)

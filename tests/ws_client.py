@@ -164,6 +164,11 @@ class Client:
         self.protocol.send_text(text.encode() if isinstance(text, str) else text)
         await self.flush()
 
+    async def send_close(self, code: int, reason: str = "") -> None:
+        """A Close through the library, which then expects the server's answer rather than answering it."""
+        self.protocol.send_close(code, reason)
+        await self.flush()
+
     async def send_binary(self, data: bytes) -> None:
         self.protocol.send_binary(data)
         await self.flush()
