@@ -402,9 +402,10 @@ async def test_a_session_that_stops_polling_is_closed_and_leaves_presence(lp_ser
         assert await client.post([None, "9", "phoenix", "heartbeat", {}]) == {"status": 410}
 
 
+@pytest.mark.slow
 async def test_a_waiting_poll_outlives_the_heartbeat_timeout(start_server, http):
     """phoenix.js sends no heartbeats over long-poll: polling is what keeps a session alive."""
-    server = await start_server(PUSH_LONGPOLL_WINDOW="2", PUSH_HEARTBEAT_TIMEOUT="0.5")
+    server = await start_server(PUSH_LONGPOLL_WINDOW="1", PUSH_HEARTBEAT_TIMEOUT="0.5")  # windows of 2 timeouts
     client = LongPollClient(http, server)
     await client.connect()
     await client.join(TOPIC)
@@ -457,6 +458,7 @@ async def test_drain_ends_waiting_polls_and_refuses_new_sessions(start_server, h
     await server.process.wait()
 
 
+@pytest.mark.slow
 async def test_a_session_token_is_bound_to_its_node(start_server, http):
     """Sessions live in one process: another node (or this one after a restart) answers 410."""
     first = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
@@ -501,6 +503,7 @@ async def assert_receives(client: JsClient, http: aiohttp.ClientSession, server:
     assert message == {"event": "message", "topic": TOPIC, "name": "new_msg", "payload": {"n": n}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_phoenix_longpoll_joins_and_receives(version, lp_server, http, lp_node_client):
     # Linen's style: the JWT in params as `token`, so every poll carries two `token` keys.
@@ -523,6 +526,7 @@ async def test_phoenix_18_longpoll_with_auth_token(lp_server, http, lp_node_clie
         await assert_receives(client, http, lp_server, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", FALLBACK_VERSIONS)
 @pytest.mark.parametrize("websocket", ["refuse", "hang"])
 async def test_phoenix_falls_back_to_longpoll_when_websockets_are_blocked(version, websocket, lp_server, http,
@@ -542,6 +546,7 @@ async def test_phoenix_falls_back_to_longpoll_when_websockets_are_blocked(versio
         assert any(method == "POST" for method, _, _ in proxy.forwarded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_phoenix_reconnects_when_its_session_is_on_another_node(version, start_server, http, lp_node_client):
     """A load balancer without affinity (or a node that went away) sends a poll to a node that does
@@ -584,6 +589,7 @@ async def test_a_draining_node_refuses_new_sessions(http):
 # --- caps on sessions (issue 14 item 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", ["sub", "address"])
 async def test_sessions_are_capped_per_user_and_per_address(cap, start_server, http, lp_node_client):
     """Past the cap a new session is refused with a status phoenix.js retries with backoff (500), and
