@@ -196,10 +196,17 @@ def server_starter(loop_scope: str = "function") -> Any:
 start_server = server_starter()
 
 
-@pytest.fixture
-async def server(start_server: Callable[..., Any]) -> ServerProcess:
-    """A server with the test keys and default settings."""
-    return await start_server()
+def per_test_server(loop_scope: str = "function") -> Any:
+    """The `server` fixture on the given event loop (as server_starter)."""
+    @pytest_asyncio.fixture(loop_scope=loop_scope)
+    async def server(start_server: Callable[..., Any]) -> ServerProcess:
+        """A server with the test keys and default settings, for one test."""
+        return await start_server()
+
+    return server
+
+
+server = per_test_server()
 
 
 def shared_server(**env: str) -> Any:

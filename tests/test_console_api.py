@@ -11,8 +11,13 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import PUBLISH_KEY, make_token, until
+from conftest import PUBLISH_KEY, make_token, per_test_server, server_starter, until
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
+
+# test_http_api's fixtures run on the module's event loop; here each test has a server of its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+start_server = server_starter("module")
+server = per_test_server("module")
 
 AUTH = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 TIMEOUT = 5.0

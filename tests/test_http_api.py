@@ -31,7 +31,7 @@ from werkzeug.datastructures import Headers, ImmutableMultiDict
 from yarl import URL
 
 from conftest import PUBLISH_KEY, ROOT, make_token, server_has_read, server_starter, shared_server
-from http_helpers import connections_closed
+from http_helpers import wait_for_metric
 from ws_client import UPGRADE_HEADERS
 from push_service.metrics import Metrics
 
@@ -241,7 +241,8 @@ class Api:
 
 
 # One server for the tests that take `api` (each publishes to topics only its own subscribers join, and
-# waits for them to be gone); a test that counts server-wide totals starts its own.
+# waits for them to be gone); a test that counts server-wide totals starts its own. Modules that import
+# `api` give it a server of their own (per_test_server) on their module's loop.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 server = shared_server()
 start_server = server_starter("module")
@@ -264,8 +265,10 @@ async def client() -> AsyncIterator[Callable[[Any], Api]]:
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def api(server: Any, client: Callable[[Any], Api]) -> AsyncIterator[Api]:
-    yield client(server)
-    await connections_closed(server)
+    api = client(server)
+    yield api
+    # The next test's `delivered` counts must not see this one's subscribers (a close is seen later).
+    await wait_for_metric(api.http, server, "push_connections", 0, transport="websocket")
 
 
 def new_msg(topic: str, payload: dict[str, Any]) -> list[Any]:

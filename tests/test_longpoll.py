@@ -23,6 +23,7 @@ import orjson
 import pytest
 
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token, server_has_read
 from http_helpers import metric, metrics, publish, wait_for_metric
