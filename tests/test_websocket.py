@@ -99,8 +99,8 @@ async def expect_close(ws, code: int) -> aiohttp.WSMessage:
     return msg
 
 
-# One server for the tests that take `reused_server`: each looks only at its own sockets and topics, and
-# waits for its sockets to be gone; the others count server-wide totals or need settings, on their own server.
+# One server for the tests that take `reused_server`: each looks only at its own sockets and topics, reads
+# counters as the change it made, and waits for its sockets to be gone; the others need a fresh server.
 default_server = shared_server()
 
 
@@ -236,13 +236,15 @@ async def test_join_with_null_join_ref_uses_the_ref(reused_server):
         assert await receive(ws) == ["3", "3", "room:lobby:1", "phx_close", {}]
 
 
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("topic", ["nope:1", "room:lobby:", "user:", "room:", "phoenix", "room:" + "x" * 251])
-async def test_unmatched_topic_join(server, topic):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+async def test_unmatched_topic_join(reused_server, topic):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
+        refused = await metric(http, reused_server, "push_joins_refused_total", reason="unmatched_topic")
         await ws.send_json(["5", "5", topic, "phx_join", {}])
         assert await receive(ws) == [None, "5", topic, "phx_reply",
                                      {"status": "error", "response": {"reason": "unmatched topic"}}]
-        assert await metric(http, server, "push_joins_refused_total", reason="unmatched_topic") == 1
+        assert await metric(http, reused_server, "push_joins_refused_total", reason="unmatched_topic") == refused + 1
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -320,10 +322,13 @@ async def test_stale_join_ref_frames_are_ignored(reused_server):
 
 @pytest.mark.parametrize("event, payload", [("new_msg", {"body": "x"}), ("new_msg", {"token": PUBLISH_KEY}),
                                             ("user:typing", {"typing": True}), ("phx_reply", {})])
-async def test_client_events_are_refused_and_never_broadcast(server, event, payload):
-    topic = "room:lobby:42"
+@pytest.mark.asyncio(loop_scope="module")
+async def test_client_events_are_refused_and_never_broadcast(reused_server, event, payload):
+    server, topic = reused_server, "room:lobby:42"
     async with aiohttp.ClientSession() as http, connect(http, server) as sender, \
             connect(http, server, make_token("u2")) as other:
+        errors = await metric(http, server, "push_client_errors_total", reason="unhandled_event")
+        delivered = await metric(http, server, "push_frames_delivered_total")
         await joined(sender, topic)
         await joined(other, topic)
         await sender.send_json(["1", "2", topic, event, payload])
@@ -331,8 +336,8 @@ async def test_client_events_are_refused_and_never_broadcast(server, event, payl
                                          {"status": "error", "response": {"reason": "unhandled event"}}]
         await assert_nothing_pending(other)
         await assert_nothing_pending(sender)
-        assert await metric(http, server, "push_client_errors_total", reason="unhandled_event") == 1
-        assert await metric(http, server, "push_frames_delivered_total") == 0
+        assert await metric(http, server, "push_client_errors_total", reason="unhandled_event") == errors + 1
+        assert await metric(http, server, "push_frames_delivered_total") == delivered
 
 
 async def test_user_topic_only_for_its_user(server):
@@ -550,15 +555,18 @@ def opcode_and_data(frame: Any) -> tuple[int, bytes]:
     (raw_frame(TEXT, b'["1","1","room:\xff","phx_join",{}]'), 1007),  # a text frame that is not UTF-8
 ], ids=["unmasked", "rsv1", "stray-continuation", "reserved-opcode", "long-ping", "short-close", "bad-close-code",
         "not-utf8"])
-async def test_protocol_violations_close_and_are_counted(server, frame, code):
-    raw = await Client.connect(server.port, make_token())
-    try:
-        await raw.send_raw(frame)
-        assert (await raw.closed_with())[0] == code
-    finally:
-        raw.close()
+@pytest.mark.asyncio(loop_scope="module")
+async def test_protocol_violations_close_and_are_counted(reused_server, frame, code):
+    server = reused_server
     async with aiohttp.ClientSession() as http:
-        await wait_for_metric(http, server, "push_client_errors_total", 1, reason="websocket_error")
+        errors = await metric(http, server, "push_client_errors_total", reason="websocket_error")
+        raw = await Client.connect(server.port, make_token())
+        try:
+            await raw.send_raw(frame)
+            assert (await raw.closed_with())[0] == code
+        finally:
+            raw.close()
+        await wait_for_metric(http, server, "push_client_errors_total", errors + 1, reason="websocket_error")
         await wait_for_metric(http, server, "push_connections", 0, transport="websocket")
 
 
