@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import jwt
 import orjson
 import pytest
+import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISH_KEY = "test-publish-key-0123456789abcdef"
@@ -46,6 +47,27 @@ async def until(check: Callable[[], Awaitable[T] | T], timeout: float, what: str
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not within {timeout}s (last: {value!r})")
         await asyncio.sleep(interval)
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes the kernel holds for connections to local `port` that the process listening there has not read
+    yet (the receive queues in /proc/net/tcp): 0 once the server has taken in all that was sent to it."""
+    unread = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local_port, state, queues = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[4]
+                if local_port == port and state == "01":  # an established connection, the server's end
+                    unread += int(queues.split(":")[1], 16)
+    return unread
+
+
+async def server_has_read(port: int, timeout: float = 5.0) -> None:
+    """Wait until the server on `port` has read everything sent to it: what a test that sends a request in
+    pieces, or wants a request waiting at the server, must know before it goes on."""
+    await until(lambda: unread_bytes(port) == 0, timeout, f"the server on port {port} reading what it was sent")
 
 
 async def read_answer(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict[str, str], bytes]:
@@ -114,10 +136,12 @@ class ServerProcess:
         if not listening.done():
             listening.set_exception(RuntimeError(f"server exited before listening: {self.log_lines}"))
 
-    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict:
+    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                           since: int = 0) -> dict:
+        """The first log line from index `since` on (a shared server's: `len(log_lines)` before the test acts)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for entry in self.log_lines:
+            for entry in self.log_lines[since:]:
                 if predicate(entry):
                     return entry
             await asyncio.sleep(0.05)
@@ -149,22 +173,71 @@ def server_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-async def start_server() -> AsyncIterator[Callable[..., Any]]:
-    """Factory: `await start_server(PUSH_HEARTBEAT_TIMEOUT="2")` -> a started ServerProcess."""
-    servers: list[ServerProcess] = []
+def server_starter(loop_scope: str = "function") -> Any:
+    """The `start_server` fixture on the given event loop: a module whose tests run on the module's loop
+    (see shared_server) assigns `start_server = server_starter("module")`."""
+    @pytest_asyncio.fixture(loop_scope=loop_scope)
+    async def start_server() -> AsyncIterator[Callable[..., Any]]:
+        """Factory: `await start_server(PUSH_HEARTBEAT_TIMEOUT="2")` -> a started ServerProcess, stopped after
+        the test."""
+        servers: list[ServerProcess] = []
 
-    async def start(*args: str, port: int = 0, **env: str) -> ServerProcess:
-        server = ServerProcess(server_env(**env), list(args))
-        servers.append(server)
-        return await server.start(port)
+        async def start(*args: str, port: int = 0, **env: str) -> ServerProcess:
+            server = ServerProcess(server_env(**env), list(args))
+            servers.append(server)
+            return await server.start(port)
 
-    yield start
-    for server in servers:
+        yield start
+        for server in servers:
+            await server.stop()
+
+    return start_server
+
+
+start_server = server_starter()
+
+
+def per_test_server(loop_scope: str = "function") -> Any:
+    """The `server` fixture on the given event loop (as server_starter)."""
+    @pytest_asyncio.fixture(loop_scope=loop_scope)
+    async def server(start_server: Callable[..., Any]) -> ServerProcess:
+        """A server with the test keys and default settings, for one test."""
+        return await start_server()
+
+    return server
+
+
+server = per_test_server()
+
+
+def shared_server(**env: str) -> Any:
+    """A module-scoped fixture: one server, started once, for the tests of a module that each look only at
+    their own topics, clients and log lines. Tests using it run on the module's event loop (the server's
+    pipes belong to it): mark them `pytest.mark.asyncio(loop_scope="module")`."""
+    @pytest_asyncio.fixture(scope="module", loop_scope="module")
+    async def fixture() -> AsyncIterator[ServerProcess]:
+        server = await ServerProcess(server_env(**env), []).start()
+        yield server
         await server.stop()
 
+    return fixture
 
-@pytest.fixture
-async def server(start_server: Callable[..., Any]) -> ServerProcess:
-    """A server with the test keys and default settings."""
-    return await start_server()
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def module_servers() -> AsyncIterator[Callable[..., Awaitable[list[ServerProcess]]]]:
+    """Factory: `await module_servers(count, **env)` -> `count` servers with those settings, started at the
+    first test that asks and kept for the module's others that ask the same (each looking only at its own
+    topics); such tests are marked `pytest.mark.asyncio(loop_scope="module")`, as with shared_server."""
+    started: dict[tuple[int, tuple[tuple[str, str], ...]], list[ServerProcess]] = {}
+
+    async def get(count: int = 1, **env: str) -> list[ServerProcess]:
+        key = (count, tuple(sorted(env.items())))
+        if key not in started:
+            started[key] = [ServerProcess(server_env(**env), []) for _ in range(count)]
+            await asyncio.gather(*(server.start() for server in started[key]))
+        return started[key]
+
+    yield get
+    for servers in started.values():
+        for server in servers:
+            await server.stop()

@@ -70,7 +70,7 @@ class Proxy:
         if request.path.endswith("/websocket"):
             self.websocket_attempts += 1
             if self.websocket == "hang":
-                await asyncio.sleep(3600)
+                await asyncio.sleep(3600)  # a proxy that never answers the upgrade: the client's timer must act
             return web.Response(status=403, text="WebSockets are blocked by this proxy")
         assert self._http is not None
         headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request.headers}

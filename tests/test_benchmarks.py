@@ -12,6 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+pytestmark = pytest.mark.slow  # a benchmark run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -37,6 +37,8 @@ from brokers import require_redis
 from nodejs import JS_DIR, node_binary
 from test_history import Position, history, pos
 
+pytestmark = pytest.mark.slow  # a minute of load, cuts and restarts
+
 CHAOS_JS = JS_DIR / "chaos.mjs"
 CLIENTS = 200
 TOPICS = 5

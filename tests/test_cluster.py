@@ -12,24 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import itertools
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token, until
 from brokers import BrokerProcess, free_port, require_binary, require_nats, require_redis
+from http_helpers import bounded, metric, publish
+from phx_client import PhoenixSocket, open_socket
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 
 NODE_TIMEOUT = 3.0   # PUSH_NODE_TIMEOUT of every node here
@@ -93,18 +92,6 @@ async def start_nodes(start_server: Callable[..., Any], count: int, broker: str,
         start_server(PUSH_BROKER=broker, PUSH_NODE_TIMEOUT=str(NODE_TIMEOUT), **env) for _ in range(count))))
 
 
-def bounded(seconds: float = TIMEOUT) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds)
-
-
-async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str,
-                  payload: dict[str, Any]) -> tuple[int, Any]:
-    async with http.post(f"{server.http_url}/api/broadcast",
-                         json={"topic": topic, "event": "new_msg", "payload": payload},
-                         headers={"Authorization": f"Bearer {PUBLISH_KEY}"}, timeout=bounded()) as response:
-        return response.status, await response.json()
-
-
 def log_time(line: Event) -> float:
     """A JSON log line's time, in seconds (its "time" is UTC with milliseconds)."""
     stamp, milliseconds = line["time"].rstrip("Z").split(".")
@@ -123,17 +110,6 @@ async def ready_is(http: aiohttp.ClientSession, server: ServerProcess, status: i
     await until(check, timeout, f"{server.http_url}/readyz {status}")
 
 
-async def metric(http: aiohttp.ClientSession, server: ServerProcess, name: str) -> float:
-    async with http.get(f"{server.http_url}/metrics", timeout=bounded()) as response:
-        assert response.status == 200
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return sample.value
-    raise AssertionError(f"metric {name} not exposed by {server.http_url}")
-
-
 async def presences(http: aiohttp.ClientSession, server: ServerProcess, topic: str) -> dict[str, list[str]]:
     """GET /api/presence/<topic> as {key: sorted phx_refs}."""
     async with http.get(f"{server.http_url}/api/presence/{topic}", timeout=bounded(),
@@ -147,37 +123,13 @@ async def presences(http: aiohttp.ClientSession, server: ServerProcess, topic: s
 # ===================================================================== clients
 
 
-class Socket:
-    """A raw Phoenix v2 WebSocket; every frame read so far is kept in `frames`."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.frames: list[Frame] = []
-        self._refs = itertools.count(1)
-
-    async def next(self, timeout: float = TIMEOUT) -> Frame:
-        msg = await self.ws.receive(timeout=timeout)
-        if msg.type is not WSMsgType.TEXT:
-            raise AssertionError(f"socket closed or failed: {msg!r}; frames so far: {self.frames}")
-        frame = orjson.loads(msg.data)
-        self.frames.append(frame)
-        return frame
-
-    async def wait_for(self, predicate: Callable[[Frame], bool], timeout: float = TIMEOUT) -> Frame:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                frame = await self.next(left)
-            except (TimeoutError, asyncio.TimeoutError):
-                break
-            if predicate(frame):
-                return frame
-        raise AssertionError(f"no matching frame within {timeout}s; frames so far: {self.frames}")
+class Socket(PhoenixSocket):
+    """A raw Phoenix v2 WebSocket that joins as phoenix.js would, presence topics included."""
 
     async def join(self, topic: str) -> dict[str, Any] | None:
         """Join; returns the presence_state payload on a presence topic, else None."""
-        ref = str(next(self._refs))
-        await self.ws.send_json([ref, ref, topic, "phx_join", {}])
+        ref = self.ref()
+        await self.send(ref, ref, topic, "phx_join", {})
         # phoenix.js waits 10 s for a join reply by default; ours waits for the broker's subscription.
         reply = await self.wait_for(lambda f: f[1] == ref, timeout=10.0)
         assert reply == [ref, ref, topic, "phx_reply", OK], reply
@@ -188,20 +140,14 @@ class Socket:
         return None
 
     async def heartbeat(self) -> None:
-        ref = str(next(self._refs))
-        await self.ws.send_json([None, ref, "phoenix", "heartbeat", {}])
+        ref = self.ref()
+        await self.send(None, ref, "phoenix", "heartbeat", {})
         reply = await self.wait_for(lambda f: f[1] == ref)
         assert reply == [None, ref, "phoenix", "phx_reply", OK], reply
 
-    def messages(self, topic: str) -> list[Any]:
-        return [f[4] for f in self.frames if f[2] == topic and f[3] == "new_msg"]
 
-
-@asynccontextmanager
-async def connect(http: aiohttp.ClientSession, server: ServerProcess, sub: str = "u1") -> AsyncIterator[Socket]:
-    url = f"{server.ws_url}?vsn=2.0.0&token={make_token(sub)}"
-    async with http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=2.0), autoping=True) as ws:
-        yield Socket(ws)
+def connect(http: aiohttp.ClientSession, server: ServerProcess, sub: str = "u1") -> AbstractAsyncContextManager[Socket]:
+    return open_socket(Socket, http, server, sub=sub)
 
 
 def is_message(seq: Any) -> Callable[[Frame], bool]:
@@ -231,6 +177,7 @@ def js_client() -> Callable[..., Any]:
 # ===================================================================== 1. broadcasts across nodes
 
 
+@pytest.mark.slow
 async def test_broadcasts_reach_every_node_exactly_once_in_order(broker_url, start_server, js_client):
     topic = f"room:lobby:{uuid.uuid4().hex}"
     nodes = await start_nodes(start_server, 3, broker_url)
@@ -245,11 +192,11 @@ async def test_broadcasts_reach_every_node_exactly_once_in_order(broker_url, sta
             assert joined == {"event": "join", "topic": topic, "status": "ok", "response": {}}
 
         for seq in range(20):
-            status, body = await publish(http, nodes[0], topic, {"seq": seq})
             # `delivered` counts node 1's own subscribers only: its phoenix.js client and the raw socket.
-            assert (status, body) == (200, {"status": 200, "published": 1, "delivered": 2})
+            assert await publish(http, nodes[0], topic, {"seq": seq}) == {"status": 200, "published": 1,
+                                                                           "delivered": 2}
         # Delivery keeps the publish order, so a duplicate of any of the 20 would come before this one.
-        assert (await publish(http, nodes[0], topic, {"seq": "end"}))[0] == 200
+        await publish(http, nodes[0], topic, {"seq": "end"})
 
         expected = [{"seq": seq} for seq in range(20)] + [{"seq": "end"}]
         for n, client in enumerate(clients):
@@ -289,6 +236,7 @@ async def presence_broker_url(request: pytest.FixtureRequest, broker_process: An
     return url_of("nats", await broker_process("nats"))
 
 
+@pytest.mark.slow
 async def test_presence_is_shared_and_a_killed_nodes_users_leave(presence_broker_url, start_server):
     topic = f"room:topic:{uuid.uuid4().hex}"
     nodes = await start_nodes(start_server, 3, presence_broker_url)
@@ -324,6 +272,7 @@ async def test_presence_is_shared_and_a_killed_nodes_users_leave(presence_broker
             await sock.heartbeat()  # still connected
 
 
+@pytest.mark.slow
 async def test_nats_node_heartbeat_ttl_follows_the_node_timeout(broker_process, start_server):
     """The push_nodes bucket (its TTL makes heartbeats lapse) is made by the first node that needs it;
     nodes started later with another PUSH_NODE_TIMEOUT must still see a dead node in time."""
@@ -357,7 +306,7 @@ async def test_broker_outage_and_recovery(kind, broker_process, start_server):
         sockets = [await stack.enter_async_context(connect(http, node, f"s{n}")) for n, node in enumerate(nodes)]
         for sock in sockets:
             await sock.join(topic)
-        assert (await publish(http, nodes[0], topic, {"seq": 0}))[0] == 200
+        await publish(http, nodes[0], topic, {"seq": 0})
         for sock in sockets:
             await sock.wait_for(is_message(0))
 
@@ -365,18 +314,17 @@ async def test_broker_outage_and_recovery(kind, broker_process, start_server):
         for node in nodes:
             await ready_is(http, node, 503, TIMEOUT)
         for node in nodes:
-            assert await publish(http, node, topic, {"seq": "lost"}) == (503, {"error": "broker unavailable"})
-            assert await metric(http, node, "push_broker_up") == 0
+            assert await publish(http, node, topic, {"seq": "lost"}, status=503) == {"error": "broker unavailable"}
+            assert await metric(http, node, "push_broker_up", exposed=True) == 0
         for sock in sockets:
             await sock.heartbeat()  # the sockets stay up and answered while the broker is away
 
         await broker.start()  # the same port again
         for node in nodes:
             await ready_is(http, node, 200, RECOVERY)
-            assert await metric(http, node, "push_broker_up") == 1
-            assert await metric(http, node, "push_broker_reconnects_total") >= 1
-        status, body = await publish(http, nodes[0], topic, {"seq": 1})
-        assert (status, body) == (200, {"status": 200, "published": 1, "delivered": 1})
+            assert await metric(http, node, "push_broker_up", exposed=True) == 1
+            assert await metric(http, node, "push_broker_reconnects_total", exposed=True) >= 1
+        assert await publish(http, nodes[0], topic, {"seq": 1}) == {"status": 200, "published": 1, "delivered": 1}
         for sock in sockets:  # node 2 hears the topic again: it resubscribed
             await sock.wait_for(is_message(1))
             assert sock.messages(topic) == [{"seq": 0}, {"seq": 1}]
@@ -435,9 +383,9 @@ async def test_workers_share_the_port_and_stop_together(redis_url, start_server)
             nodes = {conn_id.split(b".")[0] for conn_id in await until(entries, TIMEOUT, "16 presence entries")}
             assert len(nodes) == 2, nodes
 
-            status, body = await publish(http, server, topic, {"seq": 0})
-            assert status == 200 and body["published"] == 1 and 0 < body["delivered"] < 16, body
-            assert (await publish(http, server, topic, {"seq": "end"}))[0] == 200
+            body = await publish(http, server, topic, {"seq": 0})
+            assert body["published"] == 1 and 0 < body["delivered"] < 16, body
+            await publish(http, server, topic, {"seq": "end"})
             for sock in sockets:
                 await sock.wait_for(is_message("end"))
                 assert sock.messages(topic) == [{"seq": 0}, {"seq": "end"}]
@@ -460,6 +408,7 @@ async def test_workers_share_the_port_and_stop_together(redis_url, start_server)
 # ===================================================================== 6. no broker at startup
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "nats"])
 async def test_node_starts_without_its_broker_and_joins_it_later(kind, broker_process, start_server):
     port = free_port()  # nothing listens here yet
@@ -477,21 +426,21 @@ async def test_node_starts_without_its_broker_and_joins_it_later(kind, broker_pr
             assert response.status == 200
         assert time.monotonic() - asked < 1.0
         assert await readyz(http, node) == 503
-        assert await publish(http, node, topic, {"seq": 0}) == (503, {"error": "broker unavailable"})
-        assert await metric(http, node, "push_broker_up") == 0
+        assert await publish(http, node, topic, {"seq": 0}, status=503) == {"error": "broker unavailable"}
+        assert await metric(http, node, "push_broker_up", exposed=True) == 0
         async with connect(http, node) as sock:
             await sock.heartbeat()  # it serves sockets meanwhile
 
         # The broker appears on that port: the node connects by itself.
         await broker_process(kind, port=port)
         await ready_is(http, node, 200, RECOVERY)
-        assert await metric(http, node, "push_broker_up") == 1
-        assert await metric(http, node, "push_broker_reconnects_total") == 0  # a first connection
+        assert await metric(http, node, "push_broker_up", exposed=True) == 1
+        assert await metric(http, node, "push_broker_reconnects_total", exposed=True) == 0  # a first connection
         # Said once, however many attempts (and presence heartbeats, every 0.75 s) the outage took.
         for event in ("broker_down", "presence_heartbeat_failed"):
             assert len([line for line in node.log_lines if line.get("event") == event]) <= 1, event
         async with connect(http, node) as sock:
             await sock.join(topic)
             published = await publish(http, node, topic, {"seq": 1})
-            assert published == (200, {"status": 200, "published": 1, "delivered": 1})
+            assert published == {"status": 200, "published": 1, "delivered": 1}
             await sock.wait_for(is_message(1))

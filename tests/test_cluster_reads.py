@@ -9,9 +9,9 @@ import aiohttp
 import pytest
 
 from conftest import PUBLISH_KEY, ServerProcess, until
+from http_helpers import bounded
 from test_cluster import (  # noqa: F401 - fixtures used by name
     TIMEOUT,
-    bounded,
     broker_process,
     connect,
     presence_broker_url,

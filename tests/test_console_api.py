@@ -11,8 +11,13 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import ADMIN_KEY, PUBLISH_KEY, make_token
+from conftest import ADMIN_KEY, make_token, per_test_server, server_starter, until
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
+
+# test_http_api's fixtures run on the module's event loop; here each test has a server of its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+start_server = server_starter("module")
+server = per_test_server("module")
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TIMEOUT = 5.0
@@ -116,8 +121,7 @@ async def test_watch_streams_a_topic_without_being_a_connection(api: Api) -> Non
                 # Like `delivered`, the topics table counts the watch among the topic's local subscribers.
                 assert topics["topics"] == [{"topic": "room:lobby:5", "subscribers": 2, "presence": None}]
     # Once the watcher is gone, so is the node's subscription.
-    for _ in range(50):
-        if (await api.get("/api/stats", headers=AUTH)).json()["topics"] == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert (await api.get("/api/stats", headers=AUTH)).json()["topics"] == 0
+    async def no_topics() -> bool:
+        return (await api.get("/api/stats", headers=AUTH)).json()["topics"] == 0
+
+    await until(no_topics, 5, "the watch's topic released")

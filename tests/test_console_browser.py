@@ -22,6 +22,8 @@ import pytest
 from conftest import ADMIN_KEY, ROOT, communicate, make_token
 from lp_proxy import Proxy
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 JS_DIR = Path(__file__).resolve().parent / "js"
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "test-output" / "console.png"

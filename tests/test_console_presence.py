@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from conftest import ADMIN_KEY
+import pytest
+
+from conftest import ADMIN_KEY, per_test_server, server_starter
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
+
+# test_http_api's fixtures run on the module's event loop; here each test has a server of its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+start_server = server_starter("module")
+server = per_test_server("module")
 
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
 

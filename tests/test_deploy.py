@@ -1094,6 +1094,7 @@ def build_image_like(stages: list[Stage], root: Path) -> dict[str, str]:
     return runtime
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_image_start_command_from_a_fresh_venv(stages: list[Stage], tmp_path: Path) -> None:
     """Runs in CI (needs the package index, like `docker build`): ~30s, mostly pip downloads."""

@@ -31,6 +31,8 @@ import pytest
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
 
+pytestmark = pytest.mark.slow  # hundreds of phoenix.js clients drained
+
 JS_DIR = Path(__file__).resolve().parent / "js"
 MANY = JS_DIR / "many.mjs"
 CLIENTS = 500

@@ -61,6 +61,7 @@ async def join(client: Client, topic: str) -> dict:
             return frame[4]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("language", ["node", "python"])
 async def test_backend_example_token_joins_and_publish_arrives(language, start_server):
     server = await start_server()
@@ -157,6 +158,7 @@ async def no_connections(server) -> bool:
             return (await answer.json())["connections"]["total"] == 0
 
 
+@pytest.mark.slow
 async def test_chat_page_in_chromium(start_server, tmp_path):
     node = require_tools()
     server = await start_server(PUSH_HISTORY_SIZE="100")
@@ -221,6 +223,7 @@ def readme_block(after: str, language: str) -> str:
     return match[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("language", ["node", "python"])
 async def test_readme_backend_snippet_runs(language, start_server, tmp_path):
     server = await start_server()

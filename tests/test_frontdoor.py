@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import JWT_SECRET, PUBLISH_KEY, make_token
+from conftest import JWT_SECRET, PUBLISH_KEY, make_token, server_has_read
 from push_service import app as application
 from push_service.config import Settings
 from push_service.frontdoor import IDLE_CHECKS
@@ -83,7 +83,7 @@ async def test_requests_pipelined_on_one_connection_are_answered_in_order(server
         request = post("/api/broadcast", broadcast(4))
         conn.writer.write(request[:-5])
         await conn.writer.drain()
-        await asyncio.sleep(0.05)
+        await server_has_read(server.port)  # so the rest is a second piece, not part of the first read
         conn.writer.write(request[-5:])
         assert (await conn.answer())[0] == 200
         assert (await ws.receive_json(timeout=TIMEOUT))[4] == {"n": 4}

@@ -16,23 +16,22 @@ one that cannot be reached fails the test when CI=true and skips it otherwise.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import WSMsgType
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PUBLISH_KEY, ServerProcess, make_token, until
+from conftest import PUBLISH_KEY, ServerProcess, make_token, shared_server, until
 from brokers import require_nats, require_redis
+from http_helpers import bounded, metric, metrics, publish
+from phx_client import PhoenixSocket, open_socket
 from nodejs import JS_DIR, NodeScript, node_binary, run_script
 from push_service.auth import Identity
 from push_service.broker.memory import MemoryBroker
@@ -65,17 +64,6 @@ def pos(text: str) -> Position:
     return Position.parse(text)
 
 
-def bounded(seconds: float = TIMEOUT) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=seconds)
-
-
-async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str, payload: dict[str, Any],
-                  event: str = "new_msg") -> None:
-    async with http.post(f"{server.http_url}/api/broadcast", json={"topic": topic, "event": event, "payload": payload},
-                         headers={"Authorization": f"Bearer {PUBLISH_KEY}"}, timeout=bounded()) as response:
-        assert response.status == 200, await response.text()
-
-
 async def history(http: aiohttp.ClientSession, server: ServerProcess, topic: str,
                   key: str | None = PUBLISH_KEY, **query: Any) -> tuple[int, Any]:
     headers = {} if key is None else {"Authorization": f"Bearer {key}"}
@@ -90,43 +78,8 @@ async def latest_position(http: aiohttp.ClientSession, server: ServerProcess, to
     return body["position"]
 
 
-async def metrics(http: aiohttp.ClientSession, server: ServerProcess) -> dict[tuple[str, frozenset], float]:
-    async with http.get(f"{server.http_url}/metrics", timeout=bounded()) as response:
-        assert response.status == 200
-        text = await response.text()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-async def metric(http: aiohttp.ClientSession, server: ServerProcess, name: str, **labels: str) -> float:
-    return (await metrics(http, server)).get((name, frozenset(labels.items())), 0.0)
-
-
-class Phx:
-    """A raw Phoenix WebSocket client (vsn 2.0.0 arrays or 1.0.0 objects); every frame read is in `frames`."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, vsn: str) -> None:
-        self.ws = ws
-        self.v1 = vsn == "1.0.0"
-        self.frames: list[Frame] = []
-        self._refs = itertools.count(1)
-
-    def ref(self) -> str:
-        return str(next(self._refs))
-
-    async def send(self, join_ref: Any, ref: Any, topic: str, event: str, payload: Any) -> None:
-        if self.v1:
-            await self.ws.send_json({"topic": topic, "event": event, "payload": payload, "ref": ref})
-        else:
-            await self.ws.send_json([join_ref, ref, topic, event, payload])
-
-    async def next(self, timeout: float = TIMEOUT) -> Frame:
-        msg = await self.ws.receive(timeout=timeout)
-        if msg.type is not WSMsgType.TEXT:
-            raise AssertionError(f"socket closed or failed: {msg!r}; frames so far: {self.frames}")
-        frame = orjson.loads(msg.data)
-        self.frames.append(frame)
-        return frame
+class Phx(PhoenixSocket):
+    """A Phoenix client that knows history: joins with positions, replies in order, broadcasts by position."""
 
     async def join(self, topic: str, payload: dict[str, Any] | None = None, timeout: float = 10.0) -> Frame:
         """Send a join; returns its reply (a join waits for the broker's subscription and the history read)."""
@@ -176,17 +129,21 @@ class Phx:
                     return seen
 
 
-@asynccontextmanager
-async def connect(http: aiohttp.ClientSession, server: ServerProcess, vsn: str = "2.0.0",
-                  sub: str = "u1") -> AsyncIterator[Phx]:
-    url = f"{server.ws_url}?vsn={vsn}&token={make_token(sub)}"
-    async with http.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=2.0), autoping=True) as ws:
-        yield Phx(ws, vsn)
+def connect(http: aiohttp.ClientSession, server: ServerProcess, vsn: str = "2.0.0",
+            sub: str = "u1") -> AbstractAsyncContextManager[Phx]:
+    return open_socket(Phx, http, server, vsn, sub)
 
 
 def history_server(start_server: Callable[..., Awaitable[ServerProcess]], size: str = "100",
                    **env: str) -> Awaitable[ServerProcess]:
     return start_server(PUSH_HISTORY_SIZE=size, **env)
+
+
+# For the tests that each look only at their own topic (and count from what they find): started once.
+history_of_3 = shared_server(PUSH_HISTORY_SIZE="3")
+history_of_10 = shared_server(PUSH_HISTORY_SIZE="10")
+history_of_100 = shared_server(PUSH_HISTORY_SIZE="100")
+history_off = shared_server(PUSH_HISTORY_SIZE="0", PUSH_LONGPOLL_WINDOW="1")
 
 
 # ===================================================================== 1. positions
@@ -500,8 +457,9 @@ async def test_a_live_copy_of_a_replayed_broadcast_is_not_sent_again():
 # ===================================================================== 2. a real server, memory broker
 
 
-async def test_broadcast_ref_is_the_position_and_the_payload_is_unchanged(start_server):
-    server = await history_server(start_server)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_broadcast_ref_is_the_position_and_the_payload_is_unchanged(history_of_100):
+    server = history_of_100
     topic = lobby()
     payloads = [{"n": 0}, {"text": "h\u00e9llo \u2603", "nested": {"list": [1, 2.5, None, True]}}, {}]
     async with aiohttp.ClientSession() as http, connect(http, server) as client:
@@ -522,8 +480,9 @@ async def test_broadcast_ref_is_the_position_and_the_payload_is_unchanged(start_
             assert await late.join_ok(topic) == {"position": f"{joined_at.epoch}~4"}
 
 
-async def test_join_with_since_replays_exactly_what_was_missed_then_goes_live(start_server):
-    server = await history_server(start_server)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_join_with_since_replays_exactly_what_was_missed_then_goes_live(history_of_100):
+    server = history_of_100
     topic = lobby()
     async with aiohttp.ClientSession() as http:
         async with connect(http, server) as first:
@@ -545,8 +504,9 @@ async def test_join_with_since_replays_exactly_what_was_missed_then_goes_live(st
             assert await again.next() == [None, f"{epoch}~6", topic, "new_msg", {"n": 5}]
 
 
-async def test_join_with_the_current_position_recovers_nothing(start_server):
-    server = await history_server(start_server)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_join_with_the_current_position_recovers_nothing(history_of_100):
+    server = history_of_100
     topic = lobby()
     async with aiohttp.ClientSession() as http, connect(http, server) as client:
         for n in range(3):
@@ -559,9 +519,10 @@ async def test_join_with_the_current_position_recovers_nothing(start_server):
             assert await other.join_ok(topic, {"since": None}) == {"position": current}
 
 
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("case", ["other-epoch", "ahead", "evicted-by-size"])
-async def test_join_with_an_unrecoverable_since_says_so_and_replays_nothing(case, start_server):
-    server = await history_server(start_server, size="3")
+async def test_join_with_an_unrecoverable_since_says_so_and_replays_nothing(case, history_of_3):
+    server = history_of_3
     topic = lobby()
     async with aiohttp.ClientSession() as http, connect(http, server) as client:
         for n in range(5):
@@ -597,21 +558,24 @@ async def test_since_that_expired_is_not_recovered(start_server):
 
 @pytest.mark.parametrize("since", ["abc", "12345", "e~-1", "e~", "e" * 33 + "~1", 5, True, {"epoch": "e", "seq": 1},
                                    ["e~1"], ""])
-async def test_malformed_since_is_refused(since, start_server):
-    server = await history_server(start_server)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_malformed_since_is_refused(since, history_of_100):
+    server = history_of_100
     topic = lobby()
     async with aiohttp.ClientSession() as http, connect(http, server) as client:
+        refused = await metric(http, server, "push_joins_refused_total", reason="bad_since")
         reply = await client.join(topic, {"since": since})
         assert reply[4] == {"status": "error", "response": {"reason": BAD_SINCE}}, reply
-        assert await metric(http, server, "push_joins_refused_total", reason="bad_since") == 1
+        assert await metric(http, server, "push_joins_refused_total", reason="bad_since") == refused + 1
         await publish(http, server, topic, {"n": 0})  # not joined: nothing arrives
         await client.heartbeat_is_next()
         assert await client.join_ok(topic) == {"position": f"{pos(await latest_position(http, server, topic)).epoch}~1"}
 
 
-async def test_heartbeat_and_join_replies_keep_the_clients_own_refs(start_server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_heartbeat_and_join_replies_keep_the_clients_own_refs(history_of_100):
     """Positions are never decimal, so they cannot collide with phoenix.js refs: its replies still match."""
-    server = await history_server(start_server)
+    server = history_of_100
     topic = lobby()
     async with aiohttp.ClientSession() as http, connect(http, server) as client:
         await client.send("1", "1", topic, "phx_join", {})
@@ -627,8 +591,9 @@ async def test_heartbeat_and_join_replies_keep_the_clients_own_refs(start_server
         assert await client.next() == ["1", "4", topic, "phx_reply", {"status": "ok", "response": {}}]
 
 
-async def test_v1_frames_carry_the_position_in_ref(start_server):
-    server = await history_server(start_server)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_v1_frames_carry_the_position_in_ref(history_of_100):
+    server = history_of_100
     topic = lobby()
     async with aiohttp.ClientSession() as http:
         async with connect(http, server, vsn="1.0.0") as client:
@@ -645,8 +610,9 @@ async def test_v1_frames_carry_the_position_in_ref(start_server):
             await again.heartbeat_is_next()
 
 
-async def test_history_off_means_null_refs_and_no_recovery(start_server):
-    server = await start_server(PUSH_HISTORY_SIZE="0")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_history_off_means_null_refs_and_no_recovery(history_off):
+    server = history_off
     topic = lobby()
     async with aiohttp.ClientSession() as http, connect(http, server) as client:
         assert await client.join_ok(topic) == {}  # exactly Phoenix's reply
@@ -682,17 +648,17 @@ async def _join_reply(http: aiohttp.ClientSession, server: ServerProcess, transp
 
 @pytest.mark.parametrize("transport", ["websocket", "longpoll"])
 @pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
-async def test_with_history_off_a_join_with_since_is_told_recovered_false(
-        start_server, transport, vsn):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_with_history_off_a_join_with_since_is_told_recovered_false(history_off, transport, vsn):
     """History off: `since` present, whatever it holds (the pattern `() => ({since: lastPos})` sends null,
     as refs are null then). The reply must say recovered: false, never leave it out (the client would not
     refetch) nor refuse the join (phoenix.js would rejoin in a loop)."""
-    off = await start_server(PUSH_HISTORY_SIZE="0", PUSH_LONGPOLL_WINDOW="1")
     async with aiohttp.ClientSession(timeout=bounded()) as http:
         for since in (None, "abc~1", "17", 5):
-            assert await _join_reply(http, off, transport, vsn, lobby(), {"since": since}) == (
+            assert await _join_reply(http, history_off, transport, vsn, lobby(), {"since": since}) == (
                 "ok", {"recovered": False}), since
-        assert await _join_reply(http, off, transport, vsn, lobby(), {}) == ("ok", {})  # no since: Phoenix's reply
+        # No since: Phoenix's reply.
+        assert await _join_reply(http, history_off, transport, vsn, lobby(), {}) == ("ok", {})
 
 
 async def test_history_max_topics_evicts_the_least_recently_published_and_its_clients_refetch(start_server):
@@ -818,16 +784,16 @@ async def test_history_api_pages_never_skip_a_gap(broker, start_server):
     ({"since": "e~-1"}, "since: a position looks like <epoch>~<seq>"),
     ({"since": ""}, "since: a position looks like <epoch>~<seq>"),
 ])
-async def test_history_api_refuses_bad_queries(query, error, start_server):
-    server = await history_server(start_server, size="10")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_history_api_refuses_bad_queries(query, error, history_of_10):
     async with aiohttp.ClientSession() as http:
-        status, body = await history(http, server, lobby(), **query)
+        status, body = await history(http, history_of_10, lobby(), **query)
         assert status == 400 and body["error"].startswith(error), body
 
 
-async def test_history_api_refusals(start_server):
-    server = await history_server(start_server)
-    off = await start_server(PUSH_HISTORY_SIZE="0")
+@pytest.mark.asyncio(loop_scope="module")
+async def test_history_api_refusals(history_of_100, history_off):
+    server, off = history_of_100, history_off
     topic = lobby()
     async with aiohttp.ClientSession() as http:
         assert await history(http, server, topic, key=None) == (
@@ -859,6 +825,7 @@ async def start_race_nodes(start_server: Callable[..., Awaitable[ServerProcess]]
     return list(await asyncio.gather(*(history_server(start_server, PUSH_BROKER=url) for _ in range(2))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker", ["memory", "redis", "nats"])
 async def test_rejoining_with_since_during_publishes_has_no_gap_and_no_duplicate(broker, start_server):
     """Clients drop their socket at random points of a continuous stream of publishes and rejoin with the
@@ -948,6 +915,7 @@ async def two_nodes(start_server: Callable[..., Awaitable[ServerProcess]], url: 
     return list(await asyncio.gather(*(history_server(start_server, size, PUSH_BROKER=url, **env) for _ in range(2))))
 
 
+@pytest.mark.slow
 async def test_redis_positions_are_shared_by_every_node(start_server):
     a, b = await two_nodes(start_server, require_redis())
     topic = lobby()
@@ -985,10 +953,12 @@ async def test_redis_client_recovers_on_another_node(start_server):
         assert await metric(http, b, "push_replayed_messages_total") == 3
 
 
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("case", ["other-epoch", "ahead", "trimmed", "expired"])
-async def test_redis_unrecoverable_since(case, start_server):
-    a, b = await two_nodes(start_server, require_redis(), size="3",
-                           PUSH_HISTORY_TTL="0.5" if case == "expired" else "300")
+async def test_redis_unrecoverable_since(case, module_servers):
+    a, b = await module_servers(2, PUSH_BROKER=require_redis(), PUSH_HISTORY_SIZE="3",
+                                PUSH_HISTORY_TTL="0.5" if case == "expired" else "300")
     topic = lobby()
     async with aiohttp.ClientSession() as http:
         for n in range(5):
@@ -1011,6 +981,7 @@ async def test_redis_unrecoverable_since(case, start_server):
 # ===================================================================== 4. NATS: stream sequences as positions
 
 
+@pytest.mark.slow
 async def test_nats_positions_are_stream_sequences(start_server):
     a, b = await two_nodes(start_server, require_nats())
     topic, other = lobby(), lobby()
@@ -1054,6 +1025,7 @@ async def test_nats_client_recovers_on_another_node(start_server):
             assert live[4] == {"n": 4} and pos(live[1]).seq > pos(current).seq
 
 
+@pytest.mark.slow
 async def test_nats_rejoin_of_a_topic_that_was_empty_is_answered(start_server):
     """A client that joined while nothing was kept holds `<epoch>~0`. NATS positions are stream-wide, so
     whether everything published since is still kept cannot always be told: the answer may be an honest
@@ -1078,9 +1050,11 @@ async def test_nats_rejoin_of_a_topic_that_was_empty_is_answered(start_server):
         assert body["recovered"] == response["recovered"]
 
 
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("case", ["other-epoch", "ahead", "dropped"])
-async def test_nats_unrecoverable_since(case, start_server):
-    a, b = await two_nodes(start_server, require_nats())
+async def test_nats_unrecoverable_since(case, module_servers):
+    a, b = await module_servers(2, PUSH_BROKER=require_nats(), PUSH_HISTORY_SIZE="100")
     topic = lobby()
     async with aiohttp.ClientSession() as http:
         await publish(http, a, topic, {"n": 0})
@@ -1139,9 +1113,11 @@ def assert_exactly_once_in_order(client: RecoverClient, count: int) -> None:
     assert len(set(refs)) == len(refs)
 
 
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("version", ["16", "17", "18"])
-async def test_phoenix_js_rejoins_with_since_and_gets_what_it_missed(version, start_server, recover_client):
-    server = await history_server(start_server)
+async def test_phoenix_js_rejoins_with_since_and_gets_what_it_missed(version, history_of_100, recover_client):
+    server = history_of_100
     topic = lobby()
     async with aiohttp.ClientSession() as http, recover_client([server], topic, version) as client:
         first = await client.wait_event("join", status="ok")
@@ -1166,6 +1142,7 @@ async def test_phoenix_js_rejoins_with_since_and_gets_what_it_missed(version, st
         assert client.messages() == [(n, f"{epoch}~{n + 1}") for n in range(6)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["cut", "close"])
 async def test_phoenix_js_reconnects_after_a_dropped_connection_and_recovers(how, start_server, recover_client):
     server = await history_server(start_server)
@@ -1188,6 +1165,7 @@ async def test_phoenix_js_reconnects_after_a_dropped_connection_and_recovers(how
         assert await metric(http, server, "push_replayed_messages_total") >= 1
 
 
+@pytest.mark.slow
 async def test_phoenix_js_after_a_memory_broker_restart_is_told_history_was_lost(start_server, recover_client):
     servers = [await history_server(start_server, PUSH_DRAIN_SECONDS="0.2")]
     topic = lobby()
@@ -1217,6 +1195,7 @@ async def test_phoenix_js_after_a_memory_broker_restart_is_told_history_was_lost
         assert_exactly_once_in_order(client, 3)
 
 
+@pytest.mark.slow
 async def test_phoenix_js_recovers_on_another_redis_node(start_server, recover_client):
     a, b = await two_nodes(start_server, require_redis(), PUSH_DRAIN_SECONDS="0.2")
     topic = lobby()
@@ -1240,6 +1219,7 @@ async def test_phoenix_js_recovers_on_another_redis_node(start_server, recover_c
         assert client.messages() == [(n, f"{epoch}~{n + 1}") for n in range(5)]
 
 
+@pytest.mark.slow
 async def test_redis_joins_of_quiet_topics_leave_nothing_behind_past_the_history_ttl(start_server):
     """A join records its topic's epoch in Redis (so a later first publish keeps the position the joiner
     was given), but for a topic nobody publishes to that record lives PUSH_HISTORY_TTL, not a day: a

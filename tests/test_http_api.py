@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 import pytest
+import pytest_asyncio
 import yaml
 from multidict import CIMultiDict, CIMultiDictProxy
 from openapi_core import OpenAPI
@@ -29,7 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.datastructures import Headers, ImmutableMultiDict
 from yarl import URL
 
-from conftest import PUBLISH_KEY, ROOT, make_token
+from conftest import PUBLISH_KEY, ROOT, make_token, server_has_read, server_starter, shared_server
+from http_helpers import wait_for_metric
+from ws_client import UPGRADE_HEADERS
 from push_service.metrics import Metrics
 
 SPEC_PATH = ROOT / "openapi.yaml"
@@ -237,7 +240,15 @@ class Api:
         assert await subscriber.next() == [None, None, topic, "sentinel", {}]
 
 
-@pytest.fixture
+# One server for the tests that take `api` (each publishes to topics only its own subscribers join, and
+# waits for them to be gone); a test that counts server-wide totals starts its own. Modules that import
+# `api` give it a server of their own (per_test_server) on their module's loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+server = shared_server()
+start_server = server_starter("module")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
 async def client() -> AsyncIterator[Callable[[Any], Api]]:
     """`client(server)` -> an Api for that server; all share one ClientSession."""
     handshakes: list[Any] = []
@@ -252,9 +263,12 @@ async def client() -> AsyncIterator[Callable[[Any], Api]]:
         yield lambda server: Api(http, handshakes, server)
 
 
-@pytest.fixture
-async def api(server: Any, client: Callable[[Any], Api]) -> Api:
-    return client(server)
+@pytest_asyncio.fixture(loop_scope="module")
+async def api(server: Any, client: Callable[[Any], Api]) -> AsyncIterator[Api]:
+    api = client(server)
+    yield api
+    # The next test's `delivered` counts must not see this one's subscribers (a close is seen later).
+    await wait_for_metric(api.http, server, "push_connections", 0, transport="websocket")
 
 
 def new_msg(topic: str, payload: dict[str, Any]) -> list[Any]:
@@ -629,7 +643,7 @@ async def test_body_arriving_in_pieces_is_read_whole(api: Api) -> None:
                          f"Authorization: Bearer {PUBLISH_KEY}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + body[:100])
             await writer.drain()
-            await asyncio.sleep(0.2)  # the server has read the first piece by now
+            await server_has_read(parts.port)  # so the rest is a second piece, not part of the first read
             writer.write(body[100:])
             answer = await asyncio.wait_for(reader.read(), TIMEOUT)
         finally:
@@ -749,7 +763,9 @@ def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return samples
 
 
-async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(api: Api) -> None:
+async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(start_server: Any,
+                                                                         client: Callable[[Any], Api]) -> None:
+    api = client(await start_server())  # its own: it counts everything the server has seen
     await api.publish("/api/message", {"channel_id": "1"})
     await api.publish("/api/message", {"channel_id": "2"})
     await api.publish("/api/channel", {"channel_id": "1"})
@@ -788,7 +804,7 @@ async def test_metrics_count_publishes_by_endpoint_and_requests_by_route(api: Ap
     assert requests("/healthz", "GET", 200) == 1
 
 
-def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:
+async def test_metrics_are_plain_numbers_exposed_as_prometheus_samples() -> None:  # async: as the module's mark asks
     metrics = Metrics()
     metrics.http_requests.labels("/api/message", "POST", 200).inc()
     metrics.http_requests.labels("/api/message", "POST", "200").inc(2)  # the same series: labels are text
@@ -837,7 +853,7 @@ async def test_websocket_handshake_is_101_with_the_phoenix_subprotocol(api: Api)
     ({"vsn": "3.0.0", "token": make_token()}, "unsupported vsn; use 1.0.0 or 2.0.0"),
 ])
 async def test_websocket_refused_before_upgrade_is_403(api: Api, params: dict[str, str], message: str) -> None:
-    reply = await api.get("/socket/websocket", params=params, headers=websocket_upgrade_headers())
+    reply = await api.get("/socket/websocket", params=params, headers=UPGRADE_HEADERS)
     assert reply.status == 403
     assert reply.error == message
 
@@ -846,8 +862,3 @@ async def test_websocket_without_upgrade_is_400(api: Api) -> None:
     reply = await api.get("/socket/websocket", params={"vsn": "2.0.0", "token": make_token()})
     assert reply.status == 400
     assert reply.error == "expected a WebSocket upgrade request"
-
-
-def websocket_upgrade_headers() -> dict[str, str]:
-    return {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}

@@ -10,15 +10,13 @@ the wrong framing publishes and the node's publish counter shows it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 import pytest
-import pytest_asyncio
 
 import conftest
-from conftest import PUBLISH_KEY, ServerProcess, server_env
+from conftest import PUBLISH_KEY, ServerProcess, shared_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -90,11 +88,7 @@ CASES = [
 HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> AsyncIterator[ServerProcess]:
-    process = await ServerProcess(server_env(PUSH_HANDSHAKE_TIMEOUT=HEAD_TIMEOUT), []).start()
-    yield process
-    await process.stop()
+server = shared_server(PUSH_HANDSHAKE_TIMEOUT=HEAD_TIMEOUT)
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 import conftest
-from conftest import PUBLISH_KEY, ROOT, START_TIMEOUT, ServerProcess, server_env, until
+from conftest import PUBLISH_KEY, ROOT, START_TIMEOUT, ServerProcess, server_env, server_starter, until
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -85,18 +85,7 @@ async def server() -> AsyncIterator[LimitedServer]:
     await process.stop()
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def start_server() -> AsyncIterator[Callable[..., Awaitable[ServerProcess]]]:
-    """conftest's, on this module's event loop."""
-    servers: list[ServerProcess] = []
-
-    async def start(**env: str) -> ServerProcess:
-        servers.append(ServerProcess(server_env(**env), []))
-        return await servers[-1].start()
-
-    yield start
-    for server in servers:
-        await server.stop()
+start_server = server_starter("module")
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -279,6 +268,7 @@ async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> 
         await runner.cleanup()
 
 
+@pytest.mark.slow
 async def test_a_partial_request_pipelined_behind_a_busy_handler_is_cut_in_time(
         start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     """The deadline runs from a request's first byte, whatever aiohttp's handler is doing: a long-poll GET
@@ -336,6 +326,7 @@ async def test_a_websocket_upgraded_on_an_aiohttp_connection_is_counted_once() -
         await runner.cleanup()
 
 
+@pytest.mark.slow
 async def test_requests_behind_a_declined_upgrade_are_served_and_their_deadline_kept(
         start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     """An upgrade declined (to a WebSocket, on a path that has none) leaves the connection HTTP: what follows
@@ -372,6 +363,7 @@ async def test_a_malformed_request_on_an_aiohttp_connection_is_answered_once(
     assert await counter(server, 'push_client_errors_total{reason="request_timeout"}') == 0
 
 
+@pytest.mark.slow
 async def test_a_body_cut_at_the_deadline_is_one_timeout_not_a_client_abort(
         start_server: Callable[..., Awaitable[ServerProcess]]) -> None:
     """A handler waiting for a body the client never finishes: the connection's deadline answers 408 and

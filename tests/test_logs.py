@@ -27,7 +27,8 @@ import pytest
 from aiohttp import WSMsgType
 
 from conftest import ServerProcess, make_token, server_env
-from test_websocket import RawWebSocket, auth_protocol
+from test_websocket import auth_protocol
+from ws_client import Client
 
 RUN = secrets.token_hex(4)  # topics and secrets of this run: nothing else can have printed them
 SERVICE_KEYS = (f"pk-old-{RUN}-{secrets.token_hex(12)}", f"pk-new-{RUN}-{secrets.token_hex(12)}")
@@ -255,10 +256,10 @@ async def exercise(server: CapturingServer) -> Exercised:
 
 async def slow_consumer(http: aiohttp.ClientSession, server: CapturingServer, done: Exercised) -> None:
     """A socket that stops reading while broadcasts keep coming: dropped once 64 KiB wait for it."""
-    slow = await RawWebSocket.open(server, done.client_token(token("slow")), rcvbuf=4096)
+    slow = await Client.connect(server.port, done.client_token(token("slow")), rcvbuf=4096)
     try:
-        await slow.send_json(["1", "1", SLOW_TOPIC, "phx_join", {}])
-        assert await slow.receive_json() == ["1", "1", SLOW_TOPIC, "phx_reply", {"status": "ok", "response": {}}]
+        await slow.send_text(orjson.dumps(["1", "1", SLOW_TOPIC, "phx_join", {}]))
+        assert await slow.next_json() == ["1", "1", SLOW_TOPIC, "phx_reply", {"status": "ok", "response": {}}]
         filler = "x" * 15_000
         for round_ in range(300):  # at most ~13 MB in all, on loopback; usually a few dozen rounds
             messages = [{"topic": SLOW_TOPIC, "event": "new_msg", "payload": {"seq": round_ * 3 + i, "f": filler}}
@@ -396,6 +397,7 @@ BROKER_URLS = {  # PUSH_BROKER with a secret -> as the log must show it
 }
 
 
+@pytest.mark.slow
 async def test_broker_secret_is_redacted_while_the_broker_is_down(capturing_server):
     """Three servers at once (each waits 5 s for its broker before serving without it), at debug level."""
     secret = f"broker-secret-{RUN}-{secrets.token_hex(8)}"

@@ -25,7 +25,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token
+from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token, server_has_read
+from http_helpers import metric, metrics, publish, wait_for_metric
 from push_service.app import create_app
 from push_service.config import Settings
 from lp_proxy import Proxy
@@ -52,9 +53,21 @@ async def lp_server(start_server: Callable[..., Any]) -> ServerProcess:
     return await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
 
 
+def request_sent_signal() -> aiohttp.TraceConfig:
+    """Sets the event a request carries as `trace_request_ctx={"sent": event}` once it is sent whole."""
+    async def headers_sent(_: aiohttp.ClientSession, context: Any, __: Any) -> None:
+        if isinstance(context.trace_request_ctx, dict) and "sent" in context.trace_request_ctx:
+            context.trace_request_ctx["sent"].set()
+
+    config = aiohttp.TraceConfig()
+    config.on_request_headers_sent.append(headers_sent)
+    return config
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WINDOW + TIMEOUT)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WINDOW + TIMEOUT),
+                                     trace_configs=[request_sent_signal()]) as session:
         yield session
 
 
@@ -90,11 +103,20 @@ class LongPollClient:
         self.session = body["token"]
         return body
 
-    async def get(self) -> Json:
-        _, body = await self.request("GET")
+    async def get(self, sent: asyncio.Event | None = None) -> Json:
+        _, body = await self.request("GET", trace_request_ctx=None if sent is None else {"sent": sent})
         if body["status"] in (200, 204):
             assert body["token"] == self.session
         return body
+
+    async def waiting_get(self, port: int) -> asyncio.Task[Json]:
+        """A poll, once it waits at the server: sent whole, read there, and not answered."""
+        sent = asyncio.Event()
+        poll = asyncio.create_task(self.get(sent))
+        await asyncio.wait_for(sent.wait(), TIMEOUT)
+        await server_has_read(port)
+        assert not poll.done()
+        return poll
 
     async def frames(self) -> list[Any]:
         """The frames of the next poll that brings any (the messages are serialized frame strings)."""
@@ -128,23 +150,8 @@ class LongPollClient:
         return frames
 
 
-async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str, event: str,
-                  payload: Json) -> Json:
-    async with http.post(f"{server.http_url}/api/broadcast", json={"topic": topic, "event": event, "payload": payload},
-                         headers={"Authorization": f"Bearer {PUBLISH_KEY}"}) as response:
-        assert response.status == 200, await response.text()
-        return await response.json()
-
-
-async def metrics(http: aiohttp.ClientSession, server: ServerProcess) -> dict[tuple[str, frozenset], float]:
-    async with http.get(f"{server.http_url}/metrics") as response:
-        text = await response.text()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
 async def longpoll_connections(http: aiohttp.ClientSession, server: ServerProcess) -> float:
-    return (await metrics(http, server)).get(("push_connections", frozenset({("transport", "longpoll")})), 0.0)
+    return await metric(http, server, "push_connections", transport="longpoll")
 
 
 def is_broadcast(frame: list[Any], topic: str, event: str, payload: Json) -> bool:
@@ -167,7 +174,9 @@ async def test_first_get_opens_a_session_with_410_and_a_token(lp_server, http):
     assert (await LongPollClient(http, lp_server).connect())["token"] != body["token"]
 
 
-async def test_join_poll_and_receive_a_broadcast(lp_server, http):
+async def test_join_poll_and_receive_a_broadcast(start_server, http):
+    # A long window: the poll must be woken by the broadcast, not end with its window on a loaded machine.
+    lp_server = await start_server(PUSH_LONGPOLL_WINDOW="5")
     client = LongPollClient(http, lp_server)
     await client.connect()
     assert await client.post(["1", "1", TOPIC, "phx_join", {}]) == {"status": 200}
@@ -177,12 +186,11 @@ async def test_join_poll_and_receive_a_broadcast(lp_server, http):
     (reply,) = [orjson.loads(message) for message in body["messages"]]
     assert reply[:4] == ["1", "1", TOPIC, "phx_reply"] and reply[4]["status"] == "ok"
     # A waiting poll answers as soon as a broadcast arrives, long before the window ends.
-    poll = asyncio.create_task(client.get())
-    await asyncio.sleep(0.2)
+    poll = await client.waiting_get(lp_server.port)  # the broadcast must wake it
     started = time.monotonic()
-    assert (await publish(http, lp_server, TOPIC, "new_msg", {"text": 'a "quoted" message'}))["delivered"] == 1
+    assert (await publish(http, lp_server, TOPIC, {"text": 'a "quoted" message'}))["delivered"] == 1
     body = await poll
-    assert time.monotonic() - started < WINDOW / 2
+    assert time.monotonic() - started < 2.5  # half its window
     assert body["status"] == 200
     (frame,) = [orjson.loads(message) for message in body["messages"]]
     assert is_broadcast(frame, TOPIC, "new_msg", {"text": 'a "quoted" message'}), frame
@@ -198,7 +206,7 @@ async def test_vsn_1_sessions_get_v1_frames(lp_server, http):
     assert await client.post(join) == {"status": 200}
     (reply,) = await client.frames()
     assert reply["event"] == "phx_reply" and reply["ref"] == "1" and reply["payload"]["status"] == "ok"
-    await publish(http, lp_server, TOPIC, "new_msg", {"n": 1})
+    await publish(http, lp_server, TOPIC, {"n": 1})
     (frame,) = await client.frames()
     assert {key: frame[key] for key in ("topic", "event", "payload")} == {
         "topic": TOPIC, "event": "new_msg", "payload": {"n": 1}}
@@ -219,7 +227,7 @@ async def test_frames_wait_for_the_next_poll_in_order(lp_server, http):
     await client.connect()
     await client.join(TOPIC)
     for n in range(5):
-        await publish(http, lp_server, TOPIC, "new_msg", {"n": n})
+        await publish(http, lp_server, TOPIC, {"n": n})
     frames = await client.frames()
     assert [frame[4] for frame in frames] == [{"n": n} for n in range(5)]
 
@@ -397,15 +405,16 @@ async def test_a_session_that_stops_polling_is_closed_and_leaves_presence(lp_ser
         assert await client.post([None, "9", "phoenix", "heartbeat", {}]) == {"status": 410}
 
 
+@pytest.mark.slow
 async def test_a_waiting_poll_outlives_the_heartbeat_timeout(start_server, http):
     """phoenix.js sends no heartbeats over long-poll: polling is what keeps a session alive."""
-    server = await start_server(PUSH_LONGPOLL_WINDOW="2", PUSH_HEARTBEAT_TIMEOUT="0.5")
+    server = await start_server(PUSH_LONGPOLL_WINDOW="1", PUSH_HEARTBEAT_TIMEOUT="0.5")  # windows of 2 timeouts
     client = LongPollClient(http, server)
     await client.connect()
     await client.join(TOPIC)
     for _ in range(2):
         assert (await client.get())["status"] == 204
-    await publish(http, server, TOPIC, "new_msg", {"still": "here"})
+    await publish(http, server, TOPIC, {"still": "here"})
     (frame,) = await client.frames()
     assert frame[4] == {"still": "here"}
 
@@ -431,8 +440,8 @@ async def test_slow_consumer_is_dropped(start_server, http):
     await client.connect()
     await client.join(TOPIC)
     for n in range(4):  # ~3 KiB queued and nobody polling
-        await publish(http, server, TOPIC, "new_msg", {"n": n, "pad": "x" * 800})
-    await asyncio.sleep(0.1)
+        await publish(http, server, TOPIC, {"n": n, "pad": "x" * 800})
+    await wait_for_metric(http, server, "push_slow_consumer_disconnects_total", 1)
     body = await client.get()
     assert body == {"status": 410}, body
     counts = await metrics(http, server)
@@ -445,14 +454,14 @@ async def test_drain_ends_waiting_polls_and_refuses_new_sessions(start_server, h
     client = LongPollClient(http, server)
     await client.connect()
     await client.join(TOPIC)
-    poll = asyncio.create_task(client.get())
-    await asyncio.sleep(0.2)
+    poll = await client.waiting_get(server.port)  # when the drain begins
     assert server.process is not None
     server.process.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(poll, TIMEOUT) == {"status": 410}
     await server.process.wait()
 
 
+@pytest.mark.slow
 async def test_a_session_token_is_bound_to_its_node(start_server, http):
     """Sessions live in one process: another node (or this one after a restart) answers 410."""
     first = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
@@ -492,11 +501,12 @@ def lp_node_client() -> Callable[..., Any]:
 
 
 async def assert_receives(client: JsClient, http: aiohttp.ClientSession, server: ServerProcess, n: int) -> None:
-    assert (await publish(http, server, TOPIC, "new_msg", {"n": n}))["delivered"] == 1
+    assert (await publish(http, server, TOPIC, {"n": n}))["delivered"] == 1
     message = await client.wait_event("message", name="new_msg")
     assert message == {"event": "message", "topic": TOPIC, "name": "new_msg", "payload": {"n": n}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_phoenix_longpoll_joins_and_receives(version, lp_server, http, lp_node_client):
     # Linen's style: the JWT in params as `token`, so every poll carries two `token` keys.
@@ -505,7 +515,7 @@ async def test_phoenix_longpoll_joins_and_receives(version, lp_server, http, lp_
         assert (await client.wait_event("join", topic=TOPIC))["status"] == "ok"
         await assert_receives(client, http, lp_server, 1)
         assert await longpoll_connections(http, lp_server) == 1
-        # Quiet windows (204) and more messages: still one session.
+        # Quiet windows (204) and more messages: still one session. The quiet time is the case, not a wait.
         await asyncio.sleep(WINDOW * 2)
         await assert_receives(client, http, lp_server, 2)
         assert len([e for e in client.events if e["event"] == "open"]) == 1
@@ -519,6 +529,7 @@ async def test_phoenix_18_longpoll_with_auth_token(lp_server, http, lp_node_clie
         await assert_receives(client, http, lp_server, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", FALLBACK_VERSIONS)
 @pytest.mark.parametrize("websocket", ["refuse", "hang"])
 async def test_phoenix_falls_back_to_longpoll_when_websockets_are_blocked(version, websocket, lp_server, http,
@@ -538,6 +549,7 @@ async def test_phoenix_falls_back_to_longpoll_when_websockets_are_blocked(versio
         assert any(method == "POST" for method, _, _ in proxy.forwarded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_phoenix_reconnects_when_its_session_is_on_another_node(version, start_server, http, lp_node_client):
     """A load balancer without affinity (or a node that went away) sends a poll to a node that does
@@ -580,6 +592,7 @@ async def test_a_draining_node_refuses_new_sessions(http):
 # --- caps on sessions (issue 14 item 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", ["sub", "address"])
 async def test_sessions_are_capped_per_user_and_per_address(cap, start_server, http, lp_node_client):
     """Past the cap a new session is refused with a status phoenix.js retries with backoff (500), and

@@ -23,6 +23,8 @@ from conftest import PUBLISH_KEY, ServerProcess, make_token, server_env, until
 from nodejs import NodeScript, node_binary, run_script
 from test_longpoll import LONGPOLL_CLIENT, RETRY_MS, VERSIONS, WINDOW
 
+pytestmark = pytest.mark.slow  # property runs of phoenix.js long-poll clients
+
 CHANNEL = "42"
 TOPIC = f"room:lobby:{CHANNEL}"
 PUBLISHERS = 8

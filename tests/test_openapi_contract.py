@@ -108,6 +108,7 @@ RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 async def test_schemathesis_finds_no_server_error_and_nothing_outside_the_spec(run, start_server, tmp_path):
     server = await start_server(PUSH_HISTORY_SIZE="100")

@@ -9,9 +9,6 @@ and an open socket owns no task and no timer.
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import socket
 import sys
 import time
 from typing import Any
@@ -19,6 +16,7 @@ from typing import Any
 import orjson
 
 from conftest import JWT_SECRET, make_token, until
+from ws_client import Client
 from push_service import app as application
 from push_service.auth import Identity
 from push_service.config import Settings
@@ -156,24 +154,14 @@ async def test_the_per_delivery_path_does_no_json_and_few_calls():
 # --- a real listening socket, in this process, to see the event loop's own bookkeeping
 
 
-async def open_socket(port: int, token: str, topic: str) -> socket.socket:
-    loop = asyncio.get_running_loop()
-    sock = socket.socket()
-    sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    join = orjson.dumps(["1", "1", topic, "phx_join", {}])
-    await loop.sock_sendall(sock, (
-        f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
-        + bytes([0x81, 0x80 | len(join)]) + b"\0\0\0\0" + join)  # a zero mask is a valid mask
-    received = b""
-    while b"phx_reply" not in received:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), TIMEOUT)
-        assert chunk, received
-        received += chunk
-    assert received.startswith(b"HTTP/1.1 101 ") and b'"status":"ok"' in received, received
-    return sock
+async def open_socket(port: int, token: str, topic: str) -> Client:
+    """A WebSocket joined to `topic`."""
+    client = await Client.connect(port, token, timeout=TIMEOUT)
+    await client.send_text(orjson.dumps(["1", "1", topic, "phx_join", {}]))
+    while (frame := await client.next_json(TIMEOUT))[3] != "phx_reply":  # type: ignore[index]
+        pass  # a presence frame, if the topic tracks presence
+    assert frame == ["1", "1", topic, "phx_reply", {"status": "ok", "response": {}}], frame
+    return client
 
 
 def pending_timers(loop: asyncio.AbstractEventLoop) -> int:
@@ -184,7 +172,7 @@ async def test_an_open_socket_owns_no_task_and_no_timer():
     settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=("k" * 32,), history_size=0)
     runner, port = await application.start(settings)
     loop = asyncio.get_running_loop()
-    sockets: list[socket.socket] = []
+    sockets: list[Client] = []
     try:
         sockets.append(await open_socket(port, make_token(), TOPIC))  # warm: the node's own tasks exist now
         tasks, timers = len(asyncio.all_tasks()), pending_timers(loop)

@@ -13,9 +13,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import pytest_asyncio
 
-from conftest import PUBLISH_KEY, ServerProcess, make_token
-from nodejs import JS_DIR, TIMEOUT, Event, node_binary, run_script
+from conftest import PUBLISH_KEY, ServerProcess, make_token, server_starter, shared_server
+from http_helpers import connections_closed, post_json
+from nodejs import JS_DIR, Event, node_binary, run_script
 from nodejs import NodeScript as JsClient
 
 CLIENT = JS_DIR / "client.mjs"
@@ -27,6 +29,26 @@ RETRY_MS = 150  # reconnectAfterMs / rejoinAfterMs, so that reconnects and rejoi
 TOPIC = "room:lobby:42"
 LINEN_BODY = {"channel_id": "42", "thread_id": "7", "message_id": "m1", "is_thread": False, "is_reply": True,
               "message": '{"body":"hi"}'}
+
+
+# One server for the tests that need no settings of their own; each waits for its clients to be gone.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+start_server = server_starter("module")
+default_server = shared_server()
+heartbeat_1s_server = shared_server(PUSH_HEARTBEAT_TIMEOUT="1")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def server(default_server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    yield default_server
+    await connections_closed(default_server)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def heartbeat_1s(heartbeat_1s_server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    """A server that closes a socket silent for a second."""
+    yield heartbeat_1s_server
+    await connections_closed(heartbeat_1s_server)
 
 
 @pytest.fixture
@@ -53,17 +75,15 @@ def node_client() -> Callable[..., Any]:
     return start
 
 
-async def publish(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+async def publish_message(server: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /api/message as Linen's backend does: the key in the body."""
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{server.http_url}/api/message", json={**body, "token": PUBLISH_KEY},
-                             timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:
-            assert response.status == 200, await response.text()
-            return await response.json()
+        return await post_json(http, server, "/api/message", {**body, "token": PUBLISH_KEY}, headers=None)
 
 
 async def assert_receives(client: JsClient, server: ServerProcess, body: dict[str, Any] = LINEN_BODY) -> None:
     """Publish `body` on /api/message and check the client's channel.on('new_msg') gets it, minus the key."""
-    assert (await publish(server, body))["delivered"] == 1
+    assert (await publish_message(server, body))["delivered"] == 1
     message = await client.wait_event("message")
     assert message == {"event": "message", "topic": f"room:lobby:{body['channel_id']}", "name": "new_msg",
                        "payload": body}
@@ -76,6 +96,7 @@ def opened(events: list[Event]) -> list[Event]:
 # --- connect, join, receive
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_join_and_receive_linen_message(version, server, node_client):
     async with node_client(version, server, token=make_token()) as client:
@@ -83,7 +104,7 @@ async def test_join_and_receive_linen_message(version, server, node_client):
         assert "vsn=2.0.0" in open_event["url"] and "token=" in open_event["url"]
         assert await client.wait_event("join") == {"event": "join", "topic": TOPIC, "status": "ok", "response": {}}
         # A message for another channel is not delivered; ours arrives with the body minus `token`.
-        assert (await publish(server, {**LINEN_BODY, "channel_id": "43"}))["delivered"] == 0
+        assert (await publish_message(server, {**LINEN_BODY, "channel_id": "43"}))["delivered"] == 0
         await assert_receives(client, server)
 
 
@@ -95,7 +116,9 @@ async def test_join_and_receive_linen_message(version, server, node_client):
     pytest.param(make_token(secret="another-secret-0123456789abcdef0123456789"), "bad_signature", id="bad-signature"),
     pytest.param(make_token(ttl=-60), "expired", id="expired"),
 ])
+@pytest.mark.slow
 async def test_refused_token_never_opens(version, token, reason, server, node_client):
+    logged_before = len(server.log_lines)
     async with node_client(version, server, token=token) as client:
         # phoenix.js reports the refused upgrade through onError and retries; let it try twice.
         for _ in range(2):
@@ -103,9 +126,11 @@ async def test_refused_token_never_opens(version, token, reason, server, node_cl
             assert "403" in error["message"], error
         assert not opened(client.events)
         assert not [e for e in client.events if e["event"] == "join" and e["status"] == "ok"]
-    await server.wait_for_log(lambda entry: entry.get("event") == "connect_refused" and entry.get("reason") == reason)
+    await server.wait_for_log(lambda entry: entry.get("event") == "connect_refused" and entry.get("reason") == reason,
+                              since=logged_before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_join_of_another_users_topic_is_refused(version, server, node_client):
     async with node_client(version, server, token=make_token("u1"), topics=("user:u2", "user:u1")) as client:
@@ -119,9 +144,10 @@ async def test_join_of_another_users_topic_is_refused(version, server, node_clie
 # --- heartbeats
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
-async def test_heartbeats_keep_the_socket_open(version, start_server, node_client):
-    server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
+async def test_heartbeats_keep_the_socket_open(version, heartbeat_1s, node_client):
+    server = heartbeat_1s
     async with node_client(version, server, token=make_token(), heartbeat_ms=300) as client:
         await client.wait_event("join", status="ok")
         # Waiting is the test here: three heartbeat timeouts pass and the socket must stay up.
@@ -132,9 +158,10 @@ async def test_heartbeats_keep_the_socket_open(version, start_server, node_clien
         assert len(opened(client.events)) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
-async def test_silent_client_is_closed_and_reconnects(version, start_server, node_client):
-    server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
+async def test_silent_client_is_closed_and_reconnects(version, heartbeat_1s, node_client):
+    server = heartbeat_1s
     async with node_client(version, server, token=make_token(), heartbeat_ms=3_600_000) as client:
         await client.wait_event("join", status="ok")
         close = await client.wait_event("close")
@@ -150,6 +177,7 @@ async def test_silent_client_is_closed_and_reconnects(version, start_server, nod
 # --- server restart
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_rejoins_after_server_restart(version, start_server, node_client):
     first = await start_server()
@@ -167,6 +195,7 @@ async def test_rejoins_after_server_restart(version, start_server, node_client):
 # --- protocol versions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("vsn", ["1.0.0", "2.0.0"])
 async def test_protocol_versions(version, vsn, server, node_client):

@@ -30,7 +30,9 @@ from push_service.presence import Diff, DiffBatcher, MemoryTracker, Presence, ne
 from push_service.presence.diffs import MAX_WAITS
 from push_service.presence.base import state_payload
 from push_service.presence.service import TYPING_BURST, TYPING_RATE, TypingBudget
-from test_websocket import OK, RECEIVE_TIMEOUT, connect, metric, wait_for_metric
+from http_helpers import metric, wait_for_metric
+from test_websocket import OK, RECEIVE_TIMEOUT, connect
+from test_websocket import assert_nothing_pending as nothing_pending
 
 TOPIC = "room:topic:7"
 PHX_REF = re.compile(r"^[A-Za-z0-9_-]{16}$")
@@ -642,18 +644,9 @@ async def recv(ws) -> Any:
     return await ws.receive_json(timeout=RECEIVE_TIMEOUT)
 
 
-_heartbeat_refs = iter(range(50_000, 10**9))
-
-
 async def assert_nothing_pending(ws, v1: bool = False) -> None:
-    """The next frame is the reply to a heartbeat sent now: nothing else was queued before it."""
-    ref = str(next(_heartbeat_refs))
-    if v1:
-        await ws.send_json({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": ref})
-        assert await recv(ws) == {"topic": "phoenix", "event": "phx_reply", "payload": OK, "ref": ref}
-    else:
-        await ws.send_json([None, ref, "phoenix", "heartbeat", {}])
-        assert await recv(ws) == [None, ref, "phoenix", "phx_reply", OK]
+    """The next frame, presence frames included, is the reply to a heartbeat sent now."""
+    await nothing_pending(ws, v1, next_frame=recv)
 
 
 async def join_presence(ws, topic: str = TOPIC, ref: str = "1") -> dict[str, Any]:

@@ -20,6 +20,8 @@ import pytest
 from conftest import PUBLISH_KEY, ServerProcess, make_token
 from nodejs import JS_DIR, TIMEOUT, Event, NodeScript, node_binary, run_script
 
+pytestmark = pytest.mark.slow  # phoenix.js clients under Node
+
 CLIENT = JS_DIR / "presence.mjs"
 VERSIONS = [pytest.param("16", id="phoenix-1.6"), pytest.param("17", id="phoenix-1.7"),
             pytest.param("18", id="phoenix-1.8")]

@@ -7,9 +7,12 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 
 import aiohttp
+import pytest
 
 from test_cluster import connect
 from test_presence_js import new_topic, presence_client, presences, user_token  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.slow  # phoenix.js clients under Node
 
 HOSTILE = ["__proto__", "constructor", "toString", "hasOwnProperty", "valueOf", "__defineGetter__"]
 ESCAPED = {f"~{sub}" for sub in HOSTILE}  # what a client sees of them (see push_service/presence/service.py)

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, make_token, until
@@ -155,6 +156,7 @@ async def _rounds_grow(http: aiohttp.ClientSession, server: ServerProcess, trans
     return min(samples[-2:]) - samples[WARM_UP_ROUNDS - 1], samples
 
 
+@pytest.mark.slow  # thousands of sessions, rounds of them
 async def test_abandoned_longpoll_sessions_are_freed(start_server: Callable[..., Any]) -> None:
     server = await start_server(PUSH_LONGPOLL_WINDOW=str(LP_WINDOW),
                                 PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS=str(2 * SESSIONS))
@@ -181,6 +183,7 @@ OPEN_TOGETHER = 8000  # WebSockets open at once (each side holds a descriptor fo
 TRAFFIC = 4000  # requests the server answers while they are open
 
 
+@pytest.mark.slow  # thousands of sessions, rounds of them
 async def test_closed_long_lived_websocket_sessions_are_freed(start_server: Callable[..., Any]) -> None:
     """Sockets that live while the server does other work (so their objects age into the oldest GC
     generation, as a real client's do), then close."""

@@ -8,15 +8,16 @@ import aiohttp
 import jwt
 import pytest
 
-from conftest import JWT_SECRET, ServerProcess, make_token
-
-UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-
+from conftest import JWT_SECRET, ServerProcess, make_token, shared_server
+from ws_client import UPGRADE_HEADERS
 
 def signed(**claims: object) -> str:
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
+
+# Each test reads only its own refusal's log line: one server serves them all.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+server = shared_server()
 
 NOW = int(time.time())
 CASES = [
@@ -35,25 +36,29 @@ CASES = [
 
 async def upgrade(server: ServerProcess, token: str) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as http, http.get(
-            f"{server.http_url}/socket/websocket", params={"vsn": "2.0.0", "token": token}, headers=UPGRADE,
+            f"{server.http_url}/socket/websocket", params={"vsn": "2.0.0", "token": token}, headers=UPGRADE_HEADERS,
             timeout=aiohttp.ClientTimeout(total=5)) as response:
         return response.status, await response.json()
 
 
 @pytest.mark.parametrize(("token", "explanation"), CASES, ids=[case[1] for case in CASES])
 async def test_a_refused_token_names_the_failing_claim(server, token, explanation):
+    logged_before = len(server.log_lines)
     assert await upgrade(server, token) == (403, {"error": f"token refused: {explanation}"})
-    logged = await server.wait_for_log(lambda line: line.get("event") == "connect_refused", timeout=5)
+    logged = await server.wait_for_log(lambda line: line.get("event") == "connect_refused", timeout=5,
+                                       since=logged_before)
     assert logged["error"] == f"token refused: {explanation}", logged
     assert token not in str(server.log_lines)  # the token itself is never logged
 
 
 @pytest.mark.parametrize(("token", "explanation"), CASES[:3], ids=[case[1] for case in CASES[:3]])
 async def test_a_refused_longpoll_token_names_the_failing_claim_in_the_log(server, token, explanation):
+    logged_before = len(server.log_lines)
     async with aiohttp.ClientSession() as http, http.get(
             f"{server.http_url}/socket/longpoll", params={"vsn": "2.0.0", "token": token},
             timeout=aiohttp.ClientTimeout(total=5)) as response:
         assert await response.json() == {"status": 403}  # phoenix.js's long-poll protocol has no room for more
-    logged = await server.wait_for_log(lambda line: line.get("event") == "connect_refused", timeout=5)
+    logged = await server.wait_for_log(lambda line: line.get("event") == "connect_refused", timeout=5,
+                                       since=logged_before)
     assert logged["error"] == f"token refused: {explanation}", logged
     assert logged["transport"] == "longpoll"

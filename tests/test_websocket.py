@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+import pytest_asyncio
 from aiohttp import WSMsgType
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import JWT_SECRET, PUBLISH_KEY, make_token
+from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token, shared_server
+from http_helpers import connections_closed, metric, publish, wait_for_metric
+from ws_client import CLOSE, CONT, PING, PONG, TEXT, Client, close_payload, raw_frame
 
 OK = {"status": "ok", "response": {}}
 RECEIVE_TIMEOUT = 5
@@ -79,15 +80,16 @@ async def joined(ws, topic: str, ref: str = "1") -> None:
 _heartbeat_refs = iter(range(10_000, 10**9))
 
 
-async def assert_nothing_pending(ws, v1: bool = False) -> None:
-    """The next frame is the reply to a heartbeat sent now: nothing else was queued before it."""
+async def assert_nothing_pending(ws, v1: bool = False, next_frame: Callable[[Any], Awaitable[Any]] = receive) -> None:
+    """The next frame is the reply to a heartbeat sent now: nothing else was queued before it. `next_frame`:
+    how to read it (by default presence frames are passed over)."""
     ref = str(next(_heartbeat_refs))
     if v1:
         await ws.send_json({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": ref})
-        assert await receive(ws) == {"topic": "phoenix", "event": "phx_reply", "payload": OK, "ref": ref}
+        assert await next_frame(ws) == {"topic": "phoenix", "event": "phx_reply", "payload": OK, "ref": ref}
     else:
         await ws.send_json([None, ref, "phoenix", "heartbeat", {}])
-        assert await receive(ws) == [None, ref, "phoenix", "phx_reply", OK]
+        assert await next_frame(ws) == [None, ref, "phoenix", "phx_reply", OK]
 
 
 async def expect_close(ws, code: int) -> aiohttp.WSMessage:
@@ -97,142 +99,15 @@ async def expect_close(ws, code: int) -> aiohttp.WSMessage:
     return msg
 
 
-async def publish(http: aiohttp.ClientSession, server, topic: str, payload: dict, event: str = "new_msg") -> dict:
-    response = await http.post(f"{server.http_url}/api/broadcast",
-                               json={"topic": topic, "event": event, "payload": payload},
-                               headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
-    assert response.status == 200, await response.text()
-    return await response.json()
+# One server for the tests that take `reused_server`: each looks only at its own sockets and topics, reads
+# counters as the change it made, and waits for its sockets to be gone; the others need a fresh server.
+default_server = shared_server()
 
 
-async def metrics(http: aiohttp.ClientSession, server) -> dict[tuple[str, frozenset], float]:
-    async with http.get(f"{server.http_url}/metrics") as response:
-        assert response.status == 200
-        text = await response.text()
-    samples: dict[tuple[str, frozenset], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-async def metric(http: aiohttp.ClientSession, server, name: str, **labels: str) -> float:
-    return (await metrics(http, server)).get((name, frozenset(labels.items())), 0.0)
-
-
-async def wait_for_metric(http, server, name: str, expected: float, timeout: float = 10.0, **labels: str) -> None:
-    """The server updates some gauges asynchronously (closes): poll with a deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await metric(http, server, name, **labels)
-        if value == expected:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{name}{labels} is {value}, expected {expected} within {timeout}s")
-        await asyncio.sleep(0.05)
-
-
-# --- a WebSocket client by hand, for what aiohttp's client will not do (stall, send invalid UTF-8)
-
-
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    mask = os.urandom(4)
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
-    elif size < 65536:
-        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
-    return header + mask + bytes(byte ^ mask[index % 4] for index, byte in enumerate(payload))
-
-
-class RawWebSocket:
-    """A non-blocking socket with a small receive buffer, read only when the test says so."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def open(cls, server, token: str, vsn: str = "2.0.0", rcvbuf: int | None = None,
-                   before: bytes = b"", behind: bytes = b"") -> RawWebSocket:
-        """`before`: one HTTP request sent first on the same connection (its answer is read and
-        skipped); `behind`: bytes sent in the same write as the upgrade request, right behind it."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
-        sock.setblocking(False)
-        raw = cls(sock)
-        await raw.loop.sock_connect(sock, ("127.0.0.1", server.port))
-        if before:
-            await raw.loop.sock_sendall(sock, before)
-            while b"\r\n\r\n" not in raw.buffer:
-                await raw._fill()
-            head, _, rest = bytes(raw.buffer).partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:")))
-            while len(rest) < length:
-                await raw._fill()
-                rest = bytes(raw.buffer).partition(b"\r\n\r\n")[2]
-            raw.buffer = bytearray(rest[length:])
-        key = base64.b64encode(os.urandom(16)).decode()
-        await raw.loop.sock_sendall(sock, (
-            f"GET /socket/websocket?vsn={vsn}&token={token} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n").encode() + behind)
-        while b"\r\n\r\n" not in raw.buffer:
-            await raw._fill()
-        head, _, rest = bytes(raw.buffer).partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        raw.buffer = bytearray(rest)
-        return raw
-
-    async def _fill(self) -> None:
-        chunk = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), RECEIVE_TIMEOUT)
-        if not chunk:
-            raise EOFError("connection closed")
-        self.buffer += chunk
-
-    def _take_frame(self) -> tuple[int, bytes] | None:
-        data = self.buffer
-        if len(data) < 2:
-            return None
-        opcode, size, offset = data[0] & 0x0F, data[1] & 0x7F, 2
-        assert not data[1] & 0x80, "server frames are never masked"
-        if size == 126:
-            if len(data) < 4:
-                return None
-            size, offset = struct.unpack_from("!H", data, 2)[0], 4
-        elif size == 127:
-            if len(data) < 10:
-                return None
-            size, offset = struct.unpack_from("!Q", data, 2)[0], 10
-        if len(data) < offset + size:
-            return None
-        payload = bytes(data[offset:offset + size])
-        del data[:offset + size]
-        return opcode, payload
-
-    async def next_frame(self) -> tuple[int, bytes]:
-        while (frame := self._take_frame()) is None:
-            await self._fill()
-        return frame
-
-    async def receive_json(self) -> Any:
-        opcode, payload = await self.next_frame()
-        assert opcode == 0x1, (opcode, payload)
-        return orjson.loads(payload)
-
-    async def send(self, payload: bytes, opcode: int = 0x1) -> None:
-        await self.loop.sock_sendall(self.sock, client_frame(payload, opcode))
-
-    async def send_json(self, value: Any) -> None:
-        await self.send(orjson.dumps(value))
-
-    def close(self) -> None:
-        self.sock.close()
+@pytest_asyncio.fixture(loop_scope="module")
+async def reused_server(default_server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    yield default_server
+    await connections_closed(default_server)
 
 
 # --- upgrade refusals
@@ -294,9 +169,10 @@ async def test_origin_policy(start_server):
         assert await metric(http, server, "push_connects_refused_total", reason="origin") == len(refused)
 
 
-async def test_no_vsn_means_v1(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_no_vsn_means_v1(reused_server):
     async with aiohttp.ClientSession() as http:
-        async with connect(http, server, vsn=None) as ws:
+        async with connect(http, reused_server, vsn=None) as ws:
             await ws.send_json({"topic": "room:lobby:1", "event": "phx_join", "payload": {}, "ref": "1",
                                 "join_ref": "1"})
             assert await receive(ws) == {"topic": "room:lobby:1", "event": "phx_reply", "payload": OK, "ref": "1"}
@@ -332,24 +208,27 @@ async def test_token_in_subprotocol(server):
 # --- control events
 
 
-async def test_heartbeat_reply(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_heartbeat_reply(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json([None, "4", "phoenix", "heartbeat", {}])
         assert await receive(ws) == [None, "4", "phoenix", "phx_reply", {"status": "ok", "response": {}}]
         await ws.send_json([None, 5, "phoenix", "heartbeat", {}])  # integer refs are echoed as integers
         assert await receive(ws) == [None, 5, "phoenix", "phx_reply", OK]
 
 
-async def test_join_ok_exact_frame(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_join_ok_exact_frame(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json(["1", "1", "room:lobby:42", "phx_join", {}])
         assert await ws.receive_str(timeout=RECEIVE_TIMEOUT) in (
             '["1","1","room:lobby:42","phx_reply",{"status":"ok","response":{}}]',
             '["1","1","room:lobby:42","phx_reply",{"response":{},"status":"ok"}]')
 
 
-async def test_join_with_null_join_ref_uses_the_ref(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_join_with_null_join_ref_uses_the_ref(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json([None, "3", "room:lobby:1", "phx_join", {}])
         assert await receive(ws) == ["3", "3", "room:lobby:1", "phx_reply", OK]
         await ws.send_json(["3", "4", "room:lobby:1", "phx_leave", {}])
@@ -357,17 +236,20 @@ async def test_join_with_null_join_ref_uses_the_ref(server):
         assert await receive(ws) == ["3", "3", "room:lobby:1", "phx_close", {}]
 
 
+@pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("topic", ["nope:1", "room:lobby:", "user:", "room:", "phoenix", "room:" + "x" * 251])
-async def test_unmatched_topic_join(server, topic):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+async def test_unmatched_topic_join(reused_server, topic):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
+        refused = await metric(http, reused_server, "push_joins_refused_total", reason="unmatched_topic")
         await ws.send_json(["5", "5", topic, "phx_join", {}])
         assert await receive(ws) == [None, "5", topic, "phx_reply",
                                      {"status": "error", "response": {"reason": "unmatched topic"}}]
-        assert await metric(http, server, "push_joins_refused_total", reason="unmatched_topic") == 1
+        assert await metric(http, reused_server, "push_joins_refused_total", reason="unmatched_topic") == refused + 1
 
 
-async def test_push_to_unjoined_topic(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_push_to_unjoined_topic(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         for frame in (["1", "7", "room:lobby:9", "new_msg", {}], [None, "8", "room:lobby:9", "user:typing", {}],
                       ["1", "9", "nope:1", "anything", {}]):
             await ws.send_json(frame)
@@ -376,38 +258,41 @@ async def test_push_to_unjoined_topic(server):
         await assert_nothing_pending(ws)  # never a phx_error
 
 
-async def test_leave_of_unjoined_topic(server):
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+@pytest.mark.asyncio(loop_scope="module")
+async def test_leave_of_unjoined_topic(reused_server):
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await ws.send_json(["1", "8", "room:lobby:9", "phx_leave", {}])
         assert await receive(ws) == ["1", "8", "room:lobby:9", "phx_reply", OK]
         await assert_nothing_pending(ws)  # no phx_close for a channel that never was
 
 
-async def test_leave_of_joined_topic(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_leave_of_joined_topic(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await joined(ws, topic, "1")
-        assert (await publish(http, server, topic, {"n": 1}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"n": 1}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"n": 1}]
         await ws.send_json(["1", "2", topic, "phx_leave", {}])
         assert await receive(ws) == ["1", "2", topic, "phx_reply", OK]
         assert await receive(ws) == ["1", "1", topic, "phx_close", {}]
-        assert (await publish(http, server, topic, {"n": 2}))["delivered"] == 0
+        assert (await publish(http, reused_server, topic, {"n": 2}))["delivered"] == 0
         await assert_nothing_pending(ws)
         # A rejoin works and gets broadcasts again.
         await joined(ws, topic, "3")
-        assert (await publish(http, server, topic, {"n": 3}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"n": 3}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"n": 3}]
 
 
-async def test_duplicate_join(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_duplicate_join(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await joined(ws, topic, "1")
         await ws.send_json(["2", "2", topic, "phx_join", {}])
         assert await receive(ws) == ["2", "2", topic, "phx_reply", OK]
         assert await receive(ws) == ["1", "1", topic, "phx_close", {}]  # the OLD join_ref
-        assert (await publish(http, server, topic, {"once": True}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"once": True}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"once": True}]
         await assert_nothing_pending(ws)  # not twice
         # The new join_ref is the live one: leaving with it works.
@@ -416,9 +301,10 @@ async def test_duplicate_join(server):
         assert await receive(ws) == ["2", "2", topic, "phx_close", {}]
 
 
-async def test_stale_join_ref_frames_are_ignored(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stale_join_ref_frames_are_ignored(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await joined(ws, topic, "1")
         await ws.send_json(["2", "2", topic, "phx_join", {}])
         assert await receive(ws) == ["2", "2", topic, "phx_reply", OK]
@@ -426,7 +312,7 @@ async def test_stale_join_ref_frames_are_ignored(server):
         await ws.send_json(["1", "3", topic, "new_msg", {}])      # stale: ignored, no error reply
         await ws.send_json(["1", "4", topic, "phx_leave", {}])    # stale: ignored, still joined
         await assert_nothing_pending(ws)
-        assert (await publish(http, server, topic, {"still": "joined"}))["delivered"] == 1
+        assert (await publish(http, reused_server, topic, {"still": "joined"}))["delivered"] == 1
         assert await receive(ws) == [None, None, topic, "new_msg", {"still": "joined"}]
         # A null join_ref is accepted (the protocol does not require it).
         await ws.send_json([None, "5", topic, "phx_leave", {}])
@@ -436,10 +322,13 @@ async def test_stale_join_ref_frames_are_ignored(server):
 
 @pytest.mark.parametrize("event, payload", [("new_msg", {"body": "x"}), ("new_msg", {"token": PUBLISH_KEY}),
                                             ("user:typing", {"typing": True}), ("phx_reply", {})])
-async def test_client_events_are_refused_and_never_broadcast(server, event, payload):
-    topic = "room:lobby:42"
+@pytest.mark.asyncio(loop_scope="module")
+async def test_client_events_are_refused_and_never_broadcast(reused_server, event, payload):
+    server, topic = reused_server, "room:lobby:42"
     async with aiohttp.ClientSession() as http, connect(http, server) as sender, \
             connect(http, server, make_token("u2")) as other:
+        errors = await metric(http, server, "push_client_errors_total", reason="unhandled_event")
+        delivered = await metric(http, server, "push_frames_delivered_total")
         await joined(sender, topic)
         await joined(other, topic)
         await sender.send_json(["1", "2", topic, event, payload])
@@ -447,8 +336,8 @@ async def test_client_events_are_refused_and_never_broadcast(server, event, payl
                                          {"status": "error", "response": {"reason": "unhandled event"}}]
         await assert_nothing_pending(other)
         await assert_nothing_pending(sender)
-        assert await metric(http, server, "push_client_errors_total", reason="unhandled_event") == 1
-        assert await metric(http, server, "push_frames_delivered_total") == 0
+        assert await metric(http, server, "push_client_errors_total", reason="unhandled_event") == errors + 1
+        assert await metric(http, server, "push_frames_delivered_total") == delivered
 
 
 async def test_user_topic_only_for_its_user(server):
@@ -465,10 +354,11 @@ async def test_user_topic_only_for_its_user(server):
         assert await metric(http, server, "push_joins_refused_total", reason="unauthorized") == 2
 
 
-async def test_topics_claim_limits_joins(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_topics_claim_limits_joins(reused_server):
     token = make_token("u1", topics=["room:lobby:1", "room:topic:*", "user:u1"])
     unauthorized = {"status": "error", "response": {"reason": "unauthorized"}}
-    async with aiohttp.ClientSession() as http, connect(http, server, token) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server, token) as ws:
         await joined(ws, "room:lobby:1", "1")
         await joined(ws, "room:topic:9", "2")
         await joined(ws, "user:u1", "3")
@@ -511,14 +401,15 @@ async def test_max_topics_per_connection(start_server):
 # --- V1
 
 
-async def test_v1_frames(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_v1_frames(reused_server):
     topic = "room:lobby:42"
-    async with aiohttp.ClientSession() as http, connect(http, server, vsn="1.0.0") as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server, vsn="1.0.0") as ws:
         await ws.send_json({"topic": topic, "event": "phx_join", "payload": {}, "ref": "1", "join_ref": "1"})
         reply = await receive(ws)
         assert reply == {"topic": topic, "event": "phx_reply", "payload": OK, "ref": "1"}
         assert "join_ref" not in reply
-        await publish(http, server, topic, {"body": "hi"})
+        await publish(http, reused_server, topic, {"body": "hi"})
         assert await receive(ws) == {"topic": topic, "event": "new_msg", "payload": {"body": "hi"}, "ref": None}
         await ws.send_json({"topic": "phoenix", "event": "heartbeat", "payload": {}, "ref": "2"})
         assert await receive(ws) == {"topic": "phoenix", "event": "phx_reply", "payload": OK, "ref": "2"}
@@ -608,16 +499,16 @@ async def test_oversized_frame_closes_with_1009(start_server):
 async def test_upgrade_on_a_kept_alive_connection_and_frames_behind_the_head(server):
     """The upgrade may be a connection's second request (aiohttp's client reuses pooled connections), and
     a client may send its first frames in the same write as the request: both work, frames in order."""
-    join = client_frame(orjson.dumps(["1", "1", "room:lobby:7", "phx_join", {}]))
-    heartbeat = client_frame(orjson.dumps([None, "2", "phoenix", "heartbeat", {}]))
+    join = raw_frame(TEXT, orjson.dumps(["1", "1", "room:lobby:7", "phx_join", {}]))
+    heartbeat = raw_frame(TEXT, orjson.dumps([None, "2", "phoenix", "heartbeat", {}]))
     for before in (b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
-        raw = await RawWebSocket.open(server, make_token(), before=before, behind=join + heartbeat)
+        raw = await Client.connect(server.port, make_token(), before=before, behind=join + heartbeat)
         try:
-            assert await raw.receive_json() == ["1", "1", "room:lobby:7", "phx_reply", OK]
-            assert await raw.receive_json() == [None, "2", "phoenix", "phx_reply", OK]
+            assert await raw.next_json() == ["1", "1", "room:lobby:7", "phx_reply", OK]
+            assert await raw.next_json() == [None, "2", "phoenix", "phx_reply", OK]
             async with aiohttp.ClientSession() as http:
                 assert (await publish(http, server, "room:lobby:7", {"n": 1}))["delivered"] == 1
-            assert await raw.receive_json() == [None, None, "room:lobby:7", "new_msg", {"n": 1}]
+            assert await raw.next_json() == [None, None, "room:lobby:7", "new_msg", {"n": 1}]
         finally:
             raw.close()
     async with aiohttp.ClientSession() as http:
@@ -626,55 +517,61 @@ async def test_upgrade_on_a_kept_alive_connection_and_frames_behind_the_head(ser
                             status="101") == 2
 
 
-async def test_ping_fragments_and_close_handshake(server):
-    raw = await RawWebSocket.open(server, make_token())
+@pytest.mark.asyncio(loop_scope="module")
+async def test_ping_fragments_and_close_handshake(reused_server):
+    raw = await Client.connect(reused_server.port, make_token())
     try:
-        await raw.send(b"are you there", opcode=0x9)
-        assert await raw.next_frame() == (0xA, b"are you there")
+        await raw.send_raw(raw_frame(PING, b"are you there"))
+        assert opcode_and_data(await raw.next_frame()) == (PONG, b"are you there")
         # A text message in three fragments, with a ping between two of them.
         text = orjson.dumps([None, "3", "phoenix", "heartbeat", {}])
-        first = client_frame(text[:5], 0x1)
-        await raw.loop.sock_sendall(raw.sock, bytes([first[0] & 0x7F]) + first[1:])  # FIN clear
-        middle = client_frame(text[5:9], 0x0)
-        await raw.loop.sock_sendall(raw.sock, bytes([middle[0] & 0x7F]) + middle[1:])
-        await raw.send(b"", opcode=0x9)
-        await raw.send(text[9:], opcode=0x0)
-        assert await raw.next_frame() == (0xA, b"")
-        assert await raw.receive_json() == [None, "3", "phoenix", "phx_reply", OK]
+        await raw.send_raw(raw_frame(TEXT, text[:5], fin=False))
+        await raw.send_raw(raw_frame(CONT, text[5:9], fin=False))
+        await raw.send_raw(raw_frame(PING, b""))
+        await raw.send_raw(raw_frame(CONT, text[9:]))
+        assert opcode_and_data(await raw.next_frame()) == (PONG, b"")
+        assert await raw.next_json() == [None, "3", "phoenix", "phx_reply", OK]
         # The client closes: the server answers with the same code, then the connection ends.
-        await raw.send(struct.pack("!H", 4001) + b"bye", opcode=0x8)
-        assert await raw.next_frame() == (0x8, struct.pack("!H", 4001))
+        await raw.send_close(4001, "bye")
+        assert opcode_and_data(await raw.next_frame()) == (CLOSE, close_payload(4001))
         with pytest.raises(EOFError):
             await raw.next_frame()
     finally:
         raw.close()
 
 
+def opcode_and_data(frame: Any) -> tuple[int, bytes]:
+    return frame.opcode.value, frame.data
+
+
 @pytest.mark.parametrize("frame, code", [
-    (struct.pack("!BB", 0x81, 2) + b"{}", 1002),  # unmasked
-    (client_frame(b"[]", 0x1)[:1].replace(b"\x81", b"\xc1") + client_frame(b"[]", 0x1)[1:], 1002),  # RSV1
-    (client_frame(b"tail", 0x0), 1002),  # a continuation with nothing to continue
-    (client_frame(b"x", 0x3), 1002),  # a reserved opcode
-    (client_frame(b"x" * 126, 0x9), 1002),  # a control frame over 125 bytes
-    (client_frame(b"\x03", 0x8), 1002),  # a close frame with a one-byte body
-    (client_frame(struct.pack("!H", 999), 0x8), 1002),  # an invalid close code
-    (client_frame(b'["1","1","room:\xff","phx_join",{}]'), 1007),  # a text frame that is not UTF-8
+    (raw_frame(TEXT, b"{}", masked=False), 1002),
+    (raw_frame(TEXT, b"[]", rsv=4), 1002),  # RSV1
+    (raw_frame(CONT, b"tail"), 1002),  # a continuation with nothing to continue
+    (raw_frame(0x3, b"x"), 1002),  # a reserved opcode
+    (raw_frame(PING, b"x" * 126), 1002),  # a control frame over 125 bytes
+    (raw_frame(CLOSE, b"\x03"), 1002),  # a close frame with a one-byte body
+    (raw_frame(CLOSE, close_payload(999)), 1002),  # an invalid close code
+    (raw_frame(TEXT, b'["1","1","room:\xff","phx_join",{}]'), 1007),  # a text frame that is not UTF-8
 ], ids=["unmasked", "rsv1", "stray-continuation", "reserved-opcode", "long-ping", "short-close", "bad-close-code",
         "not-utf8"])
-async def test_protocol_violations_close_and_are_counted(server, frame, code):
-    raw = await RawWebSocket.open(server, make_token())
-    try:
-        await raw.loop.sock_sendall(raw.sock, frame)
-        opcode, payload = await raw.next_frame()
-        assert (opcode, struct.unpack("!H", payload[:2])[0]) == (0x8, code)
-    finally:
-        raw.close()
+@pytest.mark.asyncio(loop_scope="module")
+async def test_protocol_violations_close_and_are_counted(reused_server, frame, code):
+    server = reused_server
     async with aiohttp.ClientSession() as http:
-        await wait_for_metric(http, server, "push_client_errors_total", 1, reason="websocket_error")
+        errors = await metric(http, server, "push_client_errors_total", reason="websocket_error")
+        raw = await Client.connect(server.port, make_token())
+        try:
+            await raw.send_raw(frame)
+            assert (await raw.closed_with())[0] == code
+        finally:
+            raw.close()
+        await wait_for_metric(http, server, "push_client_errors_total", errors + 1, reason="websocket_error")
         await wait_for_metric(http, server, "push_connections", 0, transport="websocket")
 
 
-async def test_malformed_upgrades_go_to_the_http_layer(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_malformed_upgrades_go_to_the_http_layer(reused_server):
     """A request head the front door does not take whole (bad key, no upgrade) is answered by aiohttp:
     400, never an upgrade, never a hang. (Another WebSocket version: 426, tests/test_ws_hostile.py.)"""
     token = make_token()
@@ -683,7 +580,7 @@ async def test_malformed_upgrades_go_to_the_http_layer(server):
         "Connection: Upgrade\r\nSec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
         f"GET /socket/websocket?vsn=2.0.0&token={token} HTTP/1.1\r\nHost: x\r\n\r\n",
     ):
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", reused_server.port)
         try:
             writer.write(head.encode())
             status_line = await asyncio.wait_for(reader.readline(), RECEIVE_TIMEOUT)
@@ -720,6 +617,7 @@ async def test_a_connection_that_does_not_finish_its_request_head_is_cut(start_s
 # --- server-side timeouts
 
 
+@pytest.mark.slow
 async def test_heartbeat_timeout(start_server):
     server = await start_server(PUSH_HEARTBEAT_TIMEOUT="1")
     async with aiohttp.ClientSession() as http, connect(http, server) as silent, connect(http, server) as chatty:
@@ -729,7 +627,7 @@ async def test_heartbeat_timeout(start_server):
         async def keep_alive() -> None:
             while True:
                 await assert_nothing_pending(chatty)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the client's heartbeat interval: the pace is the case
 
         alive = asyncio.create_task(keep_alive())
         try:
@@ -737,9 +635,8 @@ async def test_heartbeat_timeout(start_server):
             assert msg.extra == "heartbeat timeout"
             assert time.monotonic() - started >= 0.5
             # The socket that keeps sending heartbeats outlives the silent one's timeout by far.
-            while time.monotonic() - started < 2.5:
-                assert not alive.done()
-                await asyncio.sleep(0.1)
+            done, _ = await asyncio.wait({alive}, timeout=2.5 - (time.monotonic() - started))
+            assert not done, alive
         finally:
             alive.cancel()
             await asyncio.gather(alive, return_exceptions=True)
@@ -764,6 +661,7 @@ async def test_token_expiry_closes_the_socket(server):
 # --- slow consumers
 
 
+@pytest.mark.slow
 async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start_server):
     server = await start_server(PUSH_SEND_BUFFER_BYTES="64KiB")
     topic = "room:lobby:slow"
@@ -771,10 +669,10 @@ async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start
     filler = "x" * 8000
     async with aiohttp.ClientSession() as http, connect(http, server) as healthy:
         await joined(healthy, topic)
-        slow = await RawWebSocket.open(server, make_token("slow"), rcvbuf=4096)
+        slow = await Client.connect(server.port, make_token("slow"), rcvbuf=4096)
         try:
-            await slow.send_json(["1", "1", topic, "phx_join", {}])
-            assert await slow.receive_json() == ["1", "1", topic, "phx_reply", OK]
+            await slow.send_text(orjson.dumps(["1", "1", topic, "phx_join", {}]))
+            assert await slow.next_json() == ["1", "1", topic, "phx_reply", OK]
             # From here on the slow socket is never read until the server gives up on it.
             received: list[int] = []
             seq = 0
@@ -805,12 +703,11 @@ async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start
             # What the slow socket finally reads: its queued broadcasts in order, then a close frame (1013).
             slow_seqs: list[int] = []
             while True:
-                opcode, payload = await slow.next_frame()
-                if opcode == 0x8:
-                    assert struct.unpack("!H", payload[:2])[0] == 1013
-                    assert payload[2:] == b"slow consumer"
+                opcode, payload = opcode_and_data(await slow.next_frame())
+                if opcode == CLOSE:
+                    assert payload == close_payload(1013, b"slow consumer")
                     break
-                assert opcode == 0x1
+                assert opcode == TEXT
                 slow_seqs.append(orjson.loads(payload)[4]["seq"])
             # Nothing was dropped from the middle, and nothing published after the disconnect got there.
             assert slow_seqs == list(range(len(slow_seqs)))
@@ -830,9 +727,9 @@ async def test_connections_are_released(server):
         raws = []
         for index in range(count):
             if index % 5 == 4:  # some hand-made clients that will vanish without a close frame
-                raw = await RawWebSocket.open(server, make_token(f"u{index}"))
-                await raw.send_json([str(index), str(index), f"room:lobby:{index % 7}", "phx_join", {}])
-                assert (await raw.receive_json())[4] == OK
+                raw = await Client.connect(server.port, make_token(f"u{index}"))
+                await raw.send_text(orjson.dumps([str(index), str(index), f"room:lobby:{index % 7}", "phx_join", {}]))
+                assert (await raw.next_json())[4] == OK
                 raws.append(raw)
             else:
                 ws = await http.ws_connect(ws_url(server, make_token(f"u{index}")))
@@ -872,8 +769,9 @@ async def test_publish_reaches_v1_and_v2_sockets(server):
         assert await metric(http, server, "push_frames_delivered_total") == 2
 
 
-async def test_jwt_secret_fixture_is_the_servers(server):
+@pytest.mark.asyncio(loop_scope="module")
+async def test_jwt_secret_fixture_is_the_servers(reused_server):
     # Guards the suite itself: a token signed with the test secret is accepted by the fixture's server.
     assert JWT_SECRET
-    async with aiohttp.ClientSession() as http, connect(http, server) as ws:
+    async with aiohttp.ClientSession() as http, connect(http, reused_server) as ws:
         await assert_nothing_pending(ws)

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from websockets.frames import Opcode
 
-from conftest import ServerProcess, make_token, server_env
+from conftest import ServerProcess, make_token, shared_server
 from ws_client import (
     BINARY, CLOSE, CONT, PING, PONG, TEXT, Client, binary_heartbeat, close_payload, heartbeat, heartbeat_reply,
     raw_frame,
@@ -32,11 +32,7 @@ MAX_FRAGMENTS = 1024  # documented in push_service/transports/frames.py
 SMALLEST = len(heartbeat())
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def server() -> AsyncIterator[ServerProcess]:
-    process = await ServerProcess(server_env(), []).start()
-    yield process
-    await process.stop()
+server = shared_server()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -5,7 +5,6 @@ asking for a WebSocket version we do not speak."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import socket
 import time
@@ -13,12 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
-
 from websockets.frames import Close, Opcode
 
-from conftest import PUBLISH_KEY, make_token, until
-from ws_client import CONT, TEXT, Client, heartbeat, heartbeat_reply, raw_frame
+from conftest import make_token, read_answer, until
+from http_helpers import metric, publish, wait_for_metric
+from ws_client import CONT, TEXT, Client, heartbeat, heartbeat_reply, raw_frame, upgrade_head
 
 ATTACK_ROUNDS = 10
 # Frames one attacker may send before it must have been cut off: far more than the documented bound.
@@ -26,7 +24,6 @@ ATTACK_FRAMES = 400_000
 ATTACK_CHUNK = 4_000  # frames per write
 EMPTY_CONTINUATION = raw_frame(CONT, b"", fin=False)
 BACKLOG_MESSAGES = 40
-PUBLISHER = {"Authorization": f"Bearer {PUBLISH_KEY}"}
 
 
 def open_fds(pid: int) -> int:
@@ -38,16 +35,6 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
-
-
-async def metric(server, name: str, **labels: str) -> float:
-    async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/metrics") as response:
-        text = await response.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
 
 
 async def flood_until_cut(server) -> tuple[tuple[int, str], float]:
@@ -91,7 +78,7 @@ async def test_a_flood_of_empty_fragments_is_cut_off_and_does_not_stall_others(s
             began = time.monotonic()
             await bystander.heartbeat_round_trip(str(ref))
             round_trips.append(time.monotonic() - began)
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)  # the bystander's pace: it measures round trips, it does not flood
 
     beating = asyncio.create_task(heartbeats())
     try:
@@ -104,19 +91,13 @@ async def test_a_flood_of_empty_fragments_is_cut_off_and_does_not_stall_others(s
         attacking = False
         await asyncio.wait_for(beating, 10)
     assert len(round_trips) >= 3 and max(round_trips) < 0.5, round_trips
-    assert await metric(server, "push_client_errors_total", reason="too_many_fragments") == ATTACK_ROUNDS
-    # Back to baseline: only the bystander is left, and it is still served.
-    await until(metric_is(server, 1, "push_connections", transport="websocket"), 5,
-                "the attackers' connections released")
+    async with aiohttp.ClientSession() as http:
+        assert await metric(http, server, "push_client_errors_total", reason="too_many_fragments") == ATTACK_ROUNDS
+        # Back to baseline: only the bystander is left, and it is still served.
+        await wait_for_metric(http, server, "push_connections", 1, timeout=5, transport="websocket")
     await until(lambda: open_fds(pid) <= baseline_fds, 5, "the attackers' file descriptors closed")
     await bystander.heartbeat_round_trip("last")
     bystander.close()
-
-
-def metric_is(server, expected: float, name: str, **labels: str):
-    async def check() -> bool:
-        return await metric(server, name, **labels) == expected
-    return check
 
 
 async def test_a_big_frame_written_one_byte_at_a_time_is_accepted(server):
@@ -142,13 +123,11 @@ async def test_a_server_close_is_not_lost_to_data_the_client_sent_after_it(serve
                                             {"status": "ok", "response": {}}]
         async with aiohttp.ClientSession() as http:
             for seq in range(BACKLOG_MESSAGES):  # more than the client's receive window takes
-                response = await http.post(f"{server.http_url}/api/broadcast", headers=PUBLISHER,
-                                           json={"topic": "room:lobby:9", "event": "new_msg",
-                                                 "payload": {"seq": seq, "pad": "x" * 8000}})
-                assert (await response.json())["delivered"] == 1
-        await client.send_text("this is not a Phoenix message")
-        await until(metric_is(server, 1, "push_disconnects_total", reason="invalid message"), 5,
-                    "the server closed the socket")
+                answer = await publish(http, server, "room:lobby:9", {"seq": seq, "pad": "x" * 8000})
+                assert answer["delivered"] == 1
+            await client.send_text("this is not a Phoenix message")
+            # The server has closed the socket:
+            await wait_for_metric(http, server, "push_disconnects_total", 1, timeout=5, reason="invalid message")
         try:
             await client.send_raw(raw_frame(TEXT, heartbeat("after")))
         except OSError:
@@ -166,21 +145,6 @@ async def test_a_server_close_is_not_lost_to_data_the_client_sent_after_it(serve
 # --- Sec-WebSocket-Version other than 13: 426 Upgrade Required (RFC 6455 4.2.2)
 
 
-def upgrade_head(version: str | None) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (f"GET /socket/websocket?vsn=2.0.0&token={make_token()} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            + (f"Sec-WebSocket-Version: {version}\r\n" if version is not None else "") + "\r\n").encode()
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    status_line, *lines = head.decode().split("\r\n")[:-2]
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 5)
-    return int(status_line.split()[1]), headers, body
-
-
 async def test_an_unsupported_websocket_version_is_426(server):
     cases = [(version, first) for version in ("8", None, "12, 13") for first in (True, False)]
     for version, first in cases:
@@ -188,17 +152,18 @@ async def test_an_unsupported_websocket_version_is_426(server):
         try:
             if not first:  # on a kept-alive connection: aiohttp, not the front door, reads this one
                 writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                assert (await read_response(reader))[0] == 200
-            writer.write(upgrade_head(version))
-            status, headers, body = await read_response(reader)
+                assert (await read_answer(reader, 5))[0] == 200
+            writer.write(upgrade_head(make_token(), version=version))
+            status, headers, body = await read_answer(reader, 5)
             assert status == 426, (version, first, status, body)
             assert headers["sec-websocket-version"] == "13" and headers["upgrade"] == "websocket"
             assert headers["content-type"].startswith("application/json")
             assert "version" in orjson.loads(body)["error"]
         finally:
             writer.close()
-    assert await metric(server, "push_connects_refused_total", reason="websocket_version") == len(cases)
-    assert await metric(server, "push_connections", transport="websocket") == 0
+    async with aiohttp.ClientSession() as http:
+        assert await metric(http, server, "push_connects_refused_total", reason="websocket_version") == len(cases)
+        assert await metric(http, server, "push_connections", transport="websocket") == 0
 
 
 async def test_an_upgrade_whose_key_is_not_ascii_is_400(server):
@@ -209,11 +174,12 @@ async def test_an_upgrade_whose_key_is_not_ascii_is_400(server):
         try:
             if not first:
                 writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-                assert (await read_response(reader))[0] == 200
-            writer.write(upgrade_head("13").replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: \xe9"))
-            status, _, body = await read_response(reader)
+                assert (await read_answer(reader, 5))[0] == 200
+            writer.write(upgrade_head(make_token()).replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: \xe9"))
+            status, _, body = await read_answer(reader, 5)
             assert status == 400, (first, status, body)
             assert "upgrade" in orjson.loads(body)["error"]
         finally:
             writer.close()
-    assert await metric(server, "push_connections", transport="websocket") == 0
+    async with aiohttp.ClientSession() as http:
+        assert await metric(http, server, "push_connections", transport="websocket") == 0

@@ -4,6 +4,7 @@ ClientProtocol driven over a real socket, plus raw frames for what that library 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import socket
 import struct
@@ -19,6 +20,19 @@ from websockets.uri import parse_uri
 RECEIVE_TIMEOUT = 5.0
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+# The headers of an upgrade request for an HTTP client that will not upgrade: for answers given before it.
+UPGRADE_HEADERS = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+def upgrade_head(token: str, vsn: str = "2.0.0", version: str | None = "13") -> bytes:
+    """An upgrade request's head, byte for byte, for tests of the wire; `version` None leaves the
+    Sec-WebSocket-Version header out."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET /socket/websocket?vsn={vsn}&token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            + (f"Sec-WebSocket-Version: {version}\r\n" if version is not None else "") + "\r\n").encode()
 
 
 def raw_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, masked: bool = True) -> bytes:
@@ -79,8 +93,10 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int, token: str, vsn: str = "2.0.0", timeout: float = RECEIVE_TIMEOUT,
-                      rcvbuf: int | None = None) -> Client:
-        """`rcvbuf`: a small receive buffer (set before connecting: it sets the TCP window)."""
+                      rcvbuf: int | None = None, before: bytes = b"", behind: bytes = b"") -> Client:
+        """`rcvbuf`: a small receive buffer (set before connecting: it sets the TCP window); `before`: one
+        HTTP request sent first on the same connection (its answer is read and skipped); `behind`: bytes
+        sent in the same write as the upgrade request, right behind it."""
         protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/socket/websocket?vsn={vsn}&token={token}"),
                                   max_size=None)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -89,8 +105,11 @@ class Client:
         sock.setblocking(False)
         client = cls(sock, protocol)
         await asyncio.wait_for(client.loop.sock_connect(sock, ("127.0.0.1", port)), timeout)
+        if before:
+            await client.send_raw(before)
+            await client._skip_answer(timeout)
         protocol.send_request(protocol.connect())
-        await client.flush()
+        await client.send_raw(b"".join(protocol.data_to_send()) + behind)
         while protocol.state is State.CONNECTING:
             await client._read(timeout)
         response = client.response
@@ -105,6 +124,24 @@ class Client:
                 await self.send_raw(data)
             except OSError:
                 pass  # the server is gone: what it missed is the test's to notice
+
+    async def _skip_answer(self, timeout: float) -> None:
+        """One HTTP answer with a Content-Length body, read off the socket whole and dropped."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await self._receive(timeout)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        while len(body) < length:
+            body += await self._receive(timeout)
+        assert len(body) == length, (head, body)  # nothing else comes before the upgrade is asked for
+
+    async def _receive(self, timeout: float) -> bytes:
+        data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), timeout)
+        if not data:
+            raise EOFError("the server closed the connection")
+        return data
 
     async def _read(self, timeout: float) -> None:
         data = await asyncio.wait_for(self.loop.sock_recv(self.sock, 65536), timeout)
@@ -125,6 +162,11 @@ class Client:
 
     async def send_text(self, text: bytes | str) -> None:
         self.protocol.send_text(text.encode() if isinstance(text, str) else text)
+        await self.flush()
+
+    async def send_close(self, code: int, reason: str = "") -> None:
+        """A Close through the library, which then expects the server's answer rather than answering it."""
+        self.protocol.send_close(code, reason)
         await self.flush()
 
     async def send_binary(self, data: bytes) -> None:
