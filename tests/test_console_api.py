@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import ADMIN_KEY, make_token, per_test_server, server_starter, until
+from conftest import ADMIN_KEY, PUBLISH_KEY, make_token, per_test_server, server_starter, until
 from test_http_api import Api, api, client  # noqa: F401  (fixtures)
 
 # test_http_api's fixtures run on the module's event loop; here each test has a server of its own.
