@@ -11,14 +11,13 @@ import logging
 import time
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from push_service import __version__
 from push_service.api import json_response, read_body
 from push_service.control import Control
 from push_service.node import NODE, Node
-from push_service.publishing import ApiError
+from push_service.publishing import ApiError, json_object
 from push_service.connection import ADMIN_CLOSE, ADMIN_RECONNECT
 from push_service.topics import parse_topic
 
@@ -171,13 +170,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await read_body(request, MAX_BODY)
     if raw is None:
         raise ApiError(413, f"body larger than {MAX_BODY} bytes")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return body
+    return json_object(raw)
 
 
 def _user_of(value: Any) -> str:

@@ -26,7 +26,7 @@ from push_service.http1 import HeadReader, Request, has_token, json_answer, requ
 from push_service.limits import AiohttpConnection, Deadline, Guard
 from push_service.node import Node
 from push_service.publishing import ApiError
-from push_service.transports import websocket
+from push_service.transports import handshake, websocket
 
 log = logging.getLogger("push_service.api")
 
@@ -135,7 +135,7 @@ class FrontDoor(asyncio.Protocol):
         listener = self._listener
         request: Request = reader.request  # type: ignore[assignment]  # read() returned its end: it is set
         transport = self._transport
-        if request.http11 and websocket.takes(request):
+        if request.http11 and handshake.takes(request):
             if listener.access_log:  # the address first: a refusal closes the transport
                 started, remote = time.time(), access_log.remote_address(transport)
                 status, size = websocket.accept(listener.node, transport, request, head[end:])

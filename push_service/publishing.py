@@ -83,15 +83,21 @@ def check_head(keys: PublishKeys, authorization: str | None, mimetype: str) -> N
         raise ApiError(415, "expected Content-Type: application/json")
 
 
-def authorized_object(keys: PublishKeys, authorization: str | None, raw: bytes) -> dict[str, Any]:
-    """The JSON object body, once the key is known good: from the Authorization header (checked by
-    check_head) or, as the existing backend sends it, the body's `token`, which is never broadcast."""
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object; anything else is a 400 saying what is wrong."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise ApiError(400, "body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
+    return body
+
+
+def authorized_object(keys: PublishKeys, authorization: str | None, raw: bytes) -> dict[str, Any]:
+    """The JSON object body, once the key is known good: from the Authorization header (checked by
+    check_head) or, as the existing backend sends it, the body's `token`, which is never broadcast."""
+    body = json_object(raw)
     token = body.pop("token", "")
     if authorization is None:
         if not keys.check(token if isinstance(token, str) else None):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from push_service.auth import Identity
 from push_service.config import Settings
 from push_service.connection import DRAIN, INVALID_MESSAGE, SHUTDOWN, SLOW_CONSUMER, Connection, Disconnect
-from push_service.messages import Broadcast, Position, Recovery, Run, Wire
+from push_service.messages import Broadcast, Position, Recovery, Run
 from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.errors import ProtocolError

@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 import jwt
 import orjson
-import pytest
 import pytest_asyncio
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,7 +3,6 @@ clients on every node of a cluster over the test Redis and NATS (run with -s to 
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 import uuid

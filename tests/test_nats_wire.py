@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from brokers import Proxy, proxy_to, require_nats
-from push_service.broker.base import BrokerUnavailable
+from push_service.errors import BrokerUnavailable
 from push_service.broker.nats import NatsBroker, subject_for
 from push_service.config import Settings
 from push_service.messages import Broadcast

@@ -27,8 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import until
 from brokers import BrokerProcess, free_port, proxy_to, require_binary, require_redis
 from push_service.broker import envelope, redis_connection
-from push_service.broker.base import BrokerUnavailable
-from push_service.broker.redis import CHANNEL_PREFIX, COMMAND_TIMEOUT, PING_INTERVAL, RedisBroker
+from push_service.errors import BrokerUnavailable
+from push_service.broker.redis import CHANNEL_PREFIX, RedisBroker
+from push_service.broker.redis_connection import COMMAND_TIMEOUT, PING_INTERVAL
 from push_service.broker.redis_connection import ConnectionLost, RedisConnection, endpoint
 from push_service.broker.resp import Parser, ReplyError, RespProtocolError, command
 from push_service.config import Settings

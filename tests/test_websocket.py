@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable

@@ -12,7 +12,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from push_service.errors import BrokerUnavailable  # noqa: F401 - part of the broker contract: publish raises it
 from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 

@@ -31,16 +31,14 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("PUSH_BROKER=redis://... needs the redis extra: pip install 'push-service[redis]'") from exc
 
-from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, RedisConnection, endpoint
-from push_service.broker.redis_shared import (STANDALONE, HistoryOptions, RedisPresenceStore, publish_command,
+from push_service.broker.redis_connection import (COMMAND_TIMEOUT, PROTOCOL_ERRORS, ConnectionLost, RedisConnection,
+                                                   endpoint, hold)
+from push_service.broker.redis_shared import (STANDALONE, HistoryOptions, RedisPresenceStore, heard, publish_command,
                                                publish_script, read_recovery)
 from push_service.broker.resp import ReplyError
 
 log = logging.getLogger("push_service.broker")
 
-PING_INTERVAL = 1.0    # connection health check
-PING_TIMEOUT = 3.0     # no pong for this long: the connection is dead, reconnect
-COMMAND_TIMEOUT = 2.0  # connecting, or publishes answered by nothing for this long: reconnect (they fail, 503)
 SUBSCRIBE_CHUNK = 1000
 
 
@@ -247,29 +245,12 @@ class RedisBroker(Broker):
                                                "topics": len(topics)})
             self._set_ready(True)
             self._attempted.set()
-            watch = asyncio.create_task(self._watch(pubsub, publisher))
-            try:
-                await asyncio.wait([pubsub.lost, publisher.lost, watch], return_when=asyncio.FIRST_COMPLETED)
-                if watch.done():
-                    watch.result()  # re-raise why it gave up
-            finally:
-                watch.cancel()
-            raise ConnectionError("redis connection lost")
+            await hold(pubsub, publisher, lambda: self._last_pong)
         finally:
             self._pubsub = self._publisher = None
             for connection in (pubsub, publisher):
                 if connection is not None:
                     connection.close()
-
-    async def _watch(self, pubsub: RedisConnection, publisher: RedisConnection) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(PING_INTERVAL)
-            if time.monotonic() - self._last_pong > PING_TIMEOUT:
-                raise ConnectionError(f"no answer from redis for {PING_TIMEOUT}s")
-            if publisher.stalled(loop.time(), COMMAND_TIMEOUT):
-                raise ConnectionError(f"redis answered no publish for {COMMAND_TIMEOUT}s")
-            pubsub.send("PING")
 
     def _heard(self, reply: object) -> None:
         """What the pub/sub connection brings: messages, subscription confirmations, pongs."""
@@ -280,15 +261,7 @@ class RedisBroker(Broker):
             return
         kind = reply[0]
         if kind == b"message":
-            try:
-                item = envelope.unpack(reply[2])
-            except envelope.EnvelopeError:
-                log.warning("foreign message on a push channel", extra={"event": "bad_envelope"})
-                return
-            if isinstance(item, Broadcast):
-                self._deliver(item)
-            elif item[1] != self.node_id:
-                self._signal(item[0], item[2])
+            heard(reply[2], self.node_id, self._deliver, self._signal)
         elif kind == b"subscribe":
             topic = reply[1].decode()[len(CHANNEL_PREFIX):]
             if reply[1].startswith(CHANNEL_PREFIX.encode()) and topic in self._unconfirmed:

@@ -25,10 +25,10 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from push_service.broker import envelope
 from push_service.broker.base import Broker, Confirmed, Deliver, Signal, resolved
 from push_service.errors import BrokerUnavailable
-from push_service.broker.redis import COMMAND_TIMEOUT
+from push_service.broker.redis_connection import COMMAND_TIMEOUT
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, Endpoint, RedisConnection
 from push_service.broker.redis_shard import Shard, seen
-from push_service.broker.redis_shared import (CLUSTER, HistoryOptions, RedisPresenceStore, publish_command,
+from push_service.broker.redis_shared import (CLUSTER, HistoryOptions, RedisPresenceStore, heard, publish_command,
                                                publish_script, read_recovery)
 from push_service.broker.redis_slots import SLOTS, Address, key_slot, parse_cluster_url, parse_slots, redirection
 from push_service.broker.resp import ReplyError
@@ -333,15 +333,7 @@ class RedisClusterBroker(Broker):
             return
         kind = reply[0]
         if kind == b"smessage":
-            try:
-                item = envelope.unpack(reply[2])
-            except envelope.EnvelopeError:
-                log.warning("foreign message on a push channel", extra={"event": "bad_envelope"})
-                return
-            if isinstance(item, Broadcast):
-                self._deliver(item)
-            elif item[1] != self.node_id:
-                self._signal(item[0], item[2])
+            heard(reply[2], self.node_id, self._deliver, self._signal)
         elif kind == b"ssubscribe":
             topic = CLUSTER.topic_of(reply[1])
             if topic is not None and topic in shard.unconfirmed:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ from push_service.broker import resp
 from push_service.errors import BrokerError
 
 log = logging.getLogger("push_service.broker")
+
+PING_INTERVAL = 1.0    # connection health check
+PING_TIMEOUT = 3.0     # no pong for this long: the connection is dead, reconnect
+COMMAND_TIMEOUT = 2.0  # connecting, or publishes answered by nothing for this long: reconnect (they fail, 503)
 
 # What Redis sent that a connection could not use, by reason, in this process: not_resp2,
 # reply_too_large, unasked_reply (the connection given up), bad_push (that push dropped).
@@ -252,3 +257,28 @@ class RedisConnection(asyncio.Protocol):
                 waiter.future.set_exception(error)
         if not self.lost.done():
             self.lost.set_result(None)
+
+
+async def hold(subscriber: RedisConnection, publisher: RedisConnection, last_pong: Callable[[], float]) -> None:
+    """Keep a pub/sub connection and a publish connection until one is lost or stalls, sending the pub/sub
+    one a PING every PING_INTERVAL (the caller notes each pong's time.monotonic(), `last_pong` reads it);
+    always ends by raising ConnectionError, saying why."""
+    watch = asyncio.create_task(_watch(subscriber, publisher, last_pong))
+    try:
+        await asyncio.wait([subscriber.lost, publisher.lost, watch], return_when=asyncio.FIRST_COMPLETED)
+        if watch.done():
+            watch.result()  # re-raise why it gave up
+    finally:
+        watch.cancel()
+    raise ConnectionError("redis connection lost")
+
+
+async def _watch(subscriber: RedisConnection, publisher: RedisConnection, last_pong: Callable[[], float]) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(PING_INTERVAL)
+        if time.monotonic() - last_pong() > PING_TIMEOUT:
+            raise ConnectionError(f"no answer from redis for {PING_TIMEOUT}s")
+        if publisher.stalled(loop.time(), COMMAND_TIMEOUT):
+            raise ConnectionError(f"redis answered no publish for {COMMAND_TIMEOUT}s")
+        subscriber.send("PING")

@@ -11,8 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from push_service.broker.backoff import Backoff
-from push_service.broker.redis import COMMAND_TIMEOUT, PING_INTERVAL, PING_TIMEOUT
-from push_service.broker.redis_connection import Endpoint, RedisConnection
+from push_service.broker.redis_connection import COMMAND_TIMEOUT, Endpoint, RedisConnection, hold
 from push_service.broker.redis_shared import PublishScript
 
 log = logging.getLogger("push_service.broker")
@@ -97,25 +96,8 @@ class Shard:
             self._on_change(self)
             log.info("redis cluster shard connected", extra={"event": "broker_up", "broker": self.label,
                                                              "topics": len(self.topics)})
-            watch = asyncio.create_task(self._watch(subscriber, publisher))
-            try:
-                await asyncio.wait([subscriber.lost, publisher.lost, watch], return_when=asyncio.FIRST_COMPLETED)
-                if watch.done():
-                    watch.result()  # re-raise why it gave up
-            finally:
-                watch.cancel()
-            raise ConnectionError("redis connection lost")
+            await hold(subscriber, publisher, lambda: self.last_pong)
         finally:
             for connection in (subscriber, publisher):
                 if connection is not None:
                     connection.close()
-
-    async def _watch(self, subscriber: RedisConnection, publisher: RedisConnection) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(PING_INTERVAL)
-            if time.monotonic() - self.last_pong > PING_TIMEOUT:
-                raise ConnectionError(f"no answer from redis for {PING_TIMEOUT}s")
-            if publisher.stalled(loop.time(), COMMAND_TIMEOUT):
-                raise ConnectionError(f"redis answered no publish for {COMMAND_TIMEOUT}s")
-            subscriber.send("PING")

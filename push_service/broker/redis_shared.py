@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from push_service.broker import envelope
+from push_service.broker.base import Deliver, Signal
 from push_service.config import Settings
 from push_service.errors import BrokerUnavailable
 from push_service.history.window import recovery_window
 from push_service.messages import Broadcast, Position, Recovery, new_epoch
 from push_service.presence.replicated import PresenceStore
+
+log = logging.getLogger("push_service.broker")
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,20 @@ async def read_recovery(client: Any, topic: str, since: Position | None, limit: 
                           Position(current.epoch, int(entry_id.split(b"-", 1)[0])))
                 for entry_id, fields in entries if float(fields[b"t"]) >= expired_before]
     return recovery_window(current, since, messages, limit)
+
+
+def heard(data: bytes, node_id: str, deliver: Deliver, signal: Signal) -> None:
+    """A message on a push channel: a broadcast for the hub, or another node's presence signal (our own
+    signals come back to us too, and are not for us)."""
+    try:
+        item = envelope.unpack(data)
+    except envelope.EnvelopeError:
+        log.warning("foreign message on a push channel", extra={"event": "bad_envelope"})
+        return
+    if isinstance(item, Broadcast):
+        deliver(item)
+    elif item[1] != node_id:
+        signal(item[0], item[2])
 
 
 class RedisPresenceStore(PresenceStore):

@@ -12,8 +12,6 @@ is noticed by the transport's own flow control (`pause_writing`).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from collections.abc import Callable
 
@@ -23,13 +21,14 @@ from aiohttp import web
 from push_service.access_log import remote_address
 from push_service.api import json_response
 from push_service.auth import Identity
-from push_service.errors import AuthError, ClientError
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
 from push_service.limits import taken_over
 from push_service.messages import Wire
-from push_service.protocol import V1, V2, Serializer, negotiate
+from push_service.protocol import V1, V2, Serializer
 from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
+from push_service.transports.handshake import (PATH, SUBPROTOCOL, UPGRADE_REQUIRED_HEADERS, VERSION, Refusal, admit,
+                                               is_upgrade, refused, version_refusal, wrong_version)
 from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key_bytes, close_code, frame, frame_close,
     frame_text,
@@ -37,11 +36,6 @@ from push_service.transports.frames import (
 
 log = logging.getLogger("push_service.websocket")
 
-PATH = "/socket/websocket"
-# phoenix.js >= 1.8 `authToken`: a Sec-WebSocket-Protocol entry beside "phoenix".
-AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
-SUBPROTOCOL = "phoenix"
-VERSION = "13"  # the only Sec-WebSocket-Version there is (RFC 6455)
 # Wait this long for a server-closed socket to flush, then drop the TCP connection.
 CLOSE_TIMEOUT = 5.0
 # After the server's Close, wait this long for the peer's before closing the TCP connection. Closing
@@ -50,76 +44,6 @@ PEER_CLOSE_TIMEOUT = 2.0
 
 # One Wire per protocol version, shared by every socket, so a broadcast is framed once per version.
 WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
-
-
-class Refusal(ClientError):
-    """An upgrade that is answered with an HTTP error instead of 101."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason  # metrics label
-        self.message = message
-
-
-def token_from_subprotocols(header: str | None) -> str | None:
-    """The token phoenix.js >= 1.8 puts in Sec-WebSocket-Protocol, if any; AuthError if unreadable."""
-    if not header:
-        return None
-    for entry in header.split(","):
-        entry = entry.strip()
-        if entry.startswith(AUTH_TOKEN_PREFIX):
-            encoded = entry[len(AUTH_TOKEN_PREFIX):]
-            try:
-                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
-            except (binascii.Error, UnicodeDecodeError, ValueError):
-                raise AuthError("malformed", "authToken is not base64url") from None
-    return None
-
-
-def admit(admission: Admission, origin: str | None, vsn: str | None, subprotocols: str | None,
-          query_token: str | None) -> tuple[Identity, Serializer]:
-    """Who connects, speaking which version; Refusal (counted and logged) when they may not."""
-    try:
-        if admission.draining:
-            raise Refusal(503, "draining", "this node is shutting down; reconnect")
-        if not admission.allows_origin(origin):
-            raise Refusal(403, "origin", "origin not allowed")
-        serializer = negotiate(vsn)
-        if serializer is None:
-            raise Refusal(403, "vsn", "unsupported vsn; use 1.0.0 or 2.0.0")
-        try:
-            token = token_from_subprotocols(subprotocols)
-            identity = admission.verify(query_token if token is None else token)
-        except AuthError as exc:
-            raise Refusal(403, exc.reason, f"token refused: {exc.explanation}") from None
-    except Refusal as refusal:
-        refused(admission, refusal)
-        raise
-    return identity, serializer
-
-
-UPGRADE_REQUIRED_HEADERS = {"Sec-WebSocket-Version": VERSION, "Upgrade": "websocket", "Connection": "Upgrade"}
-
-
-def wrong_version(header: Callable[[str], str | None]) -> bool:
-    """Whether the headers ask for a WebSocket upgrade in a version other than 13, or in none."""
-    return (has_token(header("upgrade"), "websocket") and has_token(header("connection"), "upgrade")
-            and header("sec-websocket-version") != VERSION)
-
-
-def version_refusal(admission: Admission) -> Refusal:
-    """426 Upgrade Required, with the version we speak (RFC 6455 4.2.2), counted and logged."""
-    refusal = Refusal(426, "websocket_version", f"unsupported WebSocket version; this server speaks {VERSION}")
-    refused(admission, refusal)
-    return refusal
-
-
-def refused(admission: Admission, refusal: Refusal) -> None:
-    admission.metrics.connects_refused.labels(refusal.reason).inc()
-    if refusal.reason != "draining":  # every client retries during a drain: the metric counts those, not the log
-        log.info("connection refused", extra={"event": "connect_refused", "reason": refusal.reason,
-                                              "status": refusal.status, "error": refusal.message})
 
 
 def setup(app: web.Application, admission: Admission) -> None:
@@ -346,28 +270,6 @@ class WebSocketProtocol(asyncio.Protocol):
 
 
 # --- the upgrade, as the front door hands it over
-
-
-def is_upgrade(header: Callable[[str], str | None]) -> bool:
-    """Whether the headers (looked up by lower-case name) ask for a WebSocket version 13 upgrade."""
-    return (has_token(header("upgrade"), "websocket") and has_token(header("connection"), "upgrade")
-            and header("sec-websocket-version") == VERSION and _valid_key(header("sec-websocket-key")))
-
-
-def _valid_key(key: str | None) -> bool:
-    # What base64.b64decode(key, validate=True) checks, without its wrapper: ValueError for non-ASCII too.
-    try:
-        return key is not None and len(binascii.a2b_base64(key, strict_mode=True)) == 16
-    except ValueError:
-        return False
-
-
-def takes(request: Request) -> bool:
-    """Whether a connection's first request is an upgrade (in any version) the front door should hand
-    to `accept`."""
-    header = request.headers.get
-    return (request.method == "GET" and request.path == PATH and (is_upgrade(header) or wrong_version(header))
-            and header("content-length", "0") == "0" and "transfer-encoding" not in request.headers)
 
 
 def accept(admission: Admission, transport: asyncio.Transport, request: Request, rest: bytes) -> tuple[int, int]:
