@@ -3,8 +3,11 @@
 // leaves a gap (a node without publishes has no p99).
 "use strict";
 
+import { duration } from "./format.js";
+
 const SVG = "http://www.w3.org/2000/svg";
 export const WINDOW_MS = 10 * 60 * 1000;
+const MIN_SPAN_MS = 30 * 1000;
 const WIDTH = 600;
 const HEIGHT = 160;
 const PAD = { left: 44, right: 8, top: 8, bottom: 18 };
@@ -64,7 +67,10 @@ export class Chart {
     const all = [...this.series.values()].flat().map(([, value]) => value).filter((value) => value !== null);
     const peak = Math.max(0, ...all);
     const top = niceCeiling(peak);
-    const x = (t) => PAD.left + ((t - (now - WINDOW_MS)) / WINDOW_MS) * (WIDTH - PAD.left - PAD.right);
+    // Until ten minutes have been seen, the axis spans what has been (a fresh page is not a flat line).
+    const first = Math.min(now, ...[...this.series.values()].map((points) => points[0][0]));
+    const span = Math.max(MIN_SPAN_MS, Math.min(WINDOW_MS, now - first));
+    const x = (t) => PAD.left + ((t - (now - span)) / span) * (WIDTH - PAD.left - PAD.right);
     const y = (v) => HEIGHT - PAD.bottom - (v / top) * (HEIGHT - PAD.top - PAD.bottom);
     const children = [];
     for (const fraction of [0, 0.5, 1]) {
@@ -74,21 +80,26 @@ export class Chart {
       label.textContent = this.format(top * fraction);
       children.push(label);
     }
-    for (const [minutes, anchor] of [[10, "start"], [5, "middle"], [0, "end"]]) {
-      const label = element("text", { x: x(now - minutes * 60000), y: HEIGHT - 4, class: "axis", "text-anchor": anchor });
-      label.textContent = minutes ? `−${minutes} min` : "now";
+    for (const [fraction, anchor] of [[1, "start"], [0.5, "middle"], [0, "end"]]) {
+      const label = element("text", { x: x(now - span * fraction), y: HEIGHT - 4, class: "axis", "text-anchor": anchor });
+      label.textContent = fraction ? `−${duration((span * fraction) / 1000)}` : "now";
       children.push(label);
     }
     // Nodes first, the cluster line on top.
     const names = [...this.series.keys()].filter((name) => name !== TOTAL);
     if (this.series.has(TOTAL)) names.push(TOTAL);
     for (const name of names) {
+      const kind = name === TOTAL ? "total" : "node";
       for (const run of runs(this.series.get(name))) {
+        if (run.length === 1) { // one value between gaps: a dot, a line would have no length
+          const [t, v] = run[0];
+          children.push(element("circle", { cx: x(t), cy: y(v), r: 3, class: `dot ${kind}`, "data-series": name,
+            ...(name === TOTAL ? {} : { fill: this.color(name) }) }));
+          continue;
+        }
         const points = run.map(([t, v]) => `${x(t).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
-        children.push(element("polyline", {
-          points, fill: "none", ...(name === TOTAL ? {} : { stroke: this.color(name) }), class: name === TOTAL ? "line total" : "line node",
-          "data-series": name,
-        }));
+        children.push(element("polyline", { points, fill: "none", class: `line ${kind}`, "data-series": name,
+          ...(name === TOTAL ? {} : { stroke: this.color(name) }) }));
       }
     }
     this.svg.replaceChildren(...children);
@@ -122,7 +133,7 @@ function runs(points) {
     } else current.push(point);
   }
   if (current.length) result.push(current);
-  return result.map((run) => (run.length === 1 ? [run[0], [run[0][0] + 1, run[0][1]]] : run));
+  return result;
 }
 
 // 1, 2 or 5 times a power of ten, at or above `value` (at least 1): round axis labels.

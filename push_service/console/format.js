@@ -14,6 +14,7 @@ export const perSecond = (value) => `${number(value)}/s`;
 
 export function milliseconds(value) {
   if (value === null || value === undefined) return "–";
+  if (value === 0) return "0 ms";
   return value < 1 ? `${value.toFixed(2)} ms` : value < 10 ? `${value.toFixed(1)} ms` : `${Math.round(value)} ms`;
 }
 

@@ -127,6 +127,7 @@ export function setupTopics({ api, $, cell, Unauthorized }) {
     $("watch-stop").disabled = true;
     $("watch-pause").disabled = true;
     $("watch-pause").textContent = "Pause";
+    delete $("watch-pause").dataset.held;
     $("watch-state").textContent = "";
   }
 
@@ -136,6 +137,7 @@ export function setupTopics({ api, $, cell, Unauthorized }) {
     $("watch-pause").textContent = watch.paused ? "Resume" : "Pause";
     if (!watch.paused) {
       const held = watch.held.splice(0);
+      delete $("watch-pause").dataset.held;
       held.forEach((line) => show(watch, line));
     }
     $("watch-state").textContent = watch.paused ? `paused: ${watch.topic} (frames are held)` : `watching ${watch.topic}`;
@@ -172,6 +174,7 @@ export function setupTopics({ api, $, cell, Unauthorized }) {
             if (current.paused && parsed.frame) {
               current.held.push(parsed);
               if (current.held.length > MAX_FRAMES) current.held.shift();
+              $("watch-pause").dataset.held = current.held.length;
             } else show(current, parsed);
           }
         }
