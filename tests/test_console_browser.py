@@ -93,6 +93,7 @@ async def test_console_in_chromium_over_a_three_node_cluster(start_server, tmp_p
     # The disconnect went from the page's node to the client's, and phoenix.js saw its socket close.
     users = steps["users"]
     assert users["node"] == client_node != page_node
+    assert users["unsubscribed"] == {"left": ["room:lobby:42"], "socketOpen": True}
     assert USER in users["question"] and users["closes"]
     assert f"{client_node}: 1" in users["result"]
     print(f"\nconsole disconnect -> phoenix.js socket closed on another node after {users['closedAfterMs']} ms")

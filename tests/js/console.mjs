@@ -13,8 +13,9 @@
 //                shows the user; the prefix search narrows the list
 //   watch        the page watches a topic and publishes to it: the client and the watch get the frame;
 //                paused, a frame is held until resumed; clear empties the list
-//   users        the users view finds the client's connection on the second node; "disconnect (no reconnect)"
-//                after the confirmation closes the phoenix.js client
+//   users        the users view finds the client's connection on the second node; unsubscribing it from a
+//                topic closes that channel only; "disconnect (no reconnect)" after the confirmation closes
+//                the phoenix.js client
 //   screenshots  nodes (1280 px, full page), topics, users, and nodes at 420 px, saved under --shots
 //   fallback     (with --fallback-page) phoenix.js 1.8 in the browser, its WebSocket refused, falls back
 //                to LongPoll, joins and receives a publish; the console counts the long-poll connection
@@ -89,6 +90,7 @@ async function publish(base, topic, message) {
 function nodeClient() {
   const received = [];
   const joined = new Set();
+  const left = new Set();
   const closes = [];
   const socket = new Socket(`${CLIENT_NODE.replace("http", "ws")}/socket`, {
     transport: WebSocket, params: { token: opts.token }, reconnectAfterMs: () => 200, rejoinAfterMs: () => 200,
@@ -97,10 +99,11 @@ function nodeClient() {
     const channel = socket.channel(topic, {});
     channel.on("new_msg", (payload) => received.push({ topic, payload }));
     channel.join().receive("ok", () => joined.add(topic));
+    channel.onClose(() => left.add(topic));
   }
   socket.onClose((event) => closes.push(event.code));
   socket.connect();
-  return { socket, received, joined, closes };
+  return { socket, received, joined, left, closes };
 }
 
 const userDataDir = mkdtempSync(join(tmpdir(), "push-console-chromium-"));
@@ -209,6 +212,13 @@ try {
   await waitCount(page, "#connections tbody tr", 1, "the user's connection");
   const connectionNode = await page.$eval("#connections tbody tr", (row) => row.dataset.node);
   await page.screenshot({ path: shot("users"), fullPage: true });
+  await page.click(`#connections button[data-topic="${TOPIC}"]`);
+  await page.waitForSelector("#confirm[open]", { timeout: TIMEOUT });
+  await page.click("#confirm-ok");
+  await waitFor(() => client.left.has(TOPIC), `the phoenix.js client to be unsubscribed from ${TOPIC}`);
+  await waitText(page, "#user-result", /Unsubscribed/, "the unsubscribe result");
+  await waitCount(page, "#connections .chip", 1, "the connection's topics without the one left");
+  const unsubscribed = { left: [...client.left], socketOpen: client.closes.length === 0 };
   await page.click("#disconnect-close");
   await page.waitForSelector("#confirm[open]", { timeout: TIMEOUT });
   const question = await text(page, "#confirm-text");
@@ -217,7 +227,7 @@ try {
   await waitFor(() => client.closes.length > 0, "the phoenix.js client to be disconnected");
   const closedAfterMs = Date.now() - clicked;
   await waitText(page, "#user-result", /Disconnected/, "the disconnect result");
-  emit({ step: "users", node: connectionNode, question, closes: client.closes, closedAfterMs,
+  emit({ step: "users", node: connectionNode, unsubscribed, question, closes: client.closes, closedAfterMs,
     result: await text(page, "#user-result") });
 
   // --- screenshots at 420 px
