@@ -9,9 +9,10 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
+from prometheus_client.registry import Collector
 
 from push_service import __version__
 from push_service.api import json_response, read_body
@@ -37,6 +38,20 @@ TOPIC_FAMILIES = "room:lobby:<id>, room:topic:<id>, room:<id>, user:<id>"
 CONTROL = web.AppKey("control", Control)
 
 
+class Counts(NamedTuple):
+    """A node's running totals at one moment, for its rates over the last minute."""
+    joins: float
+    published: float
+    delivered: float
+    slow_drops: float
+    latency: tuple[int, ...]  # publish-to-socket histogram buckets
+
+
+def _total(metric: Collector) -> float:
+    return sum(sample.value for family in metric.collect() for sample in family.samples
+               if sample.name.endswith("_total"))
+
+
 def require_admin_key(request: web.Request) -> None:
     """401 without a valid key, 403 for a publish key, 403 when no admin key is configured (admin API off)."""
     node: Node = request.app[NODE]
@@ -58,34 +73,44 @@ class LocalAdmin:
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self._samples: collections.deque[tuple[float, float, float]] = collections.deque()
+        self._samples: collections.deque[tuple[float, Counts]] = collections.deque()
 
     def register(self, control: Control) -> None:
         control.handlers.update({"disconnect": self.disconnect, "unsubscribe": self.unsubscribe,
                                  "connections": self.connections, "node": self.info, "topics": self.topics})
         control.ticks.append(self.sample)
 
-    def _counts(self) -> tuple[float, float]:
+    def _counts(self) -> Counts:
         metrics = self.node.metrics
-        published = sum(sample.value for family in metrics.published.collect() for sample in family.samples
-                        if sample.name.endswith("_total"))
-        delivered = sum(sample.value for family in metrics.frames_delivered.collect() for sample in family.samples
-                        if sample.name.endswith("_total"))
-        return published, delivered
+        return Counts(_total(metrics.joins), _total(metrics.published), _total(metrics.frames_delivered),
+                      _total(metrics.slow_consumers), metrics.publish_latency.counts())
 
     def sample(self) -> None:
         now = time.monotonic()
-        self._samples.append((now, *self._counts()))
+        self._samples.append((now, self._counts()))
         while self._samples and self._samples[0][0] < now - RATE_WINDOW:
             self._samples.popleft()
 
-    def _rates(self) -> tuple[float, float]:
-        if not self._samples:
-            return 0.0, 0.0
-        then, published_then, delivered_then = self._samples[0]
-        published, delivered = self._counts()
+    def _rates(self) -> dict[str, Any]:
+        """Per second over the last minute, the p99 of publish-to-socket (ms, a histogram bucket's upper
+        bound) over the same minute, and the running totals (the console derives its 2 s rates from them)."""
+        now_counts = self._counts()
+        then, earlier = self._samples[0] if self._samples else (time.monotonic(), now_counts)
         elapsed = max(1.0, time.monotonic() - then)
-        return round((published - published_then) / elapsed, 3), round((delivered - delivered_then) / elapsed, 3)
+
+        def per_second(now_value: float, then_value: float) -> float:
+            return round(max(0.0, now_value - then_value) / elapsed, 3)
+
+        p99 = self.node.metrics.publish_latency.quantile_since(earlier.latency, 0.99)
+        return {
+            "messages_per_second": per_second(now_counts.published, earlier.published),
+            "deliveries_per_second": per_second(now_counts.delivered, earlier.delivered),
+            "joins_per_second": per_second(now_counts.joins, earlier.joins),
+            "slow_consumer_drops_per_second": per_second(now_counts.slow_drops, earlier.slow_drops),
+            "publish_to_socket_p99_ms": None if p99 is None else round(p99 * 1000, 3),
+            "totals": {"joins": int(now_counts.joins), "messages": int(now_counts.published),
+                       "deliveries": int(now_counts.delivered), "slow_consumer_drops": int(now_counts.slow_drops)},
+        }
 
     @staticmethod
     def _user(args: dict[str, Any]) -> str:
@@ -131,7 +156,6 @@ class LocalAdmin:
         for session in node.sessions:
             name = session.conn.transport_name
             by_transport[name] = by_transport.get(name, 0) + 1
-        messages, deliveries = self._rates()
         counts = node.hub.subscriber_counts()
         return {
             "id": node.id, "version": __version__, "started_at": round(node.started_at, 3),
@@ -140,7 +164,7 @@ class LocalAdmin:
             "topics": len(counts), "subscriptions": sum(counts.values()),
             "broker": {"kind": node.settings.broker.split(":", 1)[0], "up": node.broker.ready},
             "ready": node.ready, "draining": node.draining,
-            "messages_per_second": messages, "deliveries_per_second": deliveries,
+            **self._rates(),
         }
 
     def topics(self, args: dict[str, Any]) -> dict[str, Any]:

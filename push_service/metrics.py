@@ -190,6 +190,24 @@ class Histogram(Collector):
         self._counts[bisect_left(self._bounds, value)] += 1
         self._sum += value
 
+    def counts(self) -> tuple[int, ...]:
+        """The count of each bucket, not cumulated (the last: above every bound), for windowed quantiles."""
+        return tuple(self._counts)
+
+    def quantile_since(self, earlier: tuple[int, ...], fraction: float) -> float | None:
+        """The upper bound of the bucket holding the `fraction` quantile of what was observed since the
+        `earlier` counts(), the last bound for values above it; None when nothing was observed."""
+        added = [now - then for now, then in zip(self._counts, earlier)]
+        total = sum(added)
+        if total <= 0:
+            return None
+        rank, cumulative = fraction * total, 0
+        for index, count in enumerate(added):
+            cumulative += count
+            if cumulative >= rank:
+                return self._bounds[min(index, len(self._bounds) - 1)]
+        return self._bounds[-1]
+
     def collect(self) -> Iterator[Metric]:
         cumulative, buckets = 0, []
         for label, count in zip(self._labels, self._counts):

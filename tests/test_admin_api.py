@@ -252,6 +252,25 @@ async def test_nodes_describes_this_node(server):
     assert row["started_at"] <= time.time() and row["uptime_seconds"] >= 0 and row["version"]
 
 
+async def test_nodes_show_joins_publish_latency_and_drops_for_the_console_charts(server):
+    quiet = (await admin(server, "GET", "/api/admin/nodes"))["nodes"][0]
+    assert quiet["publish_to_socket_p99_ms"] is None and quiet["totals"]["messages"] == 0
+    async with aiohttp.ClientSession() as http, connect(http, server, "ada") as ada:
+        await ada.join("room:lobby:1")
+        await admin(server, "POST", "/api/broadcast", {"topic": "room:lobby:1", "event": "e", "payload": {}})
+        rows: list[dict[str, Any]] = []
+
+        async def delivered() -> bool:
+            rows[:] = (await admin(server, "GET", "/api/admin/nodes"))["nodes"]
+            return rows[0]["totals"]["deliveries"] == 1
+
+        await until(delivered, TIMEOUT, "the broadcast delivered to ada")
+        [row] = rows
+    assert row["totals"] == {"joins": 1, "messages": 1, "deliveries": 1, "slow_consumer_drops": 0}
+    assert row["joins_per_second"] > 0 and row["messages_per_second"] > 0
+    assert 0 < row["publish_to_socket_p99_ms"] <= 1000 and row["slow_consumer_drops_per_second"] == 0
+
+
 # ===================================================================== across nodes
 
 

@@ -26,6 +26,8 @@ async def test_stats_tell_presence_topics_from_presences(api: Api) -> None:
 
 
 async def test_the_page_labels_each_figure_by_what_it_counts(api: Api) -> None:
-    script = (await api.get("/console/app.js")).body.decode()
-    assert "${number(stats.presence_topics)} tracked in presence" in script
-    assert "${number(stats.presences)} tracked in presence" not in script
+    # The topics table's presence column: users, then connections, as its header's title says.
+    page = (await api.get("/console")).body.decode()
+    script = (await api.get("/console/topics.js")).body.decode()
+    assert 'title="users / connections">presence' in page
+    assert "`${number(row.presence.users)} / ${number(row.presence.connections)}`" in script

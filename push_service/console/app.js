@@ -1,309 +1,260 @@
-// push-service console: no dependencies, no build step. Reads /api/stats every second and
-// /api/topics every two, publishes with /api/broadcast and watches a topic with
-// /api/console/watch, always with the publish key as `Authorization: Bearer`.
+// push-service console: no dependencies, no build step. Signs in with the admin key, polls
+// /api/admin/nodes every two seconds for the nodes view and its charts, and hands the same `api` to the
+// topics and users views. The key is sent only as `Authorization: Bearer`, never in a URL.
 "use strict";
 
-(() => {
-  const KEY_STORAGE = "push-console-key";
-  const STATS_EVERY_MS = 1000;
-  const TOPICS_EVERY_MS = 2000;
-  const MAX_FRAMES = 200;
+import { Chart } from "./charts.js";
+import { ago, duration, explain, milliseconds, number, perSecond, unreachable } from "./format.js";
+import { setupTopics } from "./topics.js";
+import { setupUsers } from "./users.js";
 
-  const $ = (id) => document.getElementById(id);
-  let key = null;
-  let timers = [];
-  let previous = null; // the last /api/stats answer, for rates
-  let watch = null; // {controller, topic}
+const KEY_STORAGE = "push-console-key";
+const NODES_EVERY_MS = 2000;
 
-  class Unauthorized extends Error {}
+const $ = (id) => document.getElementById(id);
+let key = null;
+let timer = null;
+let charts = null;
+let previous = new Map(); // node id -> {at, totals}: the last poll, for 2 s rates
+const views = {};
 
-  async function api(path, options = {}) {
-    const headers = Object.assign({ Authorization: `Bearer ${key}` }, options.headers || {});
-    const response = await fetch(path, Object.assign({}, options, { headers, cache: "no-store" }));
-    if (response.status === 401) throw new Unauthorized("the publish key was refused");
-    return response;
+export class Unauthorized extends Error {}
+
+// An answer of the server as {ok, status, body}; a refused key signs out, everything else is for the caller.
+async function api(path, options = {}) {
+  const headers = Object.assign({ Authorization: `Bearer ${key}` }, options.headers || {});
+  let response;
+  try {
+    response = await fetch(path, Object.assign({}, options, { headers, cache: "no-store" }));
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    throw new Error(unreachable);
   }
-
-  function setState(text, state) {
-    const pill = $("state");
-    pill.textContent = text;
-    pill.dataset.state = state;
+  if (response.status === 401) {
+    refused();
+    throw new Unauthorized(explain(401));
   }
+  if (options.stream) return response;
+  const body = await response.json().catch(() => null);
+  return { ok: response.ok, status: response.status, body, error: response.ok ? null : explain(response.status, body) };
+}
 
-  const number = (value) => new Intl.NumberFormat("en").format(value);
-  const rate = (value) => (value < 10 ? value.toFixed(1) : number(Math.round(value)));
+function setState(text, state) {
+  const pill = $("state");
+  pill.textContent = text;
+  pill.dataset.state = state;
+}
 
-  // --- key
+function problem(text) {
+  $("problem").hidden = !text;
+  $("problem").textContent = text || "";
+}
 
-  async function connect(candidate) {
-    key = candidate;
-    $("login-error").textContent = "";
-    try {
-      const response = await api("/api/stats");
-      if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      render(await response.json());
-    } catch (error) {
-      key = null;
-      if (error instanceof Unauthorized) sessionStorage.removeItem(KEY_STORAGE);
-      $("login-error").textContent = error instanceof Unauthorized ? "Key refused." : `Cannot reach the server (${error.message}).`;
-      return;
-    }
-    sessionStorage.setItem(KEY_STORAGE, candidate);
-    $("key").value = "";
-    $("key-form").querySelector("label").textContent = "Publish key (set)";
-    $("key").hidden = true;
-    $("connect").hidden = true;
-    $("forget").hidden = false;
-    $("dashboard").hidden = false;
-    start();
-  }
+// --- signing in
 
-  function forget() {
-    stop();
-    stopWatch();
-    sessionStorage.removeItem(KEY_STORAGE);
+async function signIn(candidate) {
+  key = candidate;
+  $("login-error").textContent = "";
+  let answer;
+  try {
+    answer = await api("/api/admin/nodes");
+  } catch (error) {
     key = null;
-    previous = null;
-    $("dashboard").hidden = true;
-    $("key").hidden = false;
-    $("connect").hidden = false;
-    $("forget").hidden = true;
-    $("key-form").querySelector("label").textContent = "Publish key";
-    setState("not connected", "idle");
+    $("login-error").textContent = error instanceof Unauthorized ? "Key refused." : error.message;
+    return;
   }
-
-  function refused() {
-    forget();
-    $("login-error").textContent = "Key refused.";
+  if (!answer.ok) {
+    key = null;
+    $("login-error").textContent = answer.error;
+    return;
   }
+  sessionStorage.setItem(KEY_STORAGE, candidate);
+  $("key").value = "";
+  $("login").hidden = true;
+  $("dashboard").hidden = false;
+  $("tabs").hidden = false;
+  $("forget").hidden = false;
+  charts = makeCharts();
+  renderNodes(answer.body);
+  timer = setInterval(refreshNodes, NODES_EVERY_MS);
+  Object.values(views).forEach((view) => view.start && view.start());
+}
 
-  function start() {
-    stop();
-    refreshTopics();
-    timers.push(setInterval(refreshStats, STATS_EVERY_MS));
-    timers.push(setInterval(refreshTopics, TOPICS_EVERY_MS));
+function signOut() {
+  clearInterval(timer);
+  timer = null;
+  Object.values(views).forEach((view) => view.stop && view.stop());
+  sessionStorage.removeItem(KEY_STORAGE);
+  key = null;
+  previous = new Map();
+  $("charts").replaceChildren();
+  $("dashboard").hidden = true;
+  $("tabs").hidden = true;
+  $("forget").hidden = true;
+  $("login").hidden = false;
+  problem("");
+  setState("not signed in", "idle");
+}
+
+function refused() {
+  if (key === null) return;
+  const wasSignedIn = !$("dashboard").hidden;
+  signOut();
+  if (wasSignedIn) $("login-error").textContent = "Key refused.";
+}
+
+function show(name) {
+  for (const button of $("tabs").querySelectorAll("button")) {
+    if (button.dataset.view === name) button.setAttribute("aria-current", "page");
+    else button.removeAttribute("aria-current");
   }
+  for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== `view-${name}`;
+  if (views[name] && views[name].shown) views[name].shown();
+}
 
-  function stop() {
-    timers.forEach(clearInterval);
-    timers = [];
-  }
+// --- nodes and charts
 
-  // --- figures
+function makeCharts() {
+  $("charts").replaceChildren();
+  const make = (id, title, format, total = "sum") => {
+    const chart = new Chart($("charts"), { title, format, total });
+    chart.figure.id = `chart-${id}`;
+    return chart;
+  };
+  return {
+    connections: make("connections", "Connections", number),
+    joins: make("joins", "Joins", perSecond),
+    messages: make("messages", "Messages", perSecond),
+    deliveries: make("deliveries", "Deliveries", perSecond),
+    p99: make("p99", "p99 publish → socket", milliseconds, "max"),
+    drops: make("drops", "Slow-consumer drops", perSecond),
+  };
+}
 
-  async function refreshStats() {
-    try {
-      const response = await api("/api/stats");
-      if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      render(await response.json());
-    } catch (error) {
-      if (error instanceof Unauthorized) return refused();
-      setState("server unreachable", "bad");
+async function refreshNodes() {
+  try {
+    const answer = await api("/api/admin/nodes");
+    if (!answer.ok) {
+      setState("trouble", "bad");
+      return problem(answer.error);
     }
+    problem("");
+    renderNodes(answer.body);
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+    setState("server unreachable", "bad");
+    problem(error.message);
   }
+}
 
-  function render(stats) {
-    const c = stats.counters;
-    $("node").textContent = `node ${stats.node} · up ${Math.round(stats.uptime_seconds)} s`;
-    if (stats.draining) setState("draining", "bad");
-    else if (!stats.broker.up) setState("broker down", "bad");
-    else setState("live", "ok");
+function renderNodes(data) {
+  const nodes = data.nodes;
+  const sum = (pick) => nodes.reduce((total, node) => total + pick(node), 0);
+  const down = nodes.filter((node) => !node.broker.up || node.draining);
+  if (data.unanswered.length) setState(`${data.unanswered.length} node(s) not answering`, "bad");
+  else if (down.length) setState(`${down.length} node(s) degraded`, "bad");
+  else setState("live", "ok");
 
-    $("stat-connections").textContent = number(stats.connections.total);
-    $("stat-transports").textContent = `${number(stats.connections.websocket)} websocket · ${number(stats.connections.longpoll)} long-poll`;
-    $("stat-topics").textContent = number(stats.topics);
-    $("stat-presences").textContent =
-      `${number(stats.presence_topics)} tracked in presence · ${number(stats.presences)} presences`;
-    $("stat-joins").textContent = `${number(c.joins)} total`;
-    $("stat-messages").textContent = `${number(c.messages_published)} total`;
-    $("stat-deliveries").textContent = `${number(c.frames_delivered)} total`;
-    $("stat-slow").textContent = number(c.slow_consumer_disconnects);
-    $("stat-refused").textContent = `${number(c.connects_refused)} connects refused`;
-    const broker = $("stat-broker");
-    broker.textContent = stats.broker.up ? "up" : "down";
-    broker.className = `value ${stats.broker.up ? "ok" : "bad"}`;
-    $("stat-broker-detail").textContent = `${stats.broker.kind} · ${number(stats.broker.reconnects)} reconnects`;
+  $("sum-nodes").textContent = number(nodes.length);
+  $("sum-version").textContent = [...new Set(nodes.map((node) => node.version))].join(", ");
+  $("stat-connections").textContent = number(sum((node) => node.connections.total));
+  $("stat-transports").textContent = `${number(sum((node) => node.connections.websocket))} websocket · `
+    + `${number(sum((node) => node.connections.longpoll))} long-poll`;
+  $("sum-topics").textContent = number(sum((node) => node.topics));
+  $("sum-subscriptions").textContent = `${number(sum((node) => node.subscriptions))} subscriptions`;
+  $("sum-messages").textContent = perSecond(sum((node) => node.messages_per_second));
+  $("sum-messages-total").textContent = `${number(sum((node) => node.totals.messages))} total · last minute's rate`;
+  $("sum-deliveries").textContent = perSecond(sum((node) => node.deliveries_per_second));
+  $("sum-deliveries-total").textContent = `${number(sum((node) => node.totals.deliveries))} total`;
 
-    if (previous && stats.node === previous.node && stats.time > previous.time) {
-      const seconds = stats.time - previous.time;
-      const per = (name) => Math.max(0, (c[name] - previous.counters[name]) / seconds);
-      $("stat-joins-rate").textContent = rate(per("joins"));
-      $("stat-messages-rate").textContent = rate(per("messages_published"));
-      $("stat-deliveries-rate").textContent = rate(per("frames_delivered"));
-    }
-    previous = stats;
-  }
-
-  // --- topics
-
-  async function refreshTopics() {
-    try {
-      const response = await api("/api/topics");
-      if (!response.ok) throw new Error(`HTTP ${response.status}`);
-      renderTopics(await response.json());
-    } catch (error) {
-      if (error instanceof Unauthorized) refused();
-    }
-  }
-
-  function cell(text, className) {
-    const td = document.createElement("td");
-    td.textContent = text;
-    if (className) td.className = className;
-    return td;
-  }
-
-  function renderTopics(data) {
-    const body = $("topics").querySelector("tbody");
-    const rows = data.topics.map((row) => {
-      const tr = document.createElement("tr");
-      tr.dataset.topic = row.topic;
-      tr.append(cell(row.topic, "topic"), cell(number(row.subscribers), "num subscribers"));
-      const presence = row.presence ? `${number(row.presence.users)} / ${number(row.presence.connections)}` : "–";
-      tr.append(cell(presence, "num presence"));
-      const actions = document.createElement("td");
-      const button = document.createElement("button");
-      button.type = "button";
-      button.className = "secondary";
-      button.textContent = "Watch";
-      button.addEventListener("click", () => {
-        $("watch-topic").value = row.topic;
-        $("pub-topic").value = $("pub-topic").value || row.topic;
-        startWatch(row.topic);
-      });
-      actions.append(button);
-      tr.append(actions);
-      return tr;
-    });
-    body.replaceChildren(...rows);
-    $("topics-empty").hidden = rows.length > 0;
-    $("topics-note").textContent = data.truncated ? `(top ${rows.length} of ${number(data.total)})` : "";
-  }
-
-  // --- publish
-
-  async function publish(event) {
-    event.preventDefault();
-    const result = $("pub-result");
-    result.className = "result";
-    let payload;
-    try {
-      payload = JSON.parse($("pub-payload").value || "{}");
-    } catch {
-      result.textContent = "The payload is not valid JSON.";
-      result.className = "result bad";
-      return;
-    }
-    const body = { topic: $("pub-topic").value.trim(), event: $("pub-event").value.trim(), payload };
-    try {
-      const response = await api("/api/broadcast", {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-      });
-      const answer = await response.json();
-      if (response.ok) {
-        const watched = watch && watch.topic === body.topic ? ", this watch included" : "";
-        result.textContent = `Published; delivered to ${answer.delivered} local subscriber(s)${watched}.`;
-        result.className = "result ok";
-      } else {
-        result.textContent = `HTTP ${response.status}: ${answer.error}`;
-        result.className = "result bad";
-      }
-    } catch (error) {
-      if (error instanceof Unauthorized) return refused();
-      result.textContent = `Failed: ${error.message}`;
-      result.className = "result bad";
-    }
-  }
-
-  // --- watch
-
-  function addFrame(text, note = false) {
-    const list = $("frames");
-    const item = document.createElement("li");
-    if (note) item.className = "note";
-    const time = document.createElement("span");
-    time.className = "time";
-    time.textContent = new Date().toLocaleTimeString();
-    const body = document.createElement("span");
-    body.className = "frame";
-    body.textContent = text;
-    item.append(time, body);
-    list.prepend(item);
-    while (list.children.length > MAX_FRAMES) list.lastElementChild.remove();
-  }
-
-  function stopWatch() {
-    if (watch) watch.controller.abort();
-    watch = null;
-    $("watch-stop").disabled = true;
-    $("watch-state").textContent = "";
-  }
-
-  async function startWatch(topic) {
-    stopWatch();
-    if (!topic) return;
-    const controller = new AbortController();
-    const current = { controller, topic };
-    watch = current;
-    $("watch-stop").disabled = false;
-    $("watch-state").textContent = `connecting to ${topic}…`;
-    try {
-      const response = await api(`/api/console/watch?topic=${encodeURIComponent(topic)}`, { signal: controller.signal });
-      if (!response.ok) {
-        const answer = await response.json().catch(() => ({}));
-        throw new Error(answer.error || `HTTP ${response.status}`);
-      }
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let newline;
-        while ((newline = buffer.indexOf("\n")) >= 0) {
-          const line = buffer.slice(0, newline);
-          buffer = buffer.slice(newline + 1);
-          if (line) onWatchLine(current, JSON.parse(line));
-        }
-      }
-      if (watch === current) $("watch-state").textContent = `${topic}: stream ended`;
-    } catch (error) {
-      if (error instanceof Unauthorized) return refused();
-      if (watch === current && error.name !== "AbortError") $("watch-state").textContent = `${topic}: ${error.message}`;
-    }
-  }
-
-  function onWatchLine(current, line) {
-    if (watch !== current) return;
-    if (line.subscribed) {
-      $("watch-state").textContent = `watching ${current.topic}`;
-      addFrame(`subscribed to ${current.topic}`, true);
-    } else if (line.frame) {
-      addFrame(JSON.stringify(line.frame));
-    } else if (line.dropped) {
-      addFrame(`${line.dropped} frame(s) dropped: the console fell behind`, true);
-    }
-  }
-
-  // --- wiring
-
-  document.addEventListener("DOMContentLoaded", () => {
-    $("key-form").addEventListener("submit", (event) => {
-      event.preventDefault();
-      const candidate = $("key").value.trim();
-      if (candidate) connect(candidate);
-    });
-    $("forget").addEventListener("click", forget);
-    $("publish-form").addEventListener("submit", publish);
-    $("watch-form").addEventListener("submit", (event) => {
-      event.preventDefault();
-      const topic = $("watch-topic").value.trim();
-      if (topic && !$("pub-topic").value) $("pub-topic").value = topic;
-      startWatch(topic);
-    });
-    $("watch-stop").addEventListener("click", stopWatch);
-    const saved = sessionStorage.getItem(KEY_STORAGE);
-    if (saved) connect(saved);
+  const rows = nodes.map((node) => {
+    const tr = document.createElement("tr");
+    tr.dataset.node = node.id;
+    const broker = `${node.broker.kind} ${node.broker.up ? "up" : "down"}${node.draining ? " · draining" : ""}`;
+    const transports = `${number(node.connections.websocket)} ws · ${number(node.connections.longpoll)} lp`;
+    tr.append(cell(node.id, "mono"), cell(node.version), cell(duration(node.uptime_seconds), "num uptime"),
+      cell(`${number(node.connections.total)} (${transports})`, "num connections"), cell(number(node.topics), "num"),
+      cell(number(node.subscriptions), "num"), cell(broker, node.broker.up && !node.draining ? "ok" : "bad"),
+      cell(perSecond(node.messages_per_second), "num"), cell(perSecond(node.deliveries_per_second), "num"),
+      cell(ago(node.last_heartbeat), "num"));
+    return tr;
   });
-})();
+  for (const missing of data.unanswered) {
+    const tr = document.createElement("tr");
+    tr.className = "missing";
+    tr.append(cell(missing.id, "mono"), cell("did not answer within a second", "bad"));
+    tr.lastChild.colSpan = 8;
+    tr.append(cell(ago(missing.last_heartbeat), "num"));
+    rows.push(tr);
+  }
+  $("nodes").querySelector("tbody").replaceChildren(...rows);
+  $("nodes-note").textContent = `as seen by every node; polled every ${NODES_EVERY_MS / 1000} s`;
+  chartNodes(nodes);
+}
+
+// Rates over the last poll (about 2 s) from each node's running totals; a restarted node starts over.
+function chartNodes(nodes) {
+  const now = Date.now();
+  const values = { connections: {}, joins: {}, messages: {}, deliveries: {}, p99: {}, drops: {} };
+  const seen = new Map();
+  for (const node of nodes) {
+    const before = previous.get(node.id);
+    const rate = (name) => {
+      if (!before || node.totals[name] < before.totals[name]) return null;
+      return (node.totals[name] - before.totals[name]) / Math.max(0.001, (now - before.at) / 1000);
+    };
+    values.connections[node.id] = node.connections.total;
+    values.joins[node.id] = rate("joins");
+    values.messages[node.id] = rate("messages");
+    values.deliveries[node.id] = rate("deliveries");
+    values.drops[node.id] = rate("slow_consumer_drops");
+    values.p99[node.id] = node.publish_to_socket_p99_ms;
+    seen.set(node.id, { at: now, totals: node.totals });
+  }
+  previous = seen;
+  for (const [name, chart] of Object.entries(charts)) chart.add(now, values[name]);
+}
+
+export function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (className) td.className = className;
+  return td;
+}
+
+// A modal yes/no question: resolves true when the operator confirms.
+export function confirmAction(text, action) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = text;
+  $("confirm-ok").textContent = action;
+  return new Promise((resolve) => {
+    const done = (answer) => {
+      $("confirm-ok").onclick = $("confirm-cancel").onclick = dialog.oncancel = null;
+      dialog.close();
+      resolve(answer);
+    };
+    $("confirm-ok").onclick = () => done(true);
+    $("confirm-cancel").onclick = () => done(false);
+    dialog.oncancel = () => done(false);
+    dialog.showModal();
+  });
+}
+
+// --- wiring
+
+document.addEventListener("DOMContentLoaded", () => {
+  const shared = { api, $, cell, confirmAction, Unauthorized };
+  views.topics = setupTopics(shared);
+  views.users = setupUsers(shared);
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const candidate = $("key").value.trim();
+    if (candidate) signIn(candidate);
+  });
+  $("forget").addEventListener("click", signOut);
+  for (const button of $("tabs").querySelectorAll("button")) {
+    button.addEventListener("click", () => show(button.dataset.view));
+  }
+  const saved = sessionStorage.getItem(KEY_STORAGE);
+  if (saved) signIn(saved);
+});

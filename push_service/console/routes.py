@@ -1,6 +1,6 @@
 """The live console: a static page at /console and the JSON it reads, all behind the admin key.
 
-* `GET /console` (+ app.js, style.css): the page. It holds no secret; the operator types the admin
+* `GET /console` (+ its scripts and style.css, all in STATIC): the page. It holds no secret; the operator types the admin
   key (PUSH_ADMIN_KEY, which publishes too), which the page keeps in sessionStorage and sends as
   `Authorization: Bearer` on every call.
 * `GET /api/stats`: this node's counters and gauges as plain numbers (the page derives rates from
@@ -32,6 +32,10 @@ from push_service.topics import parse_topic
 STATIC = {
     "index.html": "text/html",
     "app.js": "text/javascript",
+    "charts.js": "text/javascript",
+    "format.js": "text/javascript",
+    "topics.js": "text/javascript",
+    "users.js": "text/javascript",
     "style.css": "text/css",
 }
 # The page loads nothing from elsewhere and talks only to this origin.
@@ -231,8 +235,9 @@ def setup(app: web.Application, node: Node) -> None:
         return response
 
     app.router.add_get("/console", page("index.html"))
-    app.router.add_get("/console/app.js", page("app.js"))
-    app.router.add_get("/console/style.css", page("style.css"))
+    for name in STATIC:
+        if name != "index.html":
+            app.router.add_get(f"/console/{name}", page(name))
     app.router.add_get("/api/stats", stats)
     app.router.add_get("/api/topics", topics)
     app.router.add_get("/api/console/watch", watch)
