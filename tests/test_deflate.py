@@ -20,6 +20,7 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 
 from conftest import make_token, read_answer, shared_server
 from http_helpers import publish
+from nodejs import JS_DIR, run_script
 from ws_client import CLOSE, PING, TEXT, Client, heartbeat, heartbeat_reply, raw_frame, upgrade_head
 
 TIMEOUT = 5.0
@@ -230,3 +231,21 @@ async def test_compression_off_negotiates_nothing(module_servers) -> None:
     finally:
         raw.close()
 
+
+
+# --- clients we did not write
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["deflate", "plain"])
+async def test_node_ws_negotiates_it_and_reads_what_it_is_sent(server, http, plain: bool) -> None:
+    topic = f"room:lobby:node-{plain}"
+    url = f"ws://127.0.0.1:{server.port}/socket/websocket?vsn=2.0.0&token={make_token()}"
+    async with run_script(JS_DIR / "deflate.mjs", url, topic, *(["--plain"] if plain else [])) as client:
+        opened = await client.wait_event("open")
+        assert opened["extensions"] == ("" if plain else
+                                        "permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+        # ws compressed its 2 KB join: the reply says the server read it.
+        reply = await client.wait_event("frame")
+        assert reply["data"] == ["1", "1", topic, "phx_reply", {"status": "ok", "response": {}}]
+        await publish(http, server, topic, BIG)
+        assert (await client.wait_event("frame"))["data"][2:] == [topic, "new_msg", BIG]
