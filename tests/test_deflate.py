@@ -21,10 +21,12 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from conftest import make_token, read_answer, shared_server
 from http_helpers import publish
 from nodejs import JS_DIR, run_script
+from test_console_browser import CHROMIUM, require_tools
 from ws_client import CLOSE, PING, TEXT, Client, heartbeat, heartbeat_reply, raw_frame, upgrade_head
 
 TIMEOUT = 5.0
 MAX_FRAME_BYTES = 16 * 1024
+BROWSER_TIMEOUT = 60.0  # Chromium's start, on a busy machine
 TAIL = b"\x00\x00\xff\xff"
 BIG = {"body": "a chat message that says the same thing over and over. " * 40}  # ~2 KB of JSON
 SMALL = {"body": "hi"}
@@ -249,3 +251,17 @@ async def test_node_ws_negotiates_it_and_reads_what_it_is_sent(server, http, pla
         assert reply["data"] == ["1", "1", topic, "phx_reply", {"status": "ok", "response": {}}]
         await publish(http, server, topic, BIG)
         assert (await client.wait_event("frame"))["data"][2:] == [topic, "new_msg", BIG]
+
+
+@pytest.mark.slow  # headless Chromium
+async def test_phoenix_js_in_chromium_negotiates_it_and_reads_a_broadcast(server, http) -> None:
+    require_tools()
+    topic = "room:lobby:chromium"
+    async with run_script(JS_DIR / "deflate_browser.mjs", "--socket", f"ws://127.0.0.1:{server.port}/socket",
+                          "--token", make_token("browser"), "--topic", topic, "--chromium", str(CHROMIUM)) as page:
+        joined = await page.wait_for(lambda line: line["step"] in ("joined", "failed"), BROWSER_TIMEOUT)
+        assert joined["step"] == "joined", joined
+        assert joined["extensions"].startswith("permessage-deflate; server_no_context_takeover"), joined
+        await publish(http, server, topic, BIG)
+        message = await page.wait_for(lambda line: line["step"] in ("message", "failed"), BROWSER_TIMEOUT)
+        assert message == {"step": "message", "payload": BIG}
