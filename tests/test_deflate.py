@@ -8,9 +8,11 @@ did not write, to check that what we compress is what it inflates."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import struct
 import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -265,3 +267,44 @@ async def test_phoenix_js_in_chromium_negotiates_it_and_reads_a_broadcast(server
         await publish(http, server, topic, BIG)
         message = await page.wait_for(lambda line: line["step"] in ("message", "failed"), BROWSER_TIMEOUT)
         assert message == {"step": "message", "payload": BIG}
+
+
+# --- long-poll
+
+
+async def poll_until_messages(server, session: str, jwt: str, accept_encoding: str) -> tuple[Any, dict]:
+    """The first long-poll answer with messages in it: its headers (the body as sent) and its JSON."""
+    params = [("token", jwt), ("vsn", "2.0.0"), ("token", session)]
+    async with aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=30)) as raw:
+        for _ in range(5):
+            async with raw.get(f"{server.http_url}/socket/longpoll", params=params,
+                               headers={"Accept-Encoding": accept_encoding}) as answer:
+                body = await answer.read()
+                if answer.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if orjson.loads(body)["status"] == 200:
+                    return answer.headers, orjson.loads(body)
+    raise AssertionError("no messages in five polls")
+
+
+@pytest.mark.parametrize(("accept_encoding", "gzipped"), [
+    ("gzip, deflate", True), ("br;q=1, *;q=0.5", True), ("identity", False), ("gzip;q=0, *", False),
+])
+async def test_a_long_poll_answer_is_gzipped_when_accepted(module_servers, http, accept_encoding: str,
+                                                           gzipped: bool) -> None:
+    [lp] = await module_servers(1, PUSH_LONGPOLL_WINDOW="2s")
+    jwt, topic = make_token(), f"room:lobby:lp-{gzipped}"
+    url = f"{lp.http_url}/socket/longpoll"
+    async with http.get(url, params={"token": jwt, "vsn": "2.0.0"}) as answer:
+        session = (await answer.json())["token"]
+    params = [("token", jwt), ("vsn", "2.0.0"), ("token", session)]
+    async with http.post(url, params=params, data=orjson.dumps(["1", "1", topic, "phx_join", {}])) as answer:
+        assert answer.status == 200
+    await poll_until_messages(lp, session, jwt, accept_encoding)  # the join's reply: smaller than 256 bytes
+    await publish(http, lp, topic, BIG)
+    headers, body = await poll_until_messages(lp, session, jwt, accept_encoding)
+    assert (headers.get("Content-Encoding") == "gzip") is gzipped
+    assert "Accept-Encoding" in headers["Vary"]
+    if gzipped:
+        assert int(headers["Content-Length"]) * 3 < len(orjson.dumps(BIG))
+    assert orjson.loads(body["messages"][0])[2:] == [topic, "new_msg", BIG]
