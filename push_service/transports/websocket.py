@@ -5,7 +5,8 @@ task, no timer (until it closes). The front door (frontdoor.py) hands over a con
 request is an upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly
 as Phoenix refuses a failed `connect/3`; a Sec-WebSocket-Version other than 13: 426), answered 101,
 and the connection's protocol becomes a `WebSocketProtocol`. Outgoing frames are framed once per
-broadcast and written straight to the transport: the same bytes for every subscriber. A slow reader
+broadcast (and compressed once, when the client negotiated permessage-deflate: transports/deflate.py)
+and written straight to the transport: the same bytes for every subscriber. A slow reader
 is noticed by the transport's own flow control (`pause_writing`).
 """
 
