@@ -14,7 +14,7 @@
  * phase and prints {"phase":"result",...}; "quit" or EOF exits. The runner reads
  * the server's CPU/RSS from /proc exactly around each phase.
  *
- * Build: gcc -O2 -o benchmarks/build/loadgen benchmarks/loadgen.c   (see --help)
+ * Build: gcc -O2 -o benchmarks/build/loadgen benchmarks/loadgen.c -lz   (see --help)
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -34,6 +34,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zlib.h>
 
 enum { T_PUSH, T_NCHAN, T_WS };
 enum { S_IDLE, S_CONNECTING, S_HANDSHAKE, S_JOINING, S_OPEN, S_DEAD };
@@ -54,7 +55,7 @@ static struct {
     double seconds;         /* 0 = unlimited (then --messages bounds it) */
     double rate;            /* messages/s, 0 = max rate */
     long http_conns, max_inflight, batch, frame_bytes;
-    int hold, room_serial;
+    int hold, room_serial, deflate, text_pad;
     double heartbeat, drain_timeout, connect_timeout;
     long latency_samples;
     uint64_t seed;
@@ -262,8 +263,8 @@ static void sub_on_connected(long i) {
     expand(path, sizeof path, cfg.sub_path, s->first.room, ntokens ? tokens[i % ntokens] : NULL);
     int n = snprintf(req, 8192,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     path, cfg.host, cfg.port);
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+                     path, cfg.host, cfg.port, cfg.deflate ? "Sec-WebSocket-Extensions: permessage-deflate\r\n" : "");
     if (cfg.target == T_PUSH) {
         /* One phx_join per room, a distinct ref each; joined once all of them are answered ok. */
         for (long j = 0; j < cfg.topics_per_conn; j++) {
@@ -306,8 +307,29 @@ static void complete_msg(uint32_t id) {
     m->slot = -1;
 }
 
+/* --deflate: the head of one RFC 7692 message inflated into inflate_out (the server keeps no context, so
+   neither do we: one z_stream, reset per message); (size_t)-1 when it is not deflate data. Only the head:
+   "seq", "p" and "t" are in a frame's first bytes, and inflating 10,000 copies of each whole message
+   would make the loader, not the server, the bottleneck (the tests check whole messages). */
+static z_stream inflater; static int inflater_ready;
+static char inflate_out[256];
+static size_t inflate_message(const char *p, size_t len) {
+    static const unsigned char tail[4] = {0, 0, 0xff, 0xff};
+    if (!inflater_ready) { if (inflateInit2(&inflater, -15) != Z_OK) die("inflateInit2"); inflater_ready = 1; }
+    else inflateReset(&inflater);
+    inflater.next_out = (unsigned char *)inflate_out; inflater.avail_out = sizeof inflate_out;
+    inflater.next_in = (unsigned char *)p; inflater.avail_in = (uInt)len;
+    int rc = inflate(&inflater, Z_SYNC_FLUSH);
+    if (rc != Z_OK && rc != Z_BUF_ERROR) return (size_t)-1;
+    if (!inflater.avail_out) return sizeof inflate_out;  /* the head is all we read */
+    inflater.next_in = (unsigned char *)tail; inflater.avail_in = 4;
+    rc = inflate(&inflater, Z_SYNC_FLUSH);
+    if ((rc != Z_OK && rc != Z_BUF_ERROR) || inflater.avail_in) return (size_t)-1;
+    return sizeof inflate_out - inflater.avail_out;
+}
+
 /* One complete data frame for subscriber i: find "seq": and "t": and do the bookkeeping. */
-static void on_data_frame(long i, const char *p, size_t len, long long t_read) {
+static void on_data_frame(long i, const char *p, size_t len, size_t wire_len, long long t_read) {
     Sub *s = &subs[i];
     const char *q = memmem(p, len, "\"seq\":", 6);
     if (!q) { st.other_frames++; return; }
@@ -343,7 +365,7 @@ static void on_data_frame(long i, const char *p, size_t len, long long t_read) {
     if (sl->bits[w] & bit) { st.duplicates++; return; }
     sl->bits[w] |= bit;
     st.received++;
-    st.frame_bytes += (long long)len;
+    st.frame_bytes += (long long)wire_len;  /* as on the wire: compressed, when it came compressed */
     /* Order is promised per publisher connection (its requests are sequential); two connections'
        publishes to one room may legally cross. "p":K right behind the seq names the connection. */
     long pub = 0;
@@ -402,7 +424,11 @@ static void sub_on_readable(long i) {
         const char *payload = rbuf + off + hdr;
         int opcode = b0 & 0x0f;
         if (opcode == 1 || opcode == 2) {
-            if (s->state == S_OPEN) on_data_frame(i, payload, len, t_read);
+            if (s->state == S_OPEN && (b0 & 0x40)) {
+                size_t inflated = inflate_message(payload, len);
+                if (inflated == (size_t)-1) { st.other_frames++; }
+                else on_data_frame(i, inflate_out, inflated, len, t_read);
+            } else if (s->state == S_OPEN) on_data_frame(i, payload, len, len, t_read);
             else if (s->state == S_JOINING) {
                 /* The first J frames after the upgrade must be ok replies to the J phx_joins. */
                 if (memmem(payload, len, "phx_reply", 9) && memmem(payload, len, "\"ok\"", 4)) {
@@ -806,6 +832,9 @@ static void usage(void) {
          "  --room-serial         at most one publish per room in flight, so order is checked per\n"
          "                        room (default: per publisher connection; rooms take concurrent publishes)\n"
          "  --frame-bytes F       pad messages so the delivered frame is about F bytes (default 200)\n"
+         "  --text-pad            pad with words (as chat text compresses) instead of x's\n"
+         "  --deflate             offer permessage-deflate and inflate compressed frames' first 256 bytes (-lz);\n"
+         "                        avg_frame_bytes then counts the bytes on the wire\n"
          "  --drain-timeout S     after publishing, wait at most S seconds without progress (default 10)\n"
          "  --latency-samples N   reservoir size for latency percentiles (default 4000000)\n"
          "\n"
@@ -849,6 +878,8 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--batch")) cfg.batch = atol(VAL());
         else if (!strcmp(a, "--room-serial")) cfg.room_serial = 1;
         else if (!strcmp(a, "--frame-bytes")) cfg.frame_bytes = atol(VAL());
+        else if (!strcmp(a, "--text-pad")) cfg.text_pad = 1;
+        else if (!strcmp(a, "--deflate")) cfg.deflate = 1;
         else if (!strcmp(a, "--drain-timeout")) cfg.drain_timeout = atof(VAL());
         else if (!strcmp(a, "--latency-samples")) cfg.latency_samples = atol(VAL());
         else die("unknown option %s (see --help)", a);
@@ -896,6 +927,23 @@ int main(int argc, char **argv) {
         pad_len = cfg.frame_bytes - base; if (pad_len < 0) pad_len = 0;
         if (pad_len > 3000) pad_len = 3000;
         pad = malloc((size_t)pad_len + 1); memset(pad, 'x', (size_t)pad_len); pad[pad_len] = 0;
+        if (cfg.text_pad) {
+            /* Words drawn at random from a small vocabulary: about as compressible as chat text (x's are not). */
+            static const char *words[] = {"the", "meeting", "is", "moved", "to", "thursday", "because", "half",
+                "of", "team", "will", "be", "travelling", "please", "update", "your", "calendar", "and", "let",
+                "me", "know", "if", "that", "works", "we", "can", "also", "review", "draft", "release", "notes",
+                "deploy", "staging", "after", "lunch", "thanks", "everyone", "for", "quick", "feedback", "on",
+                "design", "doc", "I", "think", "should", "ship", "it", "next", "week", "ok", "sounds", "good",
+                "what", "about", "tests", "they", "pass", "now", "great", "news", "coffee", "anyone", "later"};
+            uint64_t x = cfg.seed;
+            long at = 0;
+            while (at < pad_len) {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                const char *w = words[x % (sizeof words / sizeof *words)];
+                for (const char *c = w; *c && at < pad_len; c++) pad[at++] = *c;
+                if (at < pad_len) pad[at++] = ' ';
+            }
+        }
     }
 
     signal(SIGPIPE, SIG_IGN);

@@ -70,6 +70,11 @@ OPTIONS: tuple[Option, ...] = (
            "open connections beyond which a new one is answered 503 (default 0: the open-files limit less a "
            "tenth of it, at least 64, kept for the process's own files)"),
     Option("max_frame_bytes", "PUSH_MAX_FRAME_BYTES", values.size, "largest client WebSocket message (default 64KiB)"),
+    Option("compression", "PUSH_COMPRESSION", values.boolean,
+           "on (default): WebSocket clients that offer permessage-deflate get compressed frames, long-poll "
+           "clients that accept gzip gzipped answers; off: never compress"),
+    Option("compression_min_bytes", "PUSH_COMPRESSION_MIN_BYTES", values.size,
+           "messages (and long-poll answers) smaller than this go uncompressed (default 256)"),
     Option("max_publish_bytes", "PUSH_MAX_PUBLISH_BYTES", values.size, "largest HTTP publish body (default 1MiB)"),
     Option("max_topics_per_connection", "PUSH_MAX_TOPICS_PER_CONNECTION", values.positive_int,
            "channels one socket may join at once (default 100)"),
@@ -142,6 +147,8 @@ class Settings:
     handshake_timeout: float = 10.0
     max_connections: int = 0
     max_frame_bytes: int = 64 * 1024
+    compression: bool = True
+    compression_min_bytes: int = 256
     max_publish_bytes: int = 1024 * 1024
     max_topics_per_connection: int = 100
     longpoll_window: float = 10.0

@@ -9,9 +9,11 @@ import os
 import socket
 import struct
 from collections import deque
+from collections.abc import Sequence
 
 import orjson
 from websockets.client import ClientProtocol
+from websockets.extensions import ClientExtensionFactory
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
@@ -93,12 +95,13 @@ class Client:
 
     @classmethod
     async def connect(cls, port: int, token: str, vsn: str = "2.0.0", timeout: float = RECEIVE_TIMEOUT,
-                      rcvbuf: int | None = None, before: bytes = b"", behind: bytes = b"") -> Client:
+                      rcvbuf: int | None = None, before: bytes = b"", behind: bytes = b"",
+                      extensions: Sequence[ClientExtensionFactory] = ()) -> Client:
         """`rcvbuf`: a small receive buffer (set before connecting: it sets the TCP window); `before`: one
         HTTP request sent first on the same connection (its answer is read and skipped); `behind`: bytes
-        sent in the same write as the upgrade request, right behind it."""
+        sent in the same write as the upgrade request, right behind it; `extensions`: offered (none by default)."""
         protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/socket/websocket?vsn={vsn}&token={token}"),
-                                  max_size=None)
+                                  max_size=None, extensions=list(extensions) or None)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)

@@ -2,8 +2,9 @@
 
 The reader takes whatever the socket delivered (any split: half a header, three frames and a
 bit) and returns complete messages. It enforces what a server must: client frames are masked,
-no extension bits, control frames short and unfragmented, a size limit and a frame count
-(MAX_FRAGMENTS) across fragments.
+no extension bits but RSV1 on a message's first frame when permessage-deflate was negotiated (its
+payload is then inflated, within the size limit), control frames short and unfragmented, a size limit
+and a frame count (MAX_FRAGMENTS) across fragments.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import struct
+import zlib
 
 from push_service.errors import ClientError
 
@@ -33,6 +35,7 @@ _HEADER_4 = struct.Struct("!BBH")
 _HEADER_10 = struct.Struct("!BBQ")
 _U16 = struct.Struct("!H")
 _U64 = struct.Struct("!Q")
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"  # what a sync flush ends with; RFC 7692 7.2.2 has the reader add it back
 
 
 class FrameError(ClientError):
@@ -101,15 +104,18 @@ class FrameReader:
     reads is kept, in a bytearray appended to in place, so a big frame arriving in small reads costs
     time linear in its size."""
 
-    __slots__ = ("_buffer", "_needed", "_fragments", "_fragment_opcode", "_fragment_size", "max_size")
+    __slots__ = ("_buffer", "_needed", "_fragments", "_fragment_opcode", "_fragment_size", "_fragment_compressed",
+                 "max_size", "inflates")
 
-    def __init__(self, max_size: int) -> None:
+    def __init__(self, max_size: int, inflates: bool = False) -> None:
         self._buffer = bytearray()
         self._needed = 0  # buffered bytes the next frame needs before it can be complete
         self._fragments: list[bytes] | None = None
         self._fragment_opcode = 0
         self._fragment_size = 0
+        self._fragment_compressed = False
         self.max_size = max_size
+        self.inflates = inflates  # permessage-deflate was negotiated: RSV1 marks a compressed message
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """The messages `data` completes; FrameError (with the messages before the bad frame) if the
@@ -144,7 +150,8 @@ class FrameReader:
         offset, end = 0, len(buffer)
         while end - offset >= 2:
             first, second = buffer[offset], buffer[offset + 1]
-            if first & 0x70:
+            compressed = first & 0x40
+            if first & 0x30 or (compressed and not self.inflates):
                 raise FrameError(PROTOCOL_ERROR, "reserved bits set without an extension")
             if not second & 0x80:
                 raise FrameError(PROTOCOL_ERROR, "client frames must be masked")
@@ -161,6 +168,8 @@ class FrameReader:
                 size = _U64.unpack_from(buffer, offset + 2)[0]
                 start = offset + 14
             opcode, final = first & 0x0F, first & 0x80
+            if compressed and (opcode >= 0x8 or opcode == CONTINUATION):
+                raise FrameError(PROTOCOL_ERROR, "RSV1 is set only on a data message's first frame")
             if opcode >= 0x8:
                 if not final or size > 125:
                     raise FrameError(PROTOCOL_ERROR, "control frames must be final and at most 125 bytes")
@@ -183,18 +192,36 @@ class FrameReader:
                 fragments.append(payload)
                 self._fragment_size += size
                 if final:
-                    messages.append((self._fragment_opcode, b"".join(fragments)))
+                    payload = b"".join(fragments)
+                    if self._fragment_compressed:
+                        payload = inflate(payload, self.max_size)
+                    messages.append((self._fragment_opcode, payload))
                     self._fragments, self._fragment_size = None, 0
             elif opcode in (TEXT, BINARY):
                 if self._fragments is not None:
                     raise FrameError(PROTOCOL_ERROR, "new message before the fragmented one ended")
                 if final:
-                    messages.append((opcode, payload))
+                    messages.append((opcode, inflate(payload, self.max_size) if compressed else payload))
                 else:
                     self._fragments, self._fragment_opcode, self._fragment_size = [payload], opcode, size
+                    self._fragment_compressed = bool(compressed)
             else:
                 raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
         return offset, 0
+
+
+def inflate(data: bytes, max_size: int) -> bytes:
+    """A compressed client message's payload (RFC 7692 7.2.2, no context kept between messages); FrameError
+    1009 past `max_size` (a decompression bomb is stopped there, not inflated whole), 1002 when it is not
+    deflate data."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        message = inflater.decompress(data + _DEFLATE_TAIL, max_size + 1)
+    except zlib.error:
+        raise FrameError(PROTOCOL_ERROR, "compressed message is not valid deflate data") from None
+    if len(message) > max_size or inflater.unconsumed_tail:
+        raise FrameError(TOO_BIG, "message too big")
+    return message
 
 
 def close_code(payload: bytes) -> int:

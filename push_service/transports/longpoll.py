@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gzip
 import hashlib
 import hmac
 import logging
@@ -52,6 +53,7 @@ TOKEN_PREFIX = "lp."
 SESSION_HEADER = "x-phoenix-longpoll-token"
 AUTH_TOKEN_HEADER = "x-phoenix-authtoken"  # phoenix.js >= 1.8 `authToken` over long-poll
 NDJSON = "application/x-ndjson"
+GZIP_LEVEL = 6  # as the WebSocket's deflate (transports/deflate.py)
 # A session with no GET for this many windows is closed (Phoenix: trunc(window_ms * 1.5)).
 INACTIVE_WINDOWS = 1.5
 # An nd-JSON batch POST may hold this many PUSH_MAX_FRAME_BYTES (256KiB by default) in at most this many
@@ -159,10 +161,19 @@ class LongPollTransport:
     # --- HTTP
 
     def _answer(self, request: web.Request, body: bytes, status: int = 200) -> web.Response:
-        response = web.Response(status=status, body=body)
+        settings = self.admission.settings
+        # A poll's answer is one session's, so it is compressed per answer, and only when worth it.
+        gzipped = (settings.compression and len(body) >= settings.compression_min_bytes
+                   and accepts_gzip(request.headers.get("Accept-Encoding")))
+        response = web.Response(status=status, body=gzip.compress(body, GZIP_LEVEL, mtime=0) if gzipped else body)
         response.headers["Content-Type"] = JSON_UTF8
         response.headers["Cache-Control"] = "no-store"
+        if gzipped:
+            response.headers["Content-Encoding"] = "gzip"
         self._cors(request, response)
+        if settings.compression:  # whether an answer is gzipped depends on the request's Accept-Encoding
+            vary = response.headers.get("Vary")
+            response.headers["Vary"] = "Accept-Encoding" if vary is None else f"{vary}, Accept-Encoding"
         return response
 
     def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -330,6 +341,23 @@ class LongPollTransport:
                     return self._answer(request, _STATUS_413)
             session.receive(frame)
         return self._answer(request, _STATUS_410 if conn.gone else _STATUS_200)
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header accepts gzip: named with a q-value above 0, or else `*` so."""
+    weights: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[name.lower()] = weight
+    return weights.get("gzip", weights.get("*", 0.0)) > 0
 
 
 def _count_down(counts: dict[str, int], key: str) -> None:

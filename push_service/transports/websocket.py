@@ -5,7 +5,8 @@ task, no timer (until it closes). The front door (frontdoor.py) hands over a con
 request is an upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly
 as Phoenix refuses a failed `connect/3`; a Sec-WebSocket-Version other than 13: 426), answered 101,
 and the connection's protocol becomes a `WebSocketProtocol`. Outgoing frames are framed once per
-broadcast and written straight to the transport: the same bytes for every subscriber. A slow reader
+broadcast (and compressed once, when the client negotiated permessage-deflate: transports/deflate.py)
+and written straight to the transport: the same bytes for every subscriber. A slow reader
 is noticed by the transport's own flow control (`pause_writing`).
 """
 
@@ -27,6 +28,7 @@ from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer
 from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
+from push_service.transports.deflate import deflate_wire, negotiate
 from push_service.transports.handshake import (PATH, SUBPROTOCOL, UPGRADE_REQUIRED_HEADERS, VERSION, Refusal, admit,
                                                is_upgrade, refused, version_refusal, wrong_version)
 from push_service.transports.frames import (
@@ -84,7 +86,12 @@ async def handle(admission: Admission, request: web.Request) -> web.StreamRespon
         response.force_close()
         return response
     lost = asyncio.get_running_loop().create_future()
-    open_socket(admission, transport, request.headers.get, identity, serializer, rest, lost)
+    headers = request.headers
+
+    def header(name: str) -> str | None:  # repeated headers joined, as the front door's parser does
+        return ", ".join(headers.getall(name)) if name in headers else None
+
+    open_socket(admission, transport, header, identity, serializer, rest, lost)
     transport.resume_reading()  # in case aiohttp paused it while the tail grew
     await lost
     # aiohttp still thinks it owns the connection: tell it the connection is gone (its answer to this
@@ -106,13 +113,13 @@ class WebSocketProtocol(asyncio.Protocol):
     transport_name = "websocket"
 
     def __init__(self, admission: Admission, transport: asyncio.Transport, wire: Wire, identity: Identity,
-                 lost: asyncio.Future[None] | None = None) -> None:
+                 lost: asyncio.Future[None] | None = None, inflates: bool = False) -> None:
         self.wire = wire
         self._lost = lost
         self._metrics = admission.metrics
         self._transport = transport
         self._write = transport.write
-        self._reader = FrameReader(admission.settings.max_frame_bytes)
+        self._reader = FrameReader(admission.settings.max_frame_bytes, inflates)
         self._closing = False  # a Close was sent: nothing more goes out
         self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
         self._close_timer: asyncio.TimerHandle | None = None
@@ -305,12 +312,20 @@ def _upgrade_required(body: bytes, answer_id: str) -> bytes:
 
 def open_socket(admission: Admission, transport: asyncio.Transport, header: Callable[[str], str | None], identity: Identity,
                 serializer: Serializer, rest: bytes, lost: asyncio.Future[None] | None = None) -> None:
-    """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head."""
+    """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head.
+    A permessage-deflate offer, when compression is on, makes its frames go out on a compressed wire."""
+    settings = admission.settings
+    offer = negotiate(header("sec-websocket-extensions")) if settings.compression else None
+    if offer is None:
+        wire, extensions = WIRES[serializer], b""
+    else:
+        wire = deflate_wire(serializer, offer.window_bits, settings.compression_min_bytes)
+        extensions = b"Sec-WebSocket-Extensions: " + offer.header.encode() + b"\r\n"
     response = b"".join((
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
         b"Sec-WebSocket-Accept: ", accept_key_bytes((header("sec-websocket-key") or "").encode()), b"\r\n",
         b"Sec-WebSocket-Protocol: phoenix\r\n" if has_token(header("sec-websocket-protocol"), SUBPROTOCOL) else b"",
-        b"\r\n"))
-    protocol = WebSocketProtocol(admission, transport, WIRES[serializer], identity, lost)
+        extensions, b"\r\n"))
+    protocol = WebSocketProtocol(admission, transport, wire, identity, lost, offer is not None)
     transport.set_protocol(protocol)
     protocol.start(response, rest)
