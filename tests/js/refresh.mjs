@@ -1,10 +1,11 @@
 // The official phoenix npm client refreshing its token on a live socket, driven by tests/test_token_refresh.py.
 //
-//   node refresh.mjs <16|17|18> <socket url> --secret S --sub ID --ttl SECONDS --every-ms N --topic NAME
+//   node refresh.mjs <16|17|18> <socket url> --secret S --sub ID --ttl SECONDS --every-ms N --topic NAME [--longpoll]
 //
 // Mints its own HS256 tokens with the secret (as a backend would hand them out), each living at least
 // --ttl seconds; connects with one, joins the topic with a Presence, and every --every-ms pushes a fresh
 // token as `access_token` on the channel (the params closure hands the newest to any reconnect).
+// --longpoll: transport LongPoll instead of the WebSocket (the `ws` package).
 //
 // Prints one JSON object per line on stdout:
 //   {"event":"open"}  {"event":"close","code":...,"reason":...}  {"event":"error","message":...}
@@ -19,6 +20,7 @@ import { createHmac } from "node:crypto";
 import { parseArgs } from "node:util";
 import WebSocket from "ws";
 import { exitWithStdin, reportJoin } from "./report.mjs";
+import FetchXMLHttpRequest from "./xhr.mjs";
 
 const { positionals, values: opts } = parseArgs({
   allowPositionals: true,
@@ -28,6 +30,7 @@ const { positionals, values: opts } = parseArgs({
     ttl: { type: "string" },
     "every-ms": { type: "string" },
     topic: { type: "string" },
+    longpoll: { type: "boolean", default: false },
   },
 });
 const [version, url] = positionals;
@@ -35,7 +38,11 @@ if (!["16", "17", "18"].includes(version) || !url || !opts.secret || !opts.sub |
   console.error("usage: node refresh.mjs <16|17|18> <socket url> --secret S --sub ID --ttl S --every-ms N --topic T");
   process.exit(2);
 }
-const { Socket, Presence } = await import(`phoenix${version}`);
+if (version !== "18") {  // phoenix < 1.8 long-polls with XMLHttpRequest, which Node lacks
+  globalThis.XMLHttpRequest = FetchXMLHttpRequest;
+  globalThis.self = globalThis;
+}
+const { Socket, Presence, LongPoll } = await import(`phoenix${version}`);
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
 const b64 = (data) => Buffer.from(data).toString("base64url");
@@ -48,7 +55,7 @@ function mint() {
 }
 
 let token = mint();
-const socket = new Socket(url, { transport: WebSocket, params: () => ({ token }) });
+const socket = new Socket(url, { transport: opts.longpoll ? LongPoll : WebSocket, params: () => ({ token }) });
 socket.onOpen(() => emit({ event: "open" }));
 socket.onError((error) => emit({ event: "error", message: (error && error.message) || String(error) }));
 socket.onClose((event) => emit({ event: "close", code: event.code, reason: event.reason }));
