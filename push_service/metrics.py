@@ -40,9 +40,10 @@ ENDPOINTS = ("message", "channel", "thread", "community", "user", "broadcast", "
 PUBLISH_REFUSALS = ("lag",)
 RECOVERY_RESULTS = ("recovered", "not_recovered")
 JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since")
-CONNECT_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
-                    "not_yet_valid", "expired", "bad_issuer", "bad_audience", "bad_claims",
-                    "origin", "vsn", "draining")
+TOKEN_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
+                  "not_yet_valid", "expired", "bad_issuer", "bad_audience", "bad_claims")
+CONNECT_REFUSALS = (*TOKEN_REFUSALS, "origin", "vsn", "draining")
+TOKEN_REFRESH_RESULTS = ("ok", "too_many_refreshes", "sub_mismatch", "bad_payload", *TOKEN_REFUSALS)
 DISCONNECTS = ("token expired", "heartbeat timeout", "server shutting down", "invalid message", "slow consumer",
                "service restart")
 BROKER_PROTOCOL_ERRORS = ("not_resp2", "reply_too_large", "unasked_reply", "bad_push")
@@ -234,6 +235,9 @@ class Metrics:
             "push_client_errors_total", "Bad or refused client frames, by reason", ["reason"], registry=registry)
         self.disconnects = Counter(
             "push_disconnects_total", "Connections closed by the server, by reason", ["reason"], registry=registry)
+        self.token_refreshes = Counter(
+            "push_token_refreshes_total", "access_token events (token refresh on a live socket), by result: ok, "
+            "or why the token was refused", ["result"], registry=registry)
         self.slow_consumers = Counter(
             "push_slow_consumer_disconnects_total", "Subscribers dropped because their send buffer overflowed",
             registry=registry)
@@ -281,6 +285,7 @@ class Metrics:
         self.joins_refused.preset(JOIN_REFUSALS)
         self.client_errors.preset(CLIENT_ERRORS)
         self.disconnects.preset(DISCONNECTS)
+        self.token_refreshes.preset(TOKEN_REFRESH_RESULTS)
         self.published.preset(ENDPOINTS)
         self.publishes_refused.preset(PUBLISH_REFUSALS)
         self.recoveries.preset(RECOVERY_RESULTS)

@@ -20,6 +20,7 @@ from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.errors import ProtocolError
 from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message
+from push_service.refresh import ACCESS_TOKEN, RefreshRefused, TokenRefresh
 from push_service.topics import Topic, may_join, parse_topic
 
 log = logging.getLogger("push_service.session")
@@ -71,6 +72,9 @@ class SessionHost(Protocol):
     def now(self) -> float:
         """The event loop's clock."""
 
+    def verify(self, token: str) -> Identity:
+        """The identity a token grants, checked exactly as at connect; AuthError when it is refused."""
+
     def subscribe(self, topic: str, session: Session) -> bool:
         """True: in effect now; False: `session.subscribed(topic)` follows once it is."""
 
@@ -117,7 +121,7 @@ class Channel:
 class Session:
     # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
     __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen", "_write",
-                 "_closing", "_disconnected", "remote", "connected_at")
+                 "_closing", "_disconnected", "remote", "connected_at", "_refresh")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -136,6 +140,7 @@ class Session:
         self._held: dict[str, list[Broadcast]] | None = None
         # topic -> the position its replay went up to, until a live broadcast beyond it arrives (None: none)
         self._floors: dict[str, Position] | None = None
+        self._refresh: TokenRefresh | None = None  # made at the first access_token event
 
     # --- output
 
@@ -315,7 +320,9 @@ class Session:
         return True
 
     def _to_unjoined(self, message: Message) -> None:
-        if message.event == LEAVE:
+        if message.event == ACCESS_TOKEN and message.topic == PHOENIX_TOPIC:
+            self._refresh_token(None, message)
+        elif message.event == LEAVE:
             self._reply(message.join_ref, message, "ok", {})
         else:
             self.host.metrics.client_errors.labels("unmatched_topic").inc()
@@ -326,10 +333,28 @@ class Session:
             status, response = self.host.presence.typing(self, channel.topic.name, message.payload)
             self._reply(channel.join_ref, message, status, response)
             return
+        if message.event == ACCESS_TOKEN:
+            self._refresh_token(channel.join_ref, message)
+            return
         # The service writes nothing and relays nothing a client sends: any other event is refused
         # calmly (Phoenix would crash the channel and make the client rejoin).
         self.host.metrics.client_errors.labels("unhandled_event").inc()
         self._reply(channel.join_ref, message, "error", {"reason": "unhandled event"})
+
+    def _refresh_token(self, join_ref: Any, message: Message) -> None:
+        """`access_token`: a new token (same sub) sets the expiry and the topics the connection may stay on.
+        The reply comes before the leaves: the topic it was pushed on may be one of them."""
+        refresh = self._refresh = self._refresh or TokenRefresh()
+        host = self.host
+        try:
+            self.identity = refresh.identity(self.identity, message.payload, host.now(), host.verify, host.metrics)
+        except RefreshRefused as refused:
+            self._reply(join_ref, message, "error", {"reason": refused.explanation})
+            return
+        self._reply(join_ref, message, "ok", {})
+        for channel in list(self.channels.values()):
+            if not may_join(self.identity, channel.topic, host.settings.require_topics_claim):
+                self.kick(channel.topic.name)
 
     def _drop_channel(self, channel: Channel) -> None:
         del self.channels[channel.topic.name]

@@ -18,6 +18,7 @@ from push_service.messages import Broadcast, Position, Recovery, Wire
 from push_service.metrics import Metrics
 from push_service.protocol import V2
 from push_service.connection import INVALID_MESSAGE, Disconnect
+from push_service.errors import AuthError
 from push_service.session import Session
 from push_service.topics import Topic
 
@@ -63,9 +64,17 @@ class FakeHost:
         self.subscriptions: dict[str, list[Session]] = {}
         self.recoveries: list[tuple[str, Position | None, Callable[[Recovery | None], None]]] = []
         self.forgotten: list[Session] = []
+        self.tokens: dict[str, Identity] = {}  # what verify() accepts; any other token is "bad_signature"
+        self.verified: list[str] = []
 
     def now(self) -> float:
         return self.clock
+
+    def verify(self, token: str) -> Identity:
+        self.verified.append(token)
+        if token not in self.tokens:
+            raise AuthError("bad_signature", "Signature verification failed")
+        return self.tokens[token]
 
     def subscribe(self, topic: str, session: Session) -> bool:
         self.subscriptions.setdefault(topic, []).append(session)
@@ -277,3 +286,56 @@ def test_closed_releases_everything_and_writes_nothing_more():
     assert host.presence.forgotten == [session.id]
     session.deliver(Broadcast.of(LOBBY, "new_msg", {}))
     assert conn.frames() == []
+
+
+# --- access_token: token refresh on a live socket
+
+
+def test_a_refresh_replaces_the_identity_then_leaves_the_topics_it_no_longer_allows():
+    host = FakeHost()
+    session, conn = open_session(host, topics=("room:*",))
+    push(session, "1", "1", LOBBY, "phx_join")
+    push(session, "2", "2", THREAD, "phx_join")
+    conn.frames()
+    narrow = Identity(sub="u1", exp=time.time() + 7200, topics=("room:lobby:*",))
+    host.tokens["narrow"] = narrow
+    push(session, "1", "3", LOBBY, "access_token", {"access_token": "narrow"})
+    # The reply first, then the server-side leave: phx_close, out of presence, unsubscribed.
+    assert conn.frames() == [reply("1", "3", LOBBY, "ok"), ["2", "2", THREAD, "phx_close", {}]]
+    assert session.identity is narrow and list(session.channels) == [LOBBY]
+    assert host.presence.present[THREAD] == set() and host.subscriptions[THREAD] == []
+    assert host.metrics.registry.get_sample_value("push_token_refreshes_total", {"result": "ok"}) == 1
+
+
+def test_refreshes_verify_at_most_once_a_second_and_a_repeated_token_is_free():
+    host = FakeHost()
+    session, conn = open_session(host)
+    push(session, "1", "1", LOBBY, "phx_join")
+    conn.frames()
+    host.tokens["a"] = Identity(sub="u1", exp=time.time() + 60)
+    host.tokens["b"] = Identity(sub="u1", exp=time.time() + 120)
+    push(session, None, "2", "phoenix", "access_token", {"access_token": "a"})
+    push(session, "1", "3", LOBBY, "access_token", {"access_token": "a"})  # as clients do, on each channel
+    push(session, "1", "4", LOBBY, "access_token", {"access_token": "b"})
+    host.clock += 1.0
+    push(session, "1", "5", LOBBY, "access_token", {"access_token": "b"})
+    assert conn.frames() == [reply(None, "2", "phoenix", "ok"), reply("1", "3", LOBBY, "ok"),
+                             reply("1", "4", LOBBY, "error", {"reason": "too_many_refreshes"}),
+                             reply("1", "5", LOBBY, "ok")]
+    assert host.verified == ["a", "b"] and session.identity is host.tokens["b"]
+
+
+def test_a_refused_refresh_keeps_the_identity():
+    host = FakeHost()
+    session, conn = open_session(host)
+    first = session.identity
+    host.tokens["other"] = Identity(sub="u2", exp=time.time() + 60)
+    push(session, None, "1", "phoenix", "access_token", {"access_token": "other"})
+    host.clock += 1.0
+    push(session, None, "2", "phoenix", "access_token", {"access_token": "forged"})
+    push(session, None, "3", "phoenix", "access_token", ["not", "an", "object"])
+    assert conn.frames() == [
+        reply(None, "1", "phoenix", "error", {"reason": "sub_mismatch: the token is for another sub"}),
+        reply(None, "2", "phoenix", "error", {"reason": "bad_signature"}),
+        reply(None, "3", "phoenix", "error", {"reason": 'bad_payload: expected {"access_token": "<JWT>"}'})]
+    assert session.identity is first
