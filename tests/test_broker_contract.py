@@ -18,8 +18,8 @@ from push_service.broker.redis_cluster import RedisClusterBroker
 from push_service.config import Settings
 from push_service.messages import Broadcast, Recovery
 from push_service.node import Node
-from push_service.protocol import V2
-from push_service.transports.websocket import WIRES
+
+from fakes import RecordingConnection
 
 TOPIC = "room:lobby:1"
 
@@ -56,26 +56,12 @@ async def test_with_history_off_every_broker_recovers_to_an_awaitable_of_none(br
     assert await asyncio.wait_for(broker.recover(TOPIC, None), 1.0) is None
 
 
-class _Conn:
-    transport_name = "websocket"
-
-    def __init__(self) -> None:
-        self.wire = WIRES[V2]
-        self.frames: list[Any] = []
-
-    def send(self, data: bytes) -> None:
-        self.frames.append(orjson.loads(data[2:] if data[1] < 126 else data[4:]))
-
-    def close(self, disconnect: Any) -> None:
-        pass
-
-
 async def test_one_node_answers_a_publish_and_a_join_with_history_at_once_without_a_task():
     node = Node(Settings(history_size=100))
     await node.start()
     try:
         tasks = asyncio.all_tasks()
-        conn = _Conn()
+        conn = RecordingConnection()
         session = node.open_session(Identity("u1", time.time() + 60), conn, "websocket")
         session.receive(orjson.dumps(["1", "1", TOPIC, "phx_join", {"since": None}]).decode())
         assert [frame[3] for frame in conn.frames] == ["phx_reply"]  # the history read answered at once

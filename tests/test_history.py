@@ -39,8 +39,8 @@ from push_service.config import Settings
 from push_service.history.memory import ENTRY_OVERHEAD, MemoryHistory
 from push_service.messages import Broadcast, Position, Recovery, new_epoch
 from push_service.node import Node
-from push_service.protocol import V2
-from push_service.transports.websocket import WIRES
+
+from fakes import RecordingConnection
 
 TIMEOUT = 5.0  # for any one thing that should happen promptly
 RECOVER_JS = JS_DIR / "recover.mjs"
@@ -407,20 +407,6 @@ class _HeldBroker(MemoryBroker):
         return self.reads[-1]
 
 
-class _Conn:
-    transport_name = "websocket"
-
-    def __init__(self) -> None:
-        self.wire = WIRES[V2]
-        self.frames: list[Any] = []
-
-    def send(self, data: bytes) -> None:
-        self.frames.append(orjson.loads(data[2:] if data[1] < 126 else data[4:]))
-
-    def close(self, disconnect: Any) -> None:
-        pass
-
-
 async def test_a_live_copy_of_a_replayed_broadcast_is_not_sent_again():
     """With Redis or NATS, the history read can answer before this node hears the newest broadcast live
     (pub/sub and the read travel separately): the replay already sent it, so its live copy is dropped."""
@@ -429,7 +415,7 @@ async def test_a_live_copy_of_a_replayed_broadcast_is_not_sent_again():
     node = Node(settings, broker)
     await node.start()
     try:
-        conn = _Conn()
+        conn = RecordingConnection()
         session = node.open_session(Identity("u1", time.time() + 60), conn, "websocket")
         topic = "room:lobby:1"
         session.receive(orjson.dumps(["1", "1", topic, "phx_join", {"since": "e~3"}]).decode())

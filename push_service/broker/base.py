@@ -15,6 +15,11 @@ from typing import TypeVar
 from push_service.messages import Broadcast, Position, Recovery
 from push_service.presence.replicated import PresenceStore
 
+def not_started(*args: object) -> None:
+    """What a broker's callbacks are until `start` gives it the real ones."""
+    raise RuntimeError("the broker was not started")
+
+
 # Called on this node for each broadcast the broker delivers (the hub sends it out this loop iteration).
 Deliver = Callable[[Broadcast], None]
 # Called when a subscription that `subscribe` could not make effective at once is in place.

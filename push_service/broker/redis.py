@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from push_service.broker import envelope
 from push_service.broker.backoff import Backoff
-from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal, resolved
+from push_service.broker.base import DOWN_MESSAGE, START_WAIT, Broker, Confirmed, Deliver, Signal, not_started, resolved
 from push_service.config import Settings, redact_url
 from push_service.errors import BrokerUnavailable
 from push_service.messages import Broadcast, Position, Recovery
@@ -44,10 +44,6 @@ SUBSCRIBE_CHUNK = 1000
 
 PUBLISH_SCRIPT = publish_script(sharded=False)
 CHANNEL_PREFIX = STANDALONE.channel_prefix
-
-
-def _unstarted(*args: object) -> None:
-    raise RuntimeError("the broker was not started")
 
 
 class RedisBroker(Broker):
@@ -75,9 +71,9 @@ class RedisBroker(Broker):
         self._attempted = asyncio.Event()  # the first connection attempt succeeded or failed
         self._runner: asyncio.Task[None] | None = None
         # Set by start(), before the first connection hears anything.
-        self._deliver: Deliver = _unstarted
-        self._confirmed: Confirmed = _unstarted
-        self._signal: Signal = _unstarted
+        self._deliver: Deliver = not_started
+        self._confirmed: Confirmed = not_started
+        self._signal: Signal = not_started
 
     # --- interface
 

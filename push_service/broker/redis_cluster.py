@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, Confirmed, Deliver, Signal, resolved
+from push_service.broker.base import Broker, Confirmed, Deliver, Signal, not_started, resolved
 from push_service.errors import BrokerUnavailable
 from push_service.broker.redis_connection import COMMAND_TIMEOUT
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, Endpoint, RedisConnection
@@ -42,10 +42,6 @@ MAP_CHECK = 5.0       # read the slot map this often when all is well (a reshard
 DEGRADED_CHECK = 0.5  # and this often while a shard is down, to find the replica that replaces it
 MAP_GAP = 0.05        # and at most this often in any case
 REDIRECTED = ("MOVED", "ASK")
-
-
-def _unstarted(*args: object) -> None:
-    raise RuntimeError("the broker was not started")
 
 
 class RedisClusterBroker(Broker):
@@ -75,9 +71,9 @@ class RedisClusterBroker(Broker):
         self._connected = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._retired: set[asyncio.Task[None]] = set()  # shards no longer masters, being stopped
-        self._deliver: Deliver = _unstarted
-        self._confirmed: Confirmed = _unstarted
-        self._signal: Signal = _unstarted
+        self._deliver: Deliver = not_started
+        self._confirmed: Confirmed = not_started
+        self._signal: Signal = not_started
 
     # --- interface
 

@@ -1,0 +1,26 @@
+"""Stand-ins for a transport, for tests that drive a Node or a Session without sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from push_service.protocol import V2
+from push_service.transports.websocket import WIRES
+
+
+class RecordingConnection:
+    """A WebSocket connection that keeps what the session wrote, as decoded Phoenix frames (`frames`)."""
+
+    transport_name = "websocket"
+
+    def __init__(self) -> None:
+        self.wire = WIRES[V2]
+        self.frames: list[Any] = []
+
+    def send(self, data: bytes) -> None:
+        self.frames.append(orjson.loads(data[2:] if data[1] < 126 else data[4:]))
+
+    def close(self, disconnect: Any) -> None:
+        pass
