@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from push_service.auth import Identity
-from push_service.errors import AuthError
+from push_service.errors import AuthError, ClientError
 from push_service.metrics import Metrics
 
 ACCESS_TOKEN = "access_token"
@@ -23,7 +23,7 @@ SUB_MISMATCH = "sub_mismatch"
 BAD_PAYLOAD = "bad_payload"
 
 
-class RefreshRefused(Exception):
+class RefreshRefused(ClientError):
     """The refresh is refused; `reason` is the error reply's reason and the metric's result."""
 
     def __init__(self, reason: str, explanation: str | None = None) -> None:

@@ -595,7 +595,7 @@ def test_redis_overlay_points_at_its_redis(rendered: dict[str, list[dict[str, An
 def test_secret_example_is_documentation_only() -> None:
     secret = secret_example()
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "push-service"
-    assert set(secret["stringData"]) == {"PUSH_SERVICE_KEY", "PUSH_JWT_SECRET"}
+    assert set(secret["stringData"]) == {"PUSH_SERVICE_KEY", "PUSH_JWT_SECRET", "PUSH_ADMIN_KEY"}
     listed = load_docs(K8S_BASE / "kustomization.yaml")[0]["resources"]
     assert "secret.example.yaml" not in listed, "keys never go through git"
     # Applied verbatim by mistake, the empty values make production refuse to start rather than run keyless.
@@ -684,7 +684,7 @@ def test_compose_stack(compose: dict[str, Any], final: Stage) -> None:
     # The environment a replica runs with is a valid production configuration (with keys filled in).
     assert push["env_file"] == ["compose.env"]
     example = read_env_file(COMPOSE_ENV_EXAMPLE)
-    assert set(example) == {"PUSH_SERVICE_KEY", "PUSH_JWT_SECRET"} and not any(example.values())
+    assert set(example) == {"PUSH_SERVICE_KEY", "PUSH_JWT_SECRET", "PUSH_ADMIN_KEY"} and not any(example.values())
     env = {**pick_push(image_env(final)), **example, **push["environment"]}
     with pytest.raises(ConfigError):
         Settings.load(environ=env)  # the example as is: no keys, no start
