@@ -155,6 +155,7 @@ async def test_disconnect_closes_websocket_and_longpoll_connections_of_that_user
     assert [line["reason"] for line in server.log_lines if line.get("event") == "admin_disconnect"] == ["", "test"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("version", "reconnect", "reopens"), [
     ("16", False, False), ("17", False, False), ("16", True, True), ("17", True, True), ("18", True, True),
     # phoenix.js 1.8 reconnects after every close it did not make itself, whatever its code (README).
@@ -312,6 +313,7 @@ async def test_reads_and_unsubscribe_reach_every_node(broker_url, start_server):
             await socket.heartbeat()
 
 
+@pytest.mark.slow
 async def test_disconnect_crosses_nodes_over_a_redis_cluster_too(redis_cluster, start_server):  # noqa: F811
     a, b = await start_nodes(start_server, 2, redis_cluster.url)
     await see_each_other([a, b])

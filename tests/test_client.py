@@ -137,6 +137,7 @@ async def stub(statuses: list[int], retry_after: str | None) -> AsyncIterator[tu
         await runner.cleanup()
 
 
+@pytest.mark.slow
 async def test_retry_after_is_honoured_and_4xx_is_never_retried():
     async with stub([503, 503], "1") as (url, seen):
         async with AsyncPushClient(url, publish_key="k", attempts=4) as push:

@@ -297,6 +297,7 @@ async def test_nats_node_heartbeat_ttl_follows_the_node_timeout(broker_process, 
 # ===================================================================== 3, 4. broker outage
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["redis", "nats"])
 async def test_broker_outage_and_recovery(kind, broker_process, start_server):
     topic = f"room:lobby:{uuid.uuid4().hex}"
@@ -357,6 +358,7 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited, only its reaping is left
 
 
+@pytest.mark.slow
 async def test_workers_share_the_port_and_stop_together(redis_url, start_server):
     topic = f"room:topic:{uuid.uuid4().hex}"
     port = free_port()

@@ -28,6 +28,7 @@ async def count(http: aiohttp.ClientSession, server: ServerProcess, topic: str) 
         return await response.json()
 
 
+@pytest.mark.slow
 async def test_presence_reads_are_cluster_wide_on_a_node_without_subscribers(presence_broker_url, start_server):
     topic = f"room:topic:{uuid.uuid4().hex}"
     serving, other = await start_nodes(start_server, 2, presence_broker_url)

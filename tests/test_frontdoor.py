@@ -133,6 +133,7 @@ async def test_what_the_front_door_does_not_serve_goes_to_aiohttp(start_server):
         assert await asyncio.wait_for(conn.reader.read(), TIMEOUT) == b""  # and closed
 
 
+@pytest.mark.slow
 async def test_publishes_on_a_draining_node_get_503(start_server):
     server = await start_server(PUSH_DRAIN_SECONDS="3")
     async with aiohttp.ClientSession() as http, raw(server) as conn:

@@ -154,6 +154,7 @@ async def hold(server: ServerProcess, first: bytes, partial: bytes, answered: bo
         writer.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 async def test_partial_requests_are_cut_and_the_server_keeps_answering(server: LimitedServer, kind: str) -> None:
     first, partial, answered = KINDS[kind]
@@ -217,6 +218,7 @@ async def test_a_client_leaving_mid_body_is_a_client_abort_not_a_server_error(
     assert not [entry for entry in server.log_lines if entry.get("level") in ("error", "critical")]
 
 
+@pytest.mark.slow
 async def test_the_count_of_open_connections_returns_to_zero_on_every_path() -> None:
     """In process, to read the count PUSH_MAX_CONNECTIONS is checked against: a connection that leaves
     by any path must leave it, or the cap would close the door on clients that are not there."""

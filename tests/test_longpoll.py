@@ -253,6 +253,7 @@ async def test_unknown_or_forged_session_tokens(lp_server, http):
     assert await longpoll_connections(http, lp_server) == 1
 
 
+@pytest.mark.slow
 async def test_the_last_token_in_the_query_wins(lp_server, http):
     """phoenix.js sends `?token=<user jwt>&vsn=2.0.0&token=<session>`: the last one wins, as in Plug."""
     client = LongPollClient(http, lp_server)
@@ -376,6 +377,7 @@ async def test_origins_as_for_websocket(start_server, http):
     assert counts[("push_connects_refused_total", frozenset({("reason", "origin")}))] == 1
 
 
+@pytest.mark.slow
 async def test_a_session_that_stops_polling_is_closed_and_leaves_presence(lp_server, http):
     async with http.ws_connect(f"{lp_server.ws_url}?vsn=2.0.0&token={make_token('watcher')}") as ws:
         await ws.send_json(["1", "1", PRESENCE_TOPIC, "phx_join", {}])
@@ -419,6 +421,7 @@ async def test_a_waiting_poll_outlives_the_heartbeat_timeout(start_server, http)
     assert frame[4] == {"still": "here"}
 
 
+@pytest.mark.slow
 async def test_server_side_close_answers_the_waiting_poll(start_server, http):
     server = await start_server(PUSH_LONGPOLL_WINDOW="5")
     client = LongPollClient(http, server, jwt=make_token(ttl=2))

@@ -62,6 +62,7 @@ async def test_a_publish_is_answered_only_after_a_ping_that_follows_its_messages
         assert sent.count(b"PING\r\n") - pings < len(batch)  # fewer PINGs than publishes
 
 
+@pytest.mark.slow
 async def test_a_nats_that_stops_answering_fails_the_publish() -> None:
     async with broker_behind_proxy() as (broker, proxy):
         proxy.frozen = True

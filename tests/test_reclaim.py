@@ -65,6 +65,7 @@ def _structures(node: Node) -> dict[str, int]:
             "presences": node.presence.tracker.size, "sessions": len(node.sessions)}
 
 
+@pytest.mark.slow
 async def test_joining_and_leaving_100k_distinct_topics_leaves_nothing_behind() -> None:
     node = Node(Settings(history_size=100))  # the memory broker, history on (the default)
     await node.start()

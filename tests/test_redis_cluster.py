@@ -37,6 +37,8 @@ from push_service.broker.redis_shared import CLUSTER
 from push_service.broker.redis_slots import key_slot, parse_slots, redirection
 
 TIMEOUT = 5.0         # for any one thing that should happen promptly
+# Every test here needs the six-server cluster this module starts (2 s): none belongs in the quick subset.
+pytestmark = pytest.mark.slow
 FAILOVER = 20.0       # a killed master's replica promoted (cluster-node-timeout 1 s) and our nodes on it
 CLUSTER_START = 30.0  # six processes up and the cluster formed
 Frame = list[Any]

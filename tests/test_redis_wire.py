@@ -279,6 +279,7 @@ async def test_a_reply_that_never_ends_gives_the_connection_up_at_its_bound(
 # --- the broker when Redis misbehaves
 
 
+@pytest.mark.slow
 async def test_a_redis_that_stops_answering_fails_publishes_and_is_reconnected() -> None:
     require_redis()
     async with proxy_to(6379) as proxy:

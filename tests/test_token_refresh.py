@@ -77,6 +77,7 @@ async def refreshes(server: ServerProcess, result: str) -> float:
         return await metric(http, server, "push_token_refreshes_total", result=result)
 
 
+@pytest.mark.slow
 async def test_a_refreshed_socket_outlives_its_first_token(refresh_server):
     """Two sockets with a 2 s token: the one that refreshes stays up, the other is closed at expiry as before."""
     before = await refreshes(refresh_server, "ok")
@@ -92,6 +93,7 @@ async def test_a_refreshed_socket_outlives_its_first_token(refresh_server):
     assert await refreshes(refresh_server, "ok") == before + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token, reason, result", [
     pytest.param(make_token("u2"), "sub_mismatch: the token is for another sub", "sub_mismatch", id="other-sub"),
     pytest.param(make_token("u1", ttl=-60), "expired", "expired", id="expired"),
@@ -164,6 +166,7 @@ async def test_a_narrowed_token_on_the_dropped_topic_is_answered_before_it_close
         assert await client.next_json() == ["1", "1", THREAD, "phx_close", {}]
 
 
+@pytest.mark.slow
 async def test_refresh_on_the_phoenix_topic(refresh_server):
     async with connected(refresh_server, make_token("u1", ttl=2)) as kept, \
             connected(refresh_server, make_token("u1", ttl=2)) as left:

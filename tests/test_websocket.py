@@ -644,6 +644,7 @@ async def test_heartbeat_timeout(start_server):
         assert await metric(http, server, "push_disconnects_total", reason="heartbeat timeout") == 1
 
 
+@pytest.mark.slow
 async def test_token_expiry_closes_the_socket(server):
     exp = int(time.time()) + 2
     token = make_token(ttl=exp - int(time.time()))

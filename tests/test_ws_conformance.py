@@ -357,6 +357,7 @@ async def test_7_after_the_servers_close_data_is_dropped_until_the_clients_close
     assert await client.closed_with() == (1007, "invalid message")
 
 
+@pytest.mark.slow
 async def test_7_a_client_that_never_answers_the_servers_close_is_cut_off(client: Client) -> None:
     await client.send_raw(raw_frame(TEXT, b"junk"))
     started = time.monotonic()

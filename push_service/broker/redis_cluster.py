@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from push_service.broker import envelope
-from push_service.broker.base import Broker, Confirmed, Deliver, Signal, not_started, resolved
+from push_service.broker.base import START_WAIT, Broker, Confirmed, Deliver, Signal, not_started, resolved
 from push_service.errors import BrokerUnavailable
 from push_service.broker.redis_connection import COMMAND_TIMEOUT
 from push_service.broker.redis_connection import PROTOCOL_ERRORS, ConnectionLost, Endpoint, RedisConnection
@@ -81,7 +81,7 @@ class RedisClusterBroker(Broker):
         self._deliver, self._confirmed, self._signal = deliver, confirmed, signal
         self._runner = asyncio.create_task(self._run(), name="redis-cluster-broker")
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), 5.0)
+            await asyncio.wait_for(self._connected.wait(), START_WAIT)
 
     def _shard_of(self, topic: str) -> Shard | None:
         address = self._owners[key_slot(CLUSTER.channel(topic))]
