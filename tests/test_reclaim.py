@@ -140,7 +140,7 @@ async def _gauge_is_zero(http: aiohttp.ClientSession, server: ServerProcess, tra
 
 
 WARM_UP_ROUNDS = 2  # the allocator's and the dicts' first growth
-ROUNDS = 3  # measured: freed sessions leave their memory to the next round, leaked ones add theirs
+ROUNDS = 2  # measured: freed sessions leave their memory to the next round, leaked ones add theirs
 
 
 async def _rounds_grow(http: aiohttp.ClientSession, server: ServerProcess, transport: str,
