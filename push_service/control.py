@@ -28,6 +28,8 @@ CONTROL_PREFIX = "push:control"  # no topic family a client may join starts so
 REQUESTS = CONTROL_PREFIX
 MAX_ANSWER_BYTES = 1 << 20  # a handler's answer past this is replaced by an error, not sent
 MAX_PENDING = 1000  # requests of this node waiting for answers at once
+MAX_PEERS = 1000  # other nodes remembered at once: what the broker brings cannot grow this without bound
+MAX_NODE_ID = 64  # characters of a sender's node id (ours are 12)
 HEARTBEAT_MIN = 0.2  # seconds: the heartbeat comes a third of PUSH_NODE_TIMEOUT apart, at most 5 s and at least this
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -101,11 +103,15 @@ class Control:
         return {node_id: self._heartbeats.get(node_id, 0.0) for node_id in self._peers}
 
     def _heard_from(self, node_id: str) -> None:
-        if node_id != self.node_id:
-            self._peers[node_id] = time.monotonic()
+        if node_id == self.node_id or len(node_id) > MAX_NODE_ID:
+            return
+        if node_id not in self._peers and len(self._peers) >= MAX_PEERS:
+            return  # a flood of made-up senders; real nodes come back once the dead ones are pruned
+        self._peers[node_id] = time.monotonic()
 
     async def _heartbeat(self) -> None:
         while True:
+            self.live_peers()  # prunes the nodes not heard within PUSH_NODE_TIMEOUT, asked or not
             for tick in self.ticks:
                 try:
                     tick()
@@ -170,7 +176,8 @@ class Control:
             kind = message.get("kind")
             if kind == "heartbeat":
                 at = message.get("at")
-                self._heartbeats[sender] = at if isinstance(at, (int, float)) else 0.0
+                if sender in self._peers:
+                    self._heartbeats[sender] = at if isinstance(at, (int, float)) else 0.0
             elif isinstance(kind, str) and isinstance(message.get("id"), str) and isinstance(message.get("args"), dict):
                 self._answer(sender, message["id"], kind, message["args"])
         elif topic == answers_topic(self.node_id):
