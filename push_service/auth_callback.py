@@ -31,7 +31,7 @@ import orjson
 from push_service.auth import Identity
 from push_service.config import Settings
 from push_service.errors import AuthError
-from push_service.metrics import Metrics
+from push_service.metrics import Gauge, Metrics
 
 log = logging.getLogger("push_service.auth_callback")
 
@@ -166,6 +166,8 @@ class AuthBackend:
                           for endpoint in (CONNECT, JOIN) for outcome in OUTCOMES}
         self._hits = {endpoint: metrics.auth_callback_cache.labels(endpoint, "hit") for endpoint in (CONNECT, JOIN)}
         self._misses = {endpoint: metrics.auth_callback_cache.labels(endpoint, "miss") for endpoint in (CONNECT, JOIN)}
+        Gauge("push_auth_callbacks_pending", "Calls to the auth backend in flight or waiting for a slot",
+              registry=metrics.registry).set_function(lambda: len(self._calls))
 
     async def start(self) -> None:
         # No cookie jar: a Set-Cookie of the backend's must not ride along on other users' calls.
@@ -178,14 +180,6 @@ class AuthBackend:
             task.cancel()
         if self._session is not None:
             await self._session.close()
-
-    @property
-    def calls_in_flight(self) -> int:
-        return len(self._calls)
-
-    @property
-    def cached(self) -> int:
-        return len(self._cache.entries)
 
     def asks_for(self, token: str | None) -> bool:
         """Whether a connect with this token (None: none given) goes to the backend: a token, or without
