@@ -31,6 +31,7 @@ import orjson
 from push_service.auth import Identity
 from push_service.config import Settings
 from push_service.errors import AuthError
+from push_service.metrics import AUTH_CALLBACK_OUTCOMES as OUTCOMES
 from push_service.metrics import Gauge, Metrics
 
 log = logging.getLogger("push_service.auth_callback")
@@ -42,7 +43,6 @@ CACHE_SIZE = 10_000
 QUEUE_FACTOR = 4  # calls waiting for a slot, per slot
 CONNECT, JOIN = "connect", "join"
 ADMIT, REFUSE, ERROR, TIMEOUT, OVERLOAD = "admit", "refuse", "error", "timeout", "overload"
-OUTCOMES = (ADMIT, REFUSE, ERROR, TIMEOUT, OVERLOAD)
 # What a client's join error says (phoenix.js retries a refused join; "unauthorized" is Linen's word).
 UNAUTHORIZED = "unauthorized"
 UNAVAILABLE = "auth backend unavailable"

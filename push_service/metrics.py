@@ -42,6 +42,8 @@ RECOVERY_RESULTS = ("recovered", "not_recovered")
 JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since", "auth_unavailable")
 TOKEN_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
                   "not_yet_valid", "expired", "bad_issuer", "bad_audience", "bad_claims")
+AUTH_CALLBACK_ENDPOINTS = ("connect", "join")
+AUTH_CALLBACK_OUTCOMES = ("admit", "refuse", "error", "timeout", "overload")
 AUTH_CALLBACK_REFUSALS = ("auth_refused", "auth_error", "auth_timeout", "auth_overload")
 CONNECT_REFUSALS = (*TOKEN_REFUSALS, *AUTH_CALLBACK_REFUSALS, "origin", "vsn", "draining")
 TOKEN_REFRESH_RESULTS = ("ok", "too_many_refreshes", "sub_mismatch", "bad_payload", *TOKEN_REFUSALS)
@@ -300,6 +302,8 @@ class Metrics:
         self.published.preset(ENDPOINTS)
         self.publishes_refused.preset(PUBLISH_REFUSALS)
         self.recoveries.preset(RECOVERY_RESULTS)
+        self.auth_callbacks.preset(AUTH_CALLBACK_ENDPOINTS, AUTH_CALLBACK_OUTCOMES)
+        self.auth_callback_cache.preset(AUTH_CALLBACK_ENDPOINTS, ("hit", "miss"))
         # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)

@@ -441,3 +441,16 @@ async def test_stock_phoenix_js_connects_with_an_opaque_token(start_server, back
         message = await js.wait_event("message", topic="room:lobby:7")
         assert message["payload"] == {"text": "hello"}
     assert [call["path"] for call in backend.requests] == ["/who", "/can"]
+
+
+async def test_production_in_callback_mode_runs_without_a_jwt_key(start_server, backend, http):
+    backend.tokens["session-1"] = (200, "ada")
+    server = await start_server(**connect_env(backend, PUSH_AUTH_MODE="callback", PUSH_ENV="production",
+                                              PUSH_JWT_SECRET=""))
+    client = await Client.connect(server.port, "session-1")
+    try:
+        assert (await join(client, "user:ada"))[4] == OK
+    finally:
+        client.close()
+    assert (await upgrade_status(server, ""))[0] == 403  # no token, no headers forwarded: not asked
+    assert len(backend.calls("/who")) == 1
