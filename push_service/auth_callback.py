@@ -32,7 +32,7 @@ from push_service.auth import Identity
 from push_service.config import Settings
 from push_service.errors import AuthError
 from push_service.metrics import AUTH_CALLBACK_OUTCOMES as OUTCOMES
-from push_service.metrics import Gauge, Metrics
+from push_service.metrics import Metrics
 
 log = logging.getLogger("push_service.auth_callback")
 
@@ -166,8 +166,7 @@ class AuthBackend:
                           for endpoint in (CONNECT, JOIN) for outcome in OUTCOMES}
         self._hits = {endpoint: metrics.auth_callback_cache.labels(endpoint, "hit") for endpoint in (CONNECT, JOIN)}
         self._misses = {endpoint: metrics.auth_callback_cache.labels(endpoint, "miss") for endpoint in (CONNECT, JOIN)}
-        Gauge("push_auth_callbacks_pending", "Calls to the auth backend in flight or waiting for a slot",
-              registry=metrics.registry).set_function(lambda: len(self._calls))
+        metrics.auth_callbacks_pending.set_function(lambda: len(self._calls))
 
     async def start(self) -> None:
         # No cookie jar: a Set-Cookie of the backend's must not ride along on other users' calls.

@@ -288,6 +288,9 @@ class Metrics:
         self.auth_callback_seconds = Histogram(
             "push_auth_callback_seconds", "Auth backend calls, from the ask to the answer (its wait for a slot "
             "included)", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=registry)
+        self.auth_callbacks_pending = Gauge(
+            "push_auth_callbacks_pending", "Calls to the auth backend in flight or waiting for a slot",
+            registry=registry)
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)
