@@ -454,3 +454,16 @@ async def test_production_in_callback_mode_runs_without_a_jwt_key(start_server, 
         client.close()
     assert (await upgrade_status(server, ""))[0] == 403  # no token, no headers forwarded: not asked
     assert len(backend.calls("/who")) == 1
+
+
+async def test_an_upgrade_the_backend_decides_gets_its_access_log_line(start_server, backend, http):
+    backend.tokens["opaque"] = (200, {"sub": "a"})
+    server = await start_server(**connect_env(backend, PUSH_ACCESS_LOG="on"))
+    (await Client.connect(server.port, "opaque")).close()
+    assert (await upgrade_status(server, "refused"))[0] == 403
+
+    def access(status: int) -> Any:
+        return server.wait_for_log(lambda e: e.get("event") == "http_access" and e.get("status") == status)
+
+    assert (await access(101))["path"] == "/socket/websocket"
+    assert (await access(403))["remote"] == "127.0.0.1"
