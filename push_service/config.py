@@ -118,6 +118,24 @@ OPTIONS: tuple[Option, ...] = (
            "presence diffs of one topic are batched over this window (default 50ms; 0 sends each at once)"),
     Option("typing_timeout", "PUSH_TYPING_TIMEOUT", values.positive_duration,
            "a typing: true not refreshed for this long clears itself (default 5s)"),
+    Option("auth_connect_url", "PUSH_AUTH_CONNECT_URL", values.optional_http_url,
+           "your backend's URL that admits a client whose token is not one of our JWTs (or every client, with "
+           "PUSH_AUTH_MODE=callback): POSTed {token, transport, remote_addr, headers}; unset: off"),
+    Option("auth_join_url", "PUSH_AUTH_JOIN_URL", values.optional_http_url,
+           "your backend's URL asked at every channel join, POSTed {sub, topic, params}; unset: off"),
+    Option("auth_mode", "PUSH_AUTH_MODE", values.choice("fallback", "callback"),
+           "fallback (default): ask PUSH_AUTH_CONNECT_URL only for tokens that are not valid JWTs of ours; "
+           "callback: ask it for every connection"),
+    Option("auth_timeout", "PUSH_AUTH_TIMEOUT", values.positive_duration,
+           "how long a connect or join waits for the auth backend, its turn included (default 2s)"),
+    Option("auth_cache_seconds", "PUSH_AUTH_CACHE_SECONDS", values.non_negative_duration,
+           "how long the backend's admits and refusals are remembered, per token and per (sub, topic) "
+           "(default 30s; 0: no cache)"),
+    Option("auth_forward_headers", "PUSH_AUTH_FORWARD_HEADERS", values.header_names,
+           "comma-separated client request headers sent on to PUSH_AUTH_CONNECT_URL, e.g. cookie (default none)"),
+    Option("auth_max_concurrency", "PUSH_AUTH_MAX_CONCURRENCY", values.positive_int,
+           "calls to the auth backend in flight at once (default 64); 4 times as many wait their turn, "
+           "past that a connect or join is refused at once"),
     Option("log_level", "PUSH_LOG_LEVEL", values.choice(*LOG_LEVELS), "debug, info (default), warning or error"),
     Option("log_format", "PUSH_LOG_FORMAT", values.choice("json", "text"), "json (default, one object a line) or text"),
     Option("access_log", "PUSH_ACCESS_LOG", values.boolean,
@@ -168,6 +186,13 @@ class Settings:
     presence_topics: tuple[str, ...] = ("topic", "community")
     presence_diff_interval: float = 0.05
     typing_timeout: float = 5.0
+    auth_connect_url: str | None = None
+    auth_join_url: str | None = None
+    auth_mode: str = "fallback"
+    auth_timeout: float = 2.0
+    auth_cache_seconds: float = 30.0
+    auth_forward_headers: tuple[str, ...] = ()
+    auth_max_concurrency: int = 64
     log_level: str = "info"
     log_format: str = "json"
     access_log: bool = False
@@ -211,12 +236,17 @@ class Settings:
         if self.workers > 1 and self.broker == "memory":
             raise ConfigError("PUSH_WORKERS", "more than 1 worker needs PUSH_BROKER=redis://... or nats://... "
                                               "(the memory broker cannot reach the other processes)")
+        if self.auth_mode == "callback" and not self.auth_connect_url:
+            raise ConfigError("PUSH_AUTH_MODE", "callback needs PUSH_AUTH_CONNECT_URL")
+        if self.auth_forward_headers and not self.auth_connect_url:
+            raise ConfigError("PUSH_AUTH_FORWARD_HEADERS", "needs PUSH_AUTH_CONNECT_URL (the headers go there)")
         if self.env == "production":
             if not self.service_keys:
                 raise ConfigError("PUSH_SERVICE_KEY", "required when PUSH_ENV=production")
-            if not (self.jwt_secret or self.jwt_public_key):
+            if not (self.jwt_secret or self.jwt_public_key or self.auth_mode == "callback"):
                 raise ConfigError("PUSH_JWT_SECRET",
-                                  "PUSH_JWT_SECRET or PUSH_JWT_PUBLIC_KEY is required when PUSH_ENV=production")
+                                  "PUSH_JWT_SECRET or PUSH_JWT_PUBLIC_KEY is required when PUSH_ENV=production "
+                                  "(unless PUSH_AUTH_MODE=callback)")
         if self.jwt_secret and self.env == "production" and len(self.jwt_secret) < 32:
             raise ConfigError("PUSH_JWT_SECRET", "must be at least 32 characters when PUSH_ENV=production")
 
@@ -251,8 +281,8 @@ class Settings:
         summary: dict[str, Any] = {}
         for option in OPTIONS:
             value = getattr(self, option.field)
-            if option.field == "broker":
-                value = redact_url(value)
+            if option.field in ("broker", "auth_connect_url", "auth_join_url"):
+                value = redact_url(value) if value else value
             elif option.secret or option.field == "jwt_public_key":
                 value = f"<{len(value)} set>" if isinstance(value, tuple) and value else (
                     "<set>" if value else "<unset>")

@@ -39,3 +39,21 @@ class Connection(Protocol):
 
     def close(self, disconnect: Disconnect) -> None:
         """Close from the server side; the transport then calls Session.closed()."""
+
+
+class Ended:
+    """What a session holds in place of its connection once the transport is gone. The connection
+    refers to the session too: dropping the session's side of that cycle lets reference counting
+    free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
+
+    __slots__ = ("wire", "transport_name")
+
+    def __init__(self, conn: Connection) -> None:
+        self.wire = conn.wire
+        self.transport_name = conn.transport_name
+
+    def send(self, data: bytes) -> None:
+        pass
+
+    def close(self, disconnect: Disconnect) -> None:
+        pass

@@ -136,12 +136,17 @@ class FrontDoor(asyncio.Protocol):
         request: Request = reader.request  # type: ignore[assignment]  # read() returned its end: it is set
         transport = self._transport
         if request.http11 and handshake.takes(request):
-            if listener.access_log:  # the address first: a refusal closes the transport
-                started, remote = time.time(), access_log.remote_address(transport)
-                status, size = websocket.accept(listener.node, transport, request, head[end:])
-                access_log.write("GET", request.path, status, started, remote, size)
-            else:
-                websocket.accept(listener.node, transport, request, head[end:])
+            try:
+                if listener.access_log:  # the address first: a refusal closes the transport
+                    started, remote = time.time(), access_log.remote_address(transport)
+                    status, size = websocket.accept(listener.node, transport, request, head[end:])
+                    access_log.write("GET", request.path, status, started, remote, size)
+                else:
+                    websocket.accept(listener.node, transport, request, head[end:])
+            except handshake.AskBackend as ask:  # the auth backend says, later; still an open connection
+                websocket.AwaitingBackend(listener.node, listener.guard, transport, request, ask, head[end:],
+                                          _access_logger(request, transport) if listener.access_log else None)
+                return
             if transport.get_protocol() is not self:  # a WebSocket now: counted by the sessions' gauge
                 listener.guard.open -= 1
         elif request.method == "POST" and request.path in listener.routes and not request.upgrade:
@@ -159,6 +164,12 @@ class FrontDoor(asyncio.Protocol):
         guard.open -= 1
         if self._refused:
             guard.lingering -= 1
+
+
+def _access_logger(request: Request, transport: asyncio.Transport) -> Callable[[int, int], None]:
+    """What writes an upgrade's access log line once the auth backend has answered."""
+    started, remote = time.time(), access_log.remote_address(transport)
+    return lambda status, size: access_log.write("GET", request.path, status, started, remote, size)
 
 
 def _mimetype(content_type: str | None) -> str:

@@ -39,10 +39,13 @@ TRANSPORTS = ("websocket", "longpoll")
 ENDPOINTS = ("message", "channel", "thread", "community", "user", "broadcast", "batch")
 PUBLISH_REFUSALS = ("lag",)
 RECOVERY_RESULTS = ("recovered", "not_recovered")
-JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since")
+JOIN_REFUSALS = ("unmatched_topic", "too_many_channels", "unauthorized", "bad_since", "auth_unavailable")
 TOKEN_REFUSALS = ("missing", "malformed", "bad_algorithm", "bad_signature", "missing_claim", "invalid",
                   "not_yet_valid", "expired", "bad_issuer", "bad_audience", "bad_claims")
-CONNECT_REFUSALS = (*TOKEN_REFUSALS, "origin", "vsn", "draining")
+AUTH_CALLBACK_ENDPOINTS = ("connect", "join")
+AUTH_CALLBACK_OUTCOMES = ("admit", "refuse", "error", "timeout", "overload")
+AUTH_CALLBACK_REFUSALS = ("auth_refused", "auth_error", "auth_timeout", "auth_overload")
+CONNECT_REFUSALS = (*TOKEN_REFUSALS, *AUTH_CALLBACK_REFUSALS, "origin", "vsn", "draining")
 TOKEN_REFRESH_RESULTS = ("ok", "too_many_refreshes", "sub_mismatch", "bad_payload", *TOKEN_REFUSALS)
 DISCONNECTS = ("token expired", "heartbeat timeout", "server shutting down", "invalid message", "slow consumer",
                "service restart")
@@ -275,6 +278,19 @@ class Metrics:
         self.broker_reconnects = Counter(
             "push_broker_reconnects_total", "Broker connections re-established after a loss", registry=registry)
         self.broker_protocol_errors: CounterFunction | None = None
+        self.auth_callbacks = Counter(
+            "push_auth_callbacks_total", "Calls to the auth backend (PUSH_AUTH_CONNECT_URL, PUSH_AUTH_JOIN_URL), by "
+            "endpoint and outcome (admit, refuse: 401/403, error, timeout, overload: refused without a call)",
+            ["endpoint", "outcome"], registry=registry)
+        self.auth_callback_cache = Counter(
+            "push_auth_callback_cache_total", "Auth backend asks answered from memory or a call in flight (hit) "
+            "or by a call of their own (miss)", ["endpoint", "result"], registry=registry)
+        self.auth_callback_seconds = Histogram(
+            "push_auth_callback_seconds", "Auth backend calls, from the ask to the answer (its wait for a slot "
+            "included)", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=registry)
+        self.auth_callbacks_pending = Gauge(
+            "push_auth_callbacks_pending", "Calls to the auth backend in flight or waiting for a slot",
+            registry=registry)
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)
@@ -289,6 +305,8 @@ class Metrics:
         self.published.preset(ENDPOINTS)
         self.publishes_refused.preset(PUBLISH_REFUSALS)
         self.recoveries.preset(RECOVERY_RESULTS)
+        self.auth_callbacks.preset(AUTH_CALLBACK_ENDPOINTS, AUTH_CALLBACK_OUTCOMES)
+        self.auth_callback_cache.preset(AUTH_CALLBACK_ENDPOINTS, ("hit", "miss"))
         # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)

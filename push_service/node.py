@@ -14,10 +14,11 @@ from typing import Any
 from aiohttp import web
 
 from push_service.auth import Identity, PublishKeys, TokenVerifier
+from push_service.auth_callback import AuthBackend
 from push_service.broker import Broker, create_broker
 from push_service.config import Settings
 from push_service.control import CONTROL_PREFIX
-from push_service.errors import BrokerUnavailable, PushServiceError
+from push_service.errors import AuthError, BrokerUnavailable, PushServiceError
 from push_service.hub import Hub
 from push_service.messages import Broadcast, Position, Recovery
 from push_service.metrics import Metrics
@@ -55,6 +56,14 @@ class Node:
         self._broker_was_up = False
         self.metrics.count_broker_protocol_errors(self.broker.protocol_errors)
         self.tokens = TokenVerifier(settings)
+        # The auth backend (PUSH_AUTH_CONNECT_URL / JOIN_URL), when there is one: None costs a connect or a
+        # join nothing. With PUSH_AUTH_MODE=callback no token is one of ours: every connect asks it.
+        backend = AuthBackend(settings, self.metrics) if settings.auth_connect_url or settings.auth_join_url else None
+        self.auth_backend = backend if settings.auth_connect_url else None
+        self.join_authorizer = backend if settings.auth_join_url else None
+        self._backend = backend
+        if settings.auth_mode == "callback":
+            self.verify = self._backend_only  # type: ignore[method-assign]
         # An admin key may do whatever a publish key may (the console publishes), not the other way round.
         self.publish_keys = PublishKeys(settings.service_keys + settings.admin_keys)
         self.admin_keys = PublishKeys(settings.admin_keys)
@@ -76,6 +85,8 @@ class Node:
         self.draining = False
 
     async def start(self) -> None:
+        if self._backend is not None:
+            await self._backend.start()
         await self.broker.start(self.hub.dispatch, self._broker_confirmed, self._signal)
         self.metrics.broker_up.set(1 if self.broker.ready else 0)
         await self.presence.start(self.broker)
@@ -89,6 +100,8 @@ class Node:
             self._expiry.cancel()
         await self.presence.close()
         await self.broker.close()
+        if self._backend is not None:
+            await self._backend.stop()
 
     @property
     def ready(self) -> bool:
@@ -131,6 +144,11 @@ class Node:
 
     def verify(self, token: str | None) -> Identity:
         return self.tokens.verify(token)
+
+    def _backend_only(self, token: str | None) -> Identity:
+        if not token:
+            raise AuthError("missing", "no token given")
+        raise AuthError("not_accepted", "PUSH_AUTH_MODE=callback: tokens are the auth backend's to judge")
 
     def open_session(self, identity: Identity, conn: Connection, transport: str, remote: str = "") -> Session:
         session = Session(self, f"{self.id}.{next(self._session_ids)}", identity, conn)

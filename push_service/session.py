@@ -14,12 +14,13 @@ from typing import Any, Protocol
 
 from push_service.auth import Identity
 from push_service.config import Settings
-from push_service.connection import DRAIN, INVALID_MESSAGE, SHUTDOWN, SLOW_CONSUMER, Connection, Disconnect
+from push_service.connection import DRAIN, INVALID_MESSAGE, SHUTDOWN, SLOW_CONSUMER, Connection, Disconnect, Ended
 from push_service.messages import Broadcast, Position, Recovery, Run
 from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.errors import ProtocolError
 from push_service.protocol import CLOSE, HEARTBEAT, JOIN, LEAVE, PHOENIX_TOPIC, Message
+from push_service.join_auth import JoinAuthorizer, PendingJoins
 from push_service.refresh import ACCESS_TOKEN, RefreshRefused, TokenRefresh
 from push_service.topics import Topic, may_join, parse_topic
 
@@ -72,6 +73,10 @@ class SessionHost(Protocol):
     def now(self) -> float:
         """The event loop's clock."""
 
+    @property
+    def join_authorizer(self) -> JoinAuthorizer | None:
+        """PUSH_AUTH_JOIN_URL's client (None: joins are decided here alone)."""
+
     def verify(self, token: str) -> Identity:
         """The identity a token grants, checked exactly as at connect; AuthError when it is refused."""
 
@@ -85,24 +90,6 @@ class SessionHost(Protocol):
 
     def forget(self, session: Session) -> None:
         """The session is over: stop counting it."""
-
-
-class _Ended:
-    """What a session holds in place of its connection once the transport is gone. The connection
-    refers to the session too: dropping the session's side of that cycle lets reference counting
-    free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
-
-    __slots__ = ("wire", "transport_name")
-
-    def __init__(self, conn: Connection) -> None:
-        self.wire = conn.wire
-        self.transport_name = conn.transport_name
-
-    def send(self, data: bytes) -> None:
-        pass
-
-    def close(self, disconnect: Disconnect) -> None:
-        pass
 
 
 class Channel:
@@ -121,7 +108,7 @@ class Channel:
 class Session:
     # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
     __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen", "_write",
-                 "_closing", "_disconnected", "remote", "connected_at", "_refresh")
+                 "_closing", "_disconnected", "remote", "connected_at", "_refresh", "_pending")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -141,6 +128,7 @@ class Session:
         # topic -> the position its replay went up to, until a live broadcast beyond it arrives (None: none)
         self._floors: dict[str, Position] | None = None
         self._refresh: TokenRefresh | None = None  # made at the first access_token event
+        self._pending: PendingJoins | None = None  # joins waiting for PUSH_AUTH_JOIN_URL's answer
 
     # --- output
 
@@ -234,9 +222,13 @@ class Session:
                                                                "as received in a broadcast's ref"})
         else:
             channel = Channel(topic, join_ref, self.host.presence.tracks(topic), message.ref, since)
-            self.channels[topic.name] = channel
-            if self.host.subscribe(topic.name, self):
-                self._subscribed(channel)
+            if self.host.join_authorizer is None:
+                self.channels[topic.name] = channel
+                if self.host.subscribe(topic.name, self):
+                    self._subscribed(channel)
+            else:  # the channel opens as above, or is refused, once PUSH_AUTH_JOIN_URL answers
+                self._pending = self._pending or PendingJoins(self)
+                self._pending.ask(channel, message)
         if replaced is not None:
             # As Phoenix: the old join is closed, after the new join's reply.
             self._push(Message(replaced.join_ref, replaced.join_ref, message.topic, CLOSE, {}))
@@ -323,6 +315,8 @@ class Session:
         if message.event == ACCESS_TOKEN and message.topic == PHOENIX_TOPIC:
             self._refresh_token(None, message)
         elif message.event == LEAVE:
+            if self._pending is not None:
+                self._pending.cancel(message.topic)  # a join still waiting for the backend: it ends here
             self._reply(message.join_ref, message, "ok", {})
         else:
             self.host.metrics.client_errors.labels("unmatched_topic").inc()
@@ -394,10 +388,12 @@ class Session:
         self._drop_all_channels()
         self.host.presence.forget(self)
         self.host.forget(self)
-        if not isinstance(self.conn, _Ended):
-            ended = _Ended(self.conn)
+        if not isinstance(self.conn, Ended):
+            ended = Ended(self.conn)
             self.conn, self._write = ended, ended.send
 
     def _drop_all_channels(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel_all()
         for channel in list(self.channels.values()):
             self._drop_channel(channel)

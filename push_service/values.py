@@ -130,6 +130,29 @@ BROKER_CLIENTS = {"redis": ("redis", "redis"), "rediss": ("redis", "redis"), "re
                   "tls": ("nats", "nats")}  # scheme -> (module to import, extra that installs it)
 
 
+def optional_http_url(raw: str) -> str | None:
+    """An http(s) URL with a host, or None when empty (the setting is off)."""
+    value = raw.strip()
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return value
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def header_names(raw: str) -> tuple[str, ...]:
+    """Comma-separated HTTP header names, lower-cased."""
+    names = comma_list(raw)
+    for name in names:
+        if not _HEADER_NAME.match(name):
+            raise ValueError(f"{name!r} is not an HTTP header name")
+    return tuple(dict.fromkeys(name.lower() for name in names))
+
+
 def broker_url(raw: str) -> str:
     value = raw.strip()
     if value != "memory" and not value.startswith(BROKER_SCHEMES):

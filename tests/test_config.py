@@ -611,3 +611,40 @@ def test_a_redis_cluster_url_takes_seeds_and_credentials():
     assert Settings.load({"PUSH_BROKER": "redis+cluster://a:7000,b:7001"}).broker == "redis+cluster://a:7000,b:7001"
     parsed = parse_cluster_url("redis+cluster://user:p%40ss@10.0.0.1:7000,[::1]:7001")
     assert (parsed.seeds, parsed.username, parsed.password) == ((("10.0.0.1", 7000), ("::1", 7001)), "user", "p@ss")
+
+
+def test_auth_callback_settings():
+    url = "https://backend.example/api/jwt/who"
+    settings = load(PUSH_AUTH_CONNECT_URL=url, PUSH_AUTH_JOIN_URL="http://backend:3000/can", PUSH_AUTH_MODE="callback",
+                    PUSH_AUTH_TIMEOUT="500ms", PUSH_AUTH_CACHE_SECONDS="0", PUSH_AUTH_FORWARD_HEADERS="Cookie, X-Tenant",
+                    PUSH_AUTH_MAX_CONCURRENCY="8")
+    assert (settings.auth_connect_url, settings.auth_mode, settings.auth_timeout, settings.auth_cache_seconds,
+            settings.auth_forward_headers, settings.auth_max_concurrency) == (url, "callback", 0.5, 0.0,
+                                                                              ("cookie", "x-tenant"), 8)
+    defaults = load()
+    assert (defaults.auth_connect_url, defaults.auth_join_url, defaults.auth_mode, defaults.auth_timeout,
+            defaults.auth_cache_seconds, defaults.auth_max_concurrency) == (None, None, "fallback", 2.0, 30.0, 64)
+    assert load(PUSH_AUTH_JOIN_URL="http://backend/can").auth_join_url == "http://backend/can"  # JWTs + join checks
+    assert config_error(PUSH_AUTH_CONNECT_URL="ftp://backend/who").variable == "PUSH_AUTH_CONNECT_URL"
+    assert config_error(PUSH_AUTH_JOIN_URL="backend/can").variable == "PUSH_AUTH_JOIN_URL"
+    assert config_error(PUSH_AUTH_MODE="callback").variable == "PUSH_AUTH_MODE"  # callback to nowhere
+    assert config_error(PUSH_AUTH_MODE="sometimes").variable == "PUSH_AUTH_MODE"
+    assert config_error(PUSH_AUTH_FORWARD_HEADERS="cookie").variable == "PUSH_AUTH_FORWARD_HEADERS"
+    assert config_error(PUSH_AUTH_CONNECT_URL=url, PUSH_AUTH_FORWARD_HEADERS="bad header").variable == \
+        "PUSH_AUTH_FORWARD_HEADERS"
+    assert config_error(PUSH_AUTH_TIMEOUT="0").variable == "PUSH_AUTH_TIMEOUT"
+    assert config_error(PUSH_AUTH_MAX_CONCURRENCY="0").variable == "PUSH_AUTH_MAX_CONCURRENCY"
+
+
+def test_production_with_callback_auth_needs_no_jwt_key():
+    url = "https://backend.example/who"
+    assert load(PUSH_ENV="production", PUSH_SERVICE_KEY="k", PUSH_AUTH_CONNECT_URL=url,
+                PUSH_AUTH_MODE="callback").jwt_secret is None
+    # In fallback mode our JWTs still count: a key for them is still required.
+    assert config_error(PUSH_ENV="production", PUSH_SERVICE_KEY="k",
+                        PUSH_AUTH_CONNECT_URL=url).variable == "PUSH_JWT_SECRET"
+
+
+def test_auth_urls_are_redacted_in_the_settings_summary():
+    summary = load(PUSH_AUTH_CONNECT_URL="https://user:hunter2@backend/who").redacted()
+    assert "hunter2" not in summary["auth_connect_url"]

@@ -59,6 +59,7 @@ class FakeHost:
         self.metrics = Metrics()
         self.presence = FakePresence(self.settings.presence_topics)
         self.history_enabled = history
+        self.join_authorizer = None  # PUSH_AUTH_JOIN_URL unset: joins are decided by the session alone
         self.clock = 1000.0
         self.confirm_later = confirm_later
         self.subscriptions: dict[str, list[Session]] = {}

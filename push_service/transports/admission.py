@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from push_service.auth import Identity
+from push_service.auth_callback import AuthBackend
 from push_service.config import Settings
 from push_service.metrics import Metrics
 from push_service.connection import Connection
@@ -29,6 +30,10 @@ class Admission(Protocol):
 
     def allows_origin(self, origin: str | None) -> bool:
         """Whether a browser on `origin` may connect (PUSH_ALLOWED_ORIGINS)."""
+
+    @property
+    def auth_backend(self) -> AuthBackend | None:
+        """PUSH_AUTH_CONNECT_URL's client, asked when `verify` refuses a token (None: not configured)."""
 
     def verify(self, token: str | None) -> Identity:
         """Who a client token says the client is; auth.AuthError when it is refused."""

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from push_service.auth import Identity
+from push_service.auth_callback import AuthBackendUnavailable
 from push_service.errors import AuthError, ClientError
 from push_service.http1 import Request, has_token
 from push_service.protocol import Serializer, negotiate
@@ -49,9 +50,19 @@ def token_from_subprotocols(header: str | None) -> str | None:
     return None
 
 
+class AskBackend(ClientError):
+    """Not a token of ours, and PUSH_AUTH_CONNECT_URL is set: the upgrade waits for `ask_backend`."""
+
+    def __init__(self, token: str | None, serializer: Serializer) -> None:
+        super().__init__("the auth backend decides")
+        self.token = token
+        self.serializer = serializer
+
+
 def admit(admission: Admission, origin: str | None, vsn: str | None, subprotocols: str | None,
           query_token: str | None) -> tuple[Identity, Serializer]:
-    """Who connects, speaking which version; Refusal (counted and logged) when they may not."""
+    """Who connects, speaking which version; Refusal (counted and logged) when they may not; AskBackend when
+    the auth backend is to say (only once our own verification refused the token: a JWT costs no more)."""
     try:
         if admission.draining:
             raise Refusal(503, "draining", "this node is shutting down; reconnect")
@@ -62,13 +73,37 @@ def admit(admission: Admission, origin: str | None, vsn: str | None, subprotocol
             raise Refusal(403, "vsn", "unsupported vsn; use 1.0.0 or 2.0.0")
         try:
             token = token_from_subprotocols(subprotocols)
-            identity = admission.verify(query_token if token is None else token)
         except AuthError as exc:
+            raise Refusal(403, exc.reason, f"token refused: {exc.explanation}") from None
+        token = query_token if token is None else token
+        try:
+            identity = admission.verify(token)
+        except AuthError as exc:
+            backend = admission.auth_backend
+            if backend is not None and backend.asks_for(token):
+                raise AskBackend(token, serializer) from None
             raise Refusal(403, exc.reason, f"token refused: {exc.explanation}") from None
     except Refusal as refusal:
         refused(admission, refusal)
         raise
     return identity, serializer
+
+
+async def ask_backend(admission: Admission, token: str | None, transport: str, remote: str,
+                      header: Callable[[str], str | None]) -> Identity:
+    """The auth backend's identity for the client; Refusal (counted and logged) when it refuses (403) or
+    cannot say (503, as a passing failure: the client retries)."""
+    backend = admission.auth_backend
+    assert backend is not None
+    try:
+        return await backend.connect(token, transport, remote, header)
+    except AuthBackendUnavailable as exc:
+        # The client is told no more than that (the log line of auth_callback has what failed).
+        refusal = Refusal(503, exc.reason, f"auth backend unavailable ({exc.reason}); reconnect")
+    except AuthError as exc:
+        refusal = Refusal(403, exc.reason, f"token refused: {exc.explanation}")
+    refused(admission, refusal)
+    raise refusal
 
 
 UPGRADE_REQUIRED_HEADERS = {"Sec-WebSocket-Version": VERSION, "Upgrade": "websocket", "Connection": "Upgrade"}

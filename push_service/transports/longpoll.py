@@ -6,23 +6,22 @@ Wire facts, as Phoenix (lib/phoenix/transports/long_poll.ex) and phoenix.js (lon
   `{"status": 410, "token": T, "messages": []}` opens a session, `{"status": 200, "token": T,
   "messages": [<frame strings>]}` carries frames, `{"status": 204, ...}` ends an empty window,
   `{"status": 403}` refuses, `{"status": 410}` answers a request for a session that is gone.
-* A GET without a session token connects (same JWT, `vsn` and origin rules as the WebSocket); a GET
-  with one waits up to the window (PUSH_LONGPOLL_WINDOW) for frames. A POST carries one text frame,
-  or `application/x-ndjson` lines (`[`/`{`: a text frame; anything else: a base64 binary frame).
-* The session token comes in `x-phoenix-longpoll-token` or as the query's `token`. phoenix.js
-  appends `token=<session>` after the user's params, so with a user param also named `token` the
-  query holds two: the last one wins, as in Plug.
-* A session that sees no GET for 1.5 windows is closed (phoenix.js sends no heartbeats over
-  long-poll: polling is its sign of life).
+* A GET without a session token connects (same JWT, auth backend, `vsn` and origin rules as the WebSocket;
+  an unavailable auth backend is `{"status": 500}`); a GET with one waits up to the window
+  (PUSH_LONGPOLL_WINDOW) for frames. A POST carries one text frame, or `application/x-ndjson` lines
+  (`[`/`{`: a text frame; anything else: a base64 binary frame).
+* The session token comes in `x-phoenix-longpoll-token` or as the query's `token`. phoenix.js appends
+  `token=<session>` after the user's params, so with a user param also named `token` the query holds
+  two: the last one wins, as in Plug.
+* A session that sees no GET for 1.5 windows is closed (phoenix.js polls: it sends no heartbeats).
 * A user (JWT sub) and a remote address may hold at most PUSH_LONGPOLL_MAX_SESSIONS_PER_SUB and
   PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS sessions: past that a new one is refused with HTTP 429 and
   `{"status": 500}`, which phoenix.js retries with backoff.
 
-A session lives in this process only. Its token is `lp.<random key>.<HMAC of the key>`, signed with
-a secret drawn at start-up, so it cannot be guessed, forged or replayed on another node or after a
-restart: there it is answered 410 ("session gone") and phoenix.js connects afresh.
-
-A session's frames wait in its LongPollConnection (longpoll_connection.py) until the next GET.
+A session lives in this process only. Its token is `lp.<random key>.<HMAC of the key>`, signed with a
+secret drawn at start-up, so it cannot be guessed, forged or replayed on another node or after a restart:
+there it is answered 410 ("session gone") and phoenix.js connects afresh. A session's frames wait in its
+LongPollConnection (longpoll_connection.py) until the next GET.
 """
 
 from __future__ import annotations
@@ -35,13 +34,16 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Awaitable
 
 import orjson
 from aiohttp import web
 
 from push_service.api import ClientGone, RequestTimeout, read_body
+from push_service.auth import Identity
+from push_service.auth_callback import AuthBackend, AuthBackendUnavailable
 from push_service.errors import AuthError
-from push_service.protocol import negotiate
+from push_service.protocol import Serializer, negotiate
 from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
 from push_service.transports.longpoll_connection import WIRES, LongPollConnection
@@ -228,7 +230,8 @@ class LongPollTransport:
             return await self._poll(request, found)
         if found:
             return self._answer(request, _STATUS_410)
-        return self._connect(request, token)
+        answer = self._connect(request, token)  # awaitable only when the auth backend is asked
+        return answer if isinstance(answer, web.Response) else await answer
 
     def _preflight(self, request: web.Request) -> web.Response:
         requested = [item.strip().lower() for item in
@@ -241,18 +244,38 @@ class LongPollTransport:
         response.headers["Access-Control-Max-Age"] = "3600"
         return response
 
-    def _connect(self, request: web.Request, query_token: str | None) -> web.Response:
+    def _connect(self, request: web.Request, query_token: str | None) -> web.Response | Awaitable[web.Response]:
         admission = self.admission
         if admission.draining:
             return self._refuse(request, "draining", _STATUS_500, 503)
         serializer = negotiate(request.query.get("vsn"))
         if serializer is None:
             return self._refuse(request, "vsn")
+        client_token = request.headers.get(AUTH_TOKEN_HEADER) or query_token
         try:
-            identity = admission.verify(request.headers.get(AUTH_TOKEN_HEADER) or query_token)
+            identity = admission.verify(client_token)
         except AuthError as exc:
-            return self._refuse(request, exc.reason, error=f"token refused: {exc.explanation}")
-        sub, address = identity.sub, request.remote or ""
+            backend = admission.auth_backend
+            if backend is None or not backend.asks_for(client_token):
+                return self._refuse(request, exc.reason, error=f"token refused: {exc.explanation}")
+            return self._connect_by_backend(request, backend, client_token, serializer)
+        return self._open(request, identity, serializer)
+
+    async def _connect_by_backend(self, request: web.Request, backend: AuthBackend, client_token: str | None,
+                                  serializer: Serializer) -> web.Response:
+        try:
+            identity = await backend.connect(client_token, LongPollConnection.transport_name, request.remote or "",
+                                             request.headers.get)
+        except AuthError as refused:  # unavailable: a 500, which phoenix.js retries with backoff
+            down = isinstance(refused, AuthBackendUnavailable)
+            return self._refuse(request, refused.reason, _STATUS_500 if down else _STATUS_403,
+                                error="auth backend unavailable" if down else f"token refused: {refused.explanation}")
+        if self.admission.draining:  # began while the backend answered
+            return self._refuse(request, "draining", _STATUS_500, 503)
+        return self._open(request, identity, serializer)
+
+    def _open(self, request: web.Request, identity: Identity, serializer: Serializer) -> web.Response:
+        admission, sub, address = self.admission, identity.sub, request.remote or ""
         settings = admission.settings
         if self._per_sub.get(sub, 0) >= settings.longpoll_max_sessions_per_sub:
             return self._refuse(request, "longpoll_sessions_per_sub", _STATUS_500, 429)

@@ -23,14 +23,15 @@ from push_service.access_log import remote_address
 from push_service.api import json_response
 from push_service.auth import Identity
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
-from push_service.limits import taken_over
+from push_service.limits import MAX_UPGRADE_TAIL, Guard, taken_over
 from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer
 from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
 from push_service.transports.deflate import deflate_wire, negotiate
-from push_service.transports.handshake import (PATH, SUBPROTOCOL, UPGRADE_REQUIRED_HEADERS, VERSION, Refusal, admit,
-                                               is_upgrade, refused, version_refusal, wrong_version)
+from push_service.transports.handshake import (PATH, SUBPROTOCOL, UPGRADE_REQUIRED_HEADERS, VERSION, AskBackend,
+                                               Refusal, admit, ask_backend, is_upgrade, refused, version_refusal,
+                                               wrong_version)
 from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key_bytes, close_code, frame, frame_close,
     frame_text,
@@ -71,6 +72,13 @@ async def handle(admission: Admission, request: web.Request) -> web.StreamRespon
                                      request.headers.get("Sec-WebSocket-Protocol"), request.query.get("token"))
     except Refusal as refusal:
         return json_response({"error": refusal.message}, refusal.status)
+    except AskBackend as ask:
+        try:
+            identity = await ask_backend(admission, ask.token, WebSocketProtocol.transport_name,
+                                         request.remote or "", request.headers.get)
+        except Refusal as refusal:
+            return json_response({"error": refusal.message}, refusal.status)
+        serializer = ask.serializer
     transport, http = request.transport, request.protocol
     if not is_upgrade(request.headers.get) or transport is None:
         not_websocket = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
@@ -293,14 +301,65 @@ def accept(admission: Admission, transport: asyncio.Transport, request: Request,
         identity, serializer = admit(admission, headers.get("origin"), query.get("vsn"),
                                      headers.get("sec-websocket-protocol"), query.get("token"))
     except Refusal as refusal:
-        admission.metrics.http_requests.labels(PATH, "GET", refusal.status).inc()
-        body = orjson.dumps({"error": refusal.message})
-        transport.write(json_answer(refusal.status, body, request_id(headers.get("x-request-id")), close=True))
-        transport.close()
-        return refusal.status, len(body)
+        return _refuse(admission, transport, request, refusal)
     admission.metrics.http_requests.labels(PATH, "GET", 101).inc()
     open_socket(admission, transport, headers.get, identity, serializer, rest)
     return 101, 0
+
+
+def _refuse(admission: Admission, transport: asyncio.Transport, request: Request, refusal: Refusal) -> tuple[int, int]:
+    admission.metrics.http_requests.labels(PATH, "GET", refusal.status).inc()
+    body = orjson.dumps({"error": refusal.message})
+    transport.write(json_answer(refusal.status, body, request_id(request.headers.get("x-request-id")), close=True))
+    transport.close()
+    return refusal.status, len(body)
+
+
+class AwaitingBackend(asyncio.Protocol):
+    """An upgrade the front door took whose token the auth backend judges (`accept` raised AskBackend): the
+    connection waits here, still counted as open by `guard`, until the answer (bounded by PUSH_AUTH_TIMEOUT).
+    What the client sends meanwhile is kept for the socket, up to MAX_UPGRADE_TAIL; its leaving cancels the
+    wait (not the call, which other clients with the same token may share)."""
+
+    def __init__(self, admission: Admission, guard: Guard, transport: asyncio.Transport, request: Request,
+                 ask: AskBackend, rest: bytes, done: Callable[[int, int], None] | None) -> None:
+        self._admission, self._guard, self._transport = admission, guard, transport
+        self._rest = rest
+        transport.set_protocol(self)
+        self._task = asyncio.get_running_loop().create_task(self._finish(request, ask, done))
+
+    async def _finish(self, request: Request, ask: AskBackend, done: Callable[[int, int], None] | None) -> None:
+        admission, transport = self._admission, self._transport
+        try:
+            identity = await ask_backend(admission, ask.token, WebSocketProtocol.transport_name,
+                                         remote_address(transport) or "", request.headers.get)
+            if admission.draining:  # began while the backend answered: the drain did not see this socket
+                raise Refusal(503, "draining", "this node is shutting down; reconnect")
+        except Refusal as refusal:
+            answer = _refuse(admission, transport, request, refusal)
+        except Exception:
+            log.exception("upgrade failed", extra={"event": "socket_error"})
+            transport.abort()
+            return
+        else:
+            admission.metrics.http_requests.labels(PATH, "GET", 101).inc()
+            self._guard.open -= 1  # a WebSocket now: counted by the sessions' gauge
+            open_socket(admission, transport, request.headers.get, identity, ask.serializer, self._rest)
+            answer = (101, 0)
+        if done is not None:
+            done(*answer)
+
+    def data_received(self, data: bytes) -> None:
+        self._rest += data
+        if len(self._rest) > MAX_UPGRADE_TAIL:
+            self._transport.abort()
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._task.cancel()
+        self._guard.open -= 1
 
 
 def _upgrade_required(body: bytes, answer_id: str) -> bytes:
