@@ -121,7 +121,7 @@ class LocalAdmin:
 
     def disconnect(self, args: dict[str, Any]) -> dict[str, Any]:
         user = self._user(args)
-        sessions = list(self.node.sessions_of.get(user, ()))
+        sessions = self.node.sessions_of(user)
         closing = ADMIN_RECONNECT if args.get("reconnect") is True else ADMIN_CLOSE
         for session in sessions:
             session.disconnect(closing)
@@ -135,16 +135,16 @@ class LocalAdmin:
         user, topic = self._user(args), args.get("topic")
         if not isinstance(topic, str):
             raise ValueError("topic must be a string")
-        count = sum(session.kick(topic) for session in list(self.node.sessions_of.get(user, ())))
+        count = sum(session.kick(topic) for session in self.node.sessions_of(user))
         if count:
             log.info("admin unsubscribe", extra={"event": "admin_unsubscribe", "sub": user, "topic": topic,
                                                  "connections": count})
         return {"count": count}
 
     def connections(self, args: dict[str, Any]) -> dict[str, Any]:
-        sessions = sorted(self.node.sessions_of.get(self._user(args), ()), key=lambda session: session.connected_at)
+        sessions = sorted(self.node.sessions_of(self._user(args)), key=lambda session: session.connected_at)
         rows = [{"id": session.id, "node": self.node.id, "transport": session.conn.transport_name,
-                 "vsn": session.conn.wire.serializer.vsn, "remote": session.remote,
+                 "vsn": session.conn.wire.serializer.vsn, "remote": session.conn.remote,
                  "connected_at": round(session.connected_at, 3),
                  "topics": sorted(session.channels)[:MAX_TOPICS_SHOWN]}
                 for session in sessions[:MAX_CONNECTIONS]]

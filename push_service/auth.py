@@ -145,8 +145,8 @@ class TokenVerifier:
         leeway = settings.jwt_leeway
         self._leeway = leeway.total_seconds() if isinstance(leeway, timedelta) else leeway
         self._headers: dict[bytes, tuple[Any, str | None]] = {}
-        # token -> (its identity, its exp as the claims check reads it): only tokens that passed every check.
-        self._verified: dict[str | bytes, tuple[Identity, int]] = {}
+        # token -> its identity: only tokens that passed every check.
+        self._verified: dict[str | bytes, Identity] = {}
         # Pinning: only the configured algorithms, and each only with its own kind of key, so an
         # HS256 token signed with the public key (key confusion) cannot pass. Keys prepared once.
         self._checkers: dict[str, tuple[Any, Any]] = {}
@@ -179,21 +179,20 @@ class TokenVerifier:
         """The token's identity, or AuthError. A token verified before is taken from the cache, its
         expiry checked again (the other claims cannot turn invalid with time: iat and nbf only pass)."""
         verified = self._verified
-        cached = verified.get(token) if token else None
-        if cached is not None and token:
-            identity, exp = cached
-            if exp > time.time() - self._leeway:
+        identity = verified.get(token) if token else None
+        if identity is not None and token:
+            if identity.exp > time.time() - self._leeway:
                 return identity
             del verified[token]
             raise AuthError("expired", "Signature has expired")
-        identity, exp = self._verify(token)
+        identity = self._verify(token)
         if token:  # always, once verified; for the type checker
             if len(verified) >= VERIFIED_CACHE_SIZE:
                 del verified[next(iter(verified))]
-            verified[token] = (identity, exp)
+            verified[token] = identity
         return identity
 
-    def _verify(self, token: str | None) -> tuple[Identity, int]:
+    def _verify(self, token: str | None) -> Identity:
         if not token:
             raise AuthError("missing", "no token given")
         if isinstance(token, bytes):
@@ -250,7 +249,7 @@ class TokenVerifier:
         exp = self._check_claims(claims)
         if claims.get("info") and _LONG_NUMBER.search(payload):
             claims = json.loads(payload)  # keep integers beyond 64 bits in `info` exact, as before
-        return _identity_from(claims), exp
+        return _identity_from(claims, exp)
 
     def _check_claims(self, claims: dict[str, Any]) -> int:
         """PyJWT's `_validate_claims` with require=["exp", "sub"], in its order and with its verdicts.
@@ -312,7 +311,7 @@ class TokenVerifier:
         return exp
 
 
-def _identity_from(claims: dict[str, Any]) -> Identity:
+def _identity_from(claims: dict[str, Any], exp: int) -> Identity:
     sub = claims["sub"]
     if not isinstance(sub, str) or not sub:
         raise AuthError("bad_claims", "'sub' must be a non-empty string", "sub must be a non-empty string")
@@ -325,7 +324,7 @@ def _identity_from(claims: dict[str, Any]) -> Identity:
     info = claims.get("info", {})
     if not isinstance(info, dict):
         raise AuthError("bad_claims", "'info' must be an object", "info must be an object")
-    return Identity(sub=sub, exp=float(claims["exp"]), topics=topics, info=info)
+    return Identity(sub=sub, exp=float(exp), topics=topics, info=info)
 
 
 def mint_token(settings: Settings, sub: str, *, ttl: float, topics: list[str] | None = None,

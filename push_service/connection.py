@@ -34,6 +34,10 @@ class Connection(Protocol):
     wire: Wire
     transport_name: str  # metrics label: "websocket" or "longpoll"
 
+    @property
+    def remote(self) -> str:
+        """The client's address, as the admin API shows it ("" when unknown); asked for only then."""
+
     def send(self, data: bytes) -> None:
         """Queue framed bytes. Past PUSH_SEND_BUFFER_BYTES unsent, call the session's overflowed()."""
 
@@ -47,6 +51,7 @@ class Ended:
     free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
 
     __slots__ = ("wire", "transport_name")
+    remote = ""
 
     def __init__(self, conn: Connection) -> None:
         self.wire = conn.wire

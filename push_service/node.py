@@ -69,8 +69,6 @@ class Node:
         self.admin_keys = PublishKeys(settings.admin_keys)
         self.origins = OriginPolicy(settings.allowed_origins)
         self.sessions: set[Session] = set()
-        # JWT sub -> its sessions here, for the admin API; bounded by the sessions themselves.
-        self.sessions_of: dict[str, set[Session]] = {}
         self.started_at = time.time()
         # Where control-channel signals go (control.Control sets it); other signals are presence's.
         self.on_control: Callable[[str, bytes], None] = lambda topic, data: None
@@ -150,22 +148,21 @@ class Node:
             raise AuthError("missing", "no token given")
         raise AuthError("not_accepted", "PUSH_AUTH_MODE=callback: tokens are the auth backend's to judge")
 
-    def open_session(self, identity: Identity, conn: Connection, transport: str, remote: str = "") -> Session:
+    def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session:
         session = Session(self, f"{self.id}.{next(self._session_ids)}", identity, conn)
-        session.remote, session.connected_at = remote, time.time()
+        session.connected_at = time.time()
         self.sessions.add(session)
-        self.sessions_of.setdefault(identity.sub, set()).add(session)
         self.metrics.connections.labels(transport).inc()
         return session
+
+    def sessions_of(self, user: str) -> list[Session]:
+        """A user's sessions here, for the admin API. A scan, not an index kept up on every connect: admin
+        requests are rare, connects are not (docs/performance.md, "Connect rate")."""
+        return [session for session in self.sessions if session.identity.sub == user]
 
     def forget(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            of_user = self.sessions_of.get(session.identity.sub)
-            if of_user is not None:
-                of_user.discard(session)
-                if not of_user:
-                    del self.sessions_of[session.identity.sub]
             self.metrics.connections.labels(session.conn.transport_name).dec()
 
     def subscribe(self, topic: str, session: Session) -> bool:

@@ -108,7 +108,7 @@ class Channel:
 class Session:
     # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
     __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen", "_write",
-                 "_closing", "_disconnected", "remote", "connected_at", "_refresh", "_pending")
+                 "_closing", "_disconnected", "connected_at", "_refresh", "_pending")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
         self.id = session_id
@@ -121,8 +121,7 @@ class Session:
         self._write = conn.send
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
-        self.remote = ""  # the client's address and when it connected, for the admin API
-        self.connected_at = 0.0
+        self.connected_at = 0.0  # when it connected (time.time()), for the admin API
         # topic -> broadcasts held while that topic's join recovers history (None: nothing held)
         self._held: dict[str, list[Broadcast]] | None = None
         # topic -> the position its replay went up to, until a live broadcast beyond it arrives (None: none)

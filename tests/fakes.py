@@ -14,6 +14,7 @@ class RecordingConnection:
     """A WebSocket connection that keeps what the session wrote, as decoded Phoenix frames (`frames`)."""
 
     transport_name = "websocket"
+    remote = "127.0.0.1"
 
     def __init__(self) -> None:
         self.wire = WIRES[V2]

@@ -388,7 +388,7 @@ def pyjwt_verdict(settings: Settings, token):
     except Exception as exc:  # noqa: BLE001 - e.g. InvalidKeyError: compared by type
         return type(exc)
     try:
-        return _identity_from(body)
+        return _identity_from(body, int(body["exp"]))
     except AuthError as exc:
         return exc.reason
 

@@ -50,6 +50,7 @@ class Conn:
     call profile below counts only our own code."""
 
     transport_name = "websocket"
+    remote = "127.0.0.1"
 
     def __init__(self, wire: Wire) -> None:
         self.wire = wire

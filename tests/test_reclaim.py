@@ -46,6 +46,7 @@ class _Conn:
     """A connection that counts what it is sent (and keeps none of it)."""
 
     transport_name = "websocket"
+    remote = "127.0.0.1"
 
     def __init__(self) -> None:
         self.wire = WIRES[V2]

@@ -93,6 +93,7 @@ class FakeHost:
 
 class FakeConnection:
     transport_name = "websocket"
+    remote = "127.0.0.1"
 
     def __init__(self) -> None:
         self.wire = Wire(V2, lambda payload: payload)  # unframed: each write is the serialized message

@@ -38,5 +38,5 @@ class Admission(Protocol):
     def verify(self, token: str | None) -> Identity:
         """Who a client token says the client is; auth.AuthError when it is refused."""
 
-    def open_session(self, identity: Identity, conn: Connection, transport: str, remote: str = "") -> Session:
-        """A session for an admitted client; `remote`: its address, as the admin API shows it."""
+    def open_session(self, identity: Identity, conn: Connection, transport: str) -> Session:
+        """A session for an admitted client."""

@@ -284,7 +284,7 @@ class LongPollTransport:
         key, token = self._new_token()
         conn = LongPollConnection(self.end, settings.send_buffer_bytes, key, token, WIRES[serializer], admission.now(),
                                   sub, address)
-        conn.session = admission.open_session(identity, conn, LongPollConnection.transport_name, address)
+        conn.session = admission.open_session(identity, conn, LongPollConnection.transport_name)
         self._conns[key] = conn
         self._per_sub[sub] = self._per_sub.get(sub, 0) + 1
         self._per_address[address] = self._per_address.get(address, 0) + 1

@@ -52,6 +52,10 @@ class LongPollConnection:
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
 
+    @property
+    def remote(self) -> str:
+        return self.address
+
     def send(self, data: bytes) -> None:
         if self.gone:
             return

@@ -136,9 +136,13 @@ class WebSocketProtocol(asyncio.Protocol):
         self._out: list[bytes] | None = None
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
-        self.session = admission.open_session(identity, self, self.transport_name, remote_address(transport) or "")
+        self.session = admission.open_session(identity, self, self.transport_name)
 
     # --- Connection, for the session
+
+    @property
+    def remote(self) -> str:
+        return remote_address(self._transport) or ""
 
     def send(self, data: bytes) -> None:
         if not self._closing:
