@@ -237,8 +237,9 @@ async def test_unknown_or_forged_session_tokens(lp_server, http):
     await client.connect()
     real = client.session
     assert real is not None
-    key, signature = real.removeprefix("lp.").split(".")
-    for forged in (f"lp.{key}.{'A' * len(signature)}", f"lp.{'B' * len(key)}.{signature}", "lp.", "lp.x.y"):
+    node, key, signature = real.removeprefix("lp.").split(".")
+    for forged in (f"lp.{node}.{key}.{'A' * len(signature)}", f"lp.{node}.{'B' * len(key)}.{signature}",
+                   f"lp.{key}.{signature}", "lp.", "lp.x.y", f"lp.{node}.{key}.{signature}.x"):
         client.session = forged
         # A POST for no session, and a GET that carries a session token naming nothing here: 410,
         # which phoenix.js answers by connecting afresh.
