@@ -38,7 +38,7 @@ from push_service.transports.longpoll_tokens import SessionRef, user_digest
 
 KIND = "longpoll"
 MARGIN = 2.0  # seconds past the window the relaying node waits (Phoenix's pubsub_timeout_ms)
-ANSWER_BYTES = 512 * 1024
+ANSWER_BYTES = 256 * 1024
 OUT_OUTCOMES = ("ok", "dead", "timeout", "unsent", "overloaded", "error")
 IN_OUTCOMES = ("ok", "gone", "abandoned", "overloaded", "bad_request")
 
