@@ -4,6 +4,7 @@
 //
 // Options:
 //   --token T          connect with params: {token: T}
+//   --auth-token T     the phoenix >= 1.8 `authToken` option instead (over long-poll: X-Phoenix-AuthToken)
 //   --topic NAME       the one topic to join, with `new Presence(channel)` wired to it
 //   --heartbeat-ms N   heartbeatIntervalMs
 //   --retry-ms N       reconnectAfterMs and rejoinAfterMs always return N
@@ -39,6 +40,7 @@ const { positionals, values: opts } = parseArgs({
   allowPositionals: true,
   options: {
     token: { type: "string" },
+    "auth-token": { type: "string" },
     topic: { type: "string" },
     "heartbeat-ms": { type: "string" },
     "retry-ms": { type: "string" },
@@ -62,6 +64,7 @@ const metasOf = (presence) => (presence ? presence.metas : null);
 
 const options = { transport: opts.longpoll ? LongPoll : WebSocket };
 if (opts.token !== undefined) options.params = { token: opts.token };
+if (opts["auth-token"] !== undefined) options.authToken = opts["auth-token"];
 if (opts["heartbeat-ms"]) options.heartbeatIntervalMs = Number(opts["heartbeat-ms"]);
 if (opts["retry-ms"]) {
   const retry = Number(opts["retry-ms"]);
