@@ -45,12 +45,13 @@ def broker(kind: str) -> str:
     return require_redis() if kind == "redis" else require_nats()
 
 
-async def cluster(start_server: Callable[..., Any], broker_url: str, count: int = 2,
-                  **env: str) -> list[ServerProcess]:
-    """`count` nodes on one broker, once each has heard the others (the relay asks only live nodes)."""
+async def cluster(start_server: Callable[..., Any], broker_url: str, *each: dict[str, str]) -> list[ServerProcess]:
+    """Nodes on one broker (two, or one per `each`: its own settings), once each has heard the others (the
+    relay asks only live nodes)."""
     nodes = await asyncio.gather(*(start_server(PUSH_BROKER=broker_url, PUSH_LONGPOLL_WINDOW=str(WINDOW),
                                                 PUSH_NODE_TIMEOUT=str(NODE_TIMEOUT), **env)
-                                   for _ in range(count)))
+                                   for env in each or ({}, {})))
+    count = len(nodes)
 
     async def all_live() -> bool:
         async with aiohttp.ClientSession() as http:
@@ -228,19 +229,28 @@ async def test_forged_foreign_and_moved_session_tokens_are_answered_410(start_se
         assert await metric(http, holder, RELAYED, direction="in", outcome="gone") >= 8
 
 
-async def test_a_flood_of_relayed_polls_is_bounded_and_answered(start_server):
-    bound = 20
-    holder, other = await cluster(start_server, broker("redis"), PUSH_LONGPOLL_RELAY_MAX_PENDING=str(bound))
+@pytest.mark.parametrize("bounded_side", ["relaying", "holding"])
+async def test_a_flood_of_relayed_polls_is_bounded_and_answered(bounded_side, start_server):
+    """PUSH_LONGPOLL_RELAY_MAX_PENDING on the node that relays (out) or on the node that holds the
+    session (in): past it the client is answered at once, HTTP 503 with {"status": 500} (phoenix.js
+    retries with backoff), and once the flood is over the bound is whole again."""
+    bound, roomy = 20, {"PUSH_LONGPOLL_RELAY_MAX_PENDING": "1000"}
+    tight = {"PUSH_LONGPOLL_RELAY_MAX_PENDING": str(bound)}
+    holder, other = await cluster(start_server, broker("redis"),
+                                  *((roomy, tight) if bounded_side == "relaying" else (tight, roomy)))
+    bounded_node, direction = (other, "out") if bounded_side == "relaying" else (holder, "in")
     async with aiohttp.ClientSession() as http:
         ada = await RawSession(http, holder, "ada").open()
-        # Each poll waits out the window at the holder, relayed by the other node: past the bound, the
-        # other node answers at once (HTTP 503, {"status": 500}, which phoenix.js retries with backoff).
+        # Each poll waits out the window at the holder, relayed by the other node.
         answers = await asyncio.gather(*(ada.poll(other) for _ in range(bound * 3)))
         refused = [answer for answer in answers if answer == {"http": 503, "status": 500}]
         waited = [answer for answer in answers if answer.get("status") == 204]
         assert len(refused) >= bound and len(waited) <= bound and len(refused) + len(waited) == len(answers)
+        assert await metric(http, bounded_node, RELAYED, direction=direction, outcome="overloaded") == len(refused)
         assert await metric(http, other, RELAYED, direction="out", outcome="overloaded") == len(refused)
-        # Back to baseline: nothing pending, the session still served, through either node.
-        assert (await ada.poll(other))["status"] == 204
+        # Back to baseline: the bound is whole again (as many polls as it allows all wait), the session
+        # is still served, through either node.
+        again = await asyncio.gather(*(ada.poll(other) for _ in range(bound)))
+        assert [answer["status"] for answer in again] == [204] * bound
         assert (await ada.poll(holder))["status"] == 204
         assert await longpoll_sessions(http, holder) == 1

@@ -89,7 +89,8 @@ class LongPollRelay:
         if not isinstance(body, str) or not isinstance(status, int):
             self.relayed.labels("out", "error").inc()
             return transport.answer(request, STATUS_500, 500)
-        self.relayed.labels("out", "ok").inc()
+        # The holder's own bound answers 503: counted here too, as what the client saw.
+        self.relayed.labels("out", "overloaded" if status == 503 else "ok").inc()
         return transport.answer(request, body.encode(), status)
 
     # --- the node holding the session (a control callee)
