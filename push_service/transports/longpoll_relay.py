@@ -9,6 +9,9 @@ trip per request; a load balancer that keeps a client on one node (stickiness) s
 Bounds and answers:
 * PUSH_LONGPOLL_RELAY_MAX_PENDING relayed requests wait at once on a node, each way; past that the client gets
   `{"status": 500}` with HTTP 503 (phoenix.js retries with backoff) and the refusal is counted.
+* A token that does not hold for the user token beside it (forged, signed with another secret, another
+  user's session) is answered 410 by the node it reached, without a broker trip: every node derives the
+  signing secret alike (longpoll_tokens.py). Without a valid user token, the holder decides.
 * A POST's body is read (and bounded) by the relaying node as by the holder: PUSH_MAX_FRAME_BYTES, or
   that times BATCH_FRAMES for an nd-JSON batch.
 * A relayed poll's answer carries at most ANSWER_BYTES of frames (at least one): the rest wait for the
@@ -39,7 +42,7 @@ from push_service.transports.longpoll_tokens import SessionRef, user_digest
 KIND = "longpoll"
 MARGIN = 2.0  # seconds past the window the relaying node waits (Phoenix's pubsub_timeout_ms)
 ANSWER_BYTES = 256 * 1024
-OUT_OUTCOMES = ("ok", "dead", "timeout", "unsent", "overloaded", "error")
+OUT_OUTCOMES = ("ok", "refused", "dead", "timeout", "unsent", "overloaded", "error")
 IN_OUTCOMES = ("ok", "gone", "abandoned", "overloaded", "bad_request")
 
 
@@ -68,12 +71,17 @@ class LongPollRelay:
         if self.pending_out >= self.max_pending:
             self.relayed.labels("out", "overloaded").inc()
             return transport.answer(request, STATUS_500, 503)
+        digest = user_digest(user_token)
+        sub = None if digest is None else transport.sub_of(user_token)
+        if sub is not None and not transport.tokens.valid(ref, sub):
+            # Forged, signed with another secret, or not this user's: refused here, with no broker trip.
+            # (Without a valid user token only the holder knows whose session it is: it checks.)
+            self.relayed.labels("out", "refused").inc()
+            return transport.answer(request, STATUS_410)
         self.pending_out += 1
         try:
-            digest = user_digest(user_token)
             args: dict[str, Any] = {"key": ref.key, "signature": ref.signature, "poll": request.method == "GET",
-                                    "user": None if digest is None else digest.hex(),
-                                    "sub": None if digest is None else transport.sub_of(user_token)}
+                                    "user": None if digest is None else digest.hex(), "sub": sub}
             if request.method == "POST":
                 batch = request.content_type == NDJSON
                 body = await read_body(request, transport.body_limit(batch))
