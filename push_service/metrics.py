@@ -277,8 +277,8 @@ class Metrics:
         self.broker_protocol_errors: CounterFunction | None = None
         self.longpoll_relayed = Counter(
             "push_longpoll_relayed_total", "Long-poll requests for a session held by another node, relayed over the "
-            "broker, by direction (out: this node asked, in: it held the session) and outcome", ["direction", "outcome"],
-            registry=registry)
+            "broker, by direction (out: this node asked, in: it held the session) and outcome",
+            ["direction", "outcome"], registry=registry)
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)

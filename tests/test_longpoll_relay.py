@@ -93,12 +93,14 @@ async def relayed(http: aiohttp.ClientSession, nodes: list[ServerProcess], direc
 
 
 @pytest.mark.parametrize("kind,version", [("redis", "18"), ("nats", "18"), ("redis", "16"), ("redis", "18-auth")],
-                         ids=["redis-phoenix-1.8", "nats-phoenix-1.8", "redis-phoenix-1.6", "redis-phoenix-1.8-authToken"])
+                         ids=["redis-phoenix-1.8", "nats-phoenix-1.8", "redis-phoenix-1.6",
+                              "redis-phoenix-1.8-authToken"])
 async def test_phoenix_longpoll_clients_need_no_sticky_balancer(kind, version, start_server, lp_client):
     nodes = await cluster(start_server, broker(kind))
     topic = f"room:topic:{uuid.uuid4().hex}"
     async with aiohttp.ClientSession() as http, Proxy([node.http_url for node in nodes]) as balancer, \
-            lp_client(version, balancer.url, topic, "ada") as ada, lp_client(version, balancer.url, topic, "bob") as bob:
+            lp_client(version, balancer.url, topic, "ada") as ada, \
+            lp_client(version, balancer.url, topic, "bob") as bob:
         await ada.joined()
         await bob.joined()
         # Each holds one session, on one node or the other, and their requests went to both.

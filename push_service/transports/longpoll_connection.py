@@ -31,8 +31,8 @@ WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, 
 class LongPollConnection:
     """A Session's view of one long-poll session: frames wait here until the client's next GET."""
 
-    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest", "_end",
-                 "_buffer_limit", "_frames", "_size", "_waiter")
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest",
+                 "_end", "_buffer_limit", "_frames", "_size", "_waiter")
     transport_name = "longpoll"
 
     def __init__(self, end: Callable[[LongPollConnection], None], buffer_limit: int, key: str, token: str, wire: Wire,
