@@ -83,7 +83,7 @@ def _with_messages(status: int, token: str, frames: list[bytes]) -> bytes:
 
 
 # Serves a request for a session another node holds: (request, what its token names, the user's token).
-Relay = Callable[[web.Request, SessionRef, "str | None"], Awaitable[web.StreamResponse]]
+Relay = Callable[[web.Request, SessionRef, str | None], Awaitable[web.StreamResponse]]
 
 
 class LongPollTransport:
