@@ -15,7 +15,7 @@ from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.errors import PushServiceError
 from push_service.node import NODE, Node
-from push_service.transports import longpoll, websocket
+from push_service.transports import longpoll, longpoll_relay, websocket
 
 log = logging.getLogger("push_service")
 
@@ -34,7 +34,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
     app[NODE] = node
     api.add_routes(app, node)
     websocket.setup(app, node)
-    longpoll.setup(app, node)
+    polling = longpoll.setup(app, node)
     console.setup(app, node)
 
     async def start(_: web.Application) -> None:
@@ -45,6 +45,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
 
     app.on_startup.append(start)
     admin.setup(app, node)  # after the node's start: its control channel goes over the started broker
+    longpoll_relay.setup(polling, app[admin.CONTROL])  # sessions of other nodes, over the control channel
     app[DOOR] = door = Door()
     app.on_shutdown.append(door.close)  # first: no new connection while the open ones are closed
     # on_shutdown runs before aiohttp cancels handlers: sockets get a close frame (1001) first.

@@ -86,6 +86,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("longpoll_max_sessions_per_address", "PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS", values.positive_int,
            "long-poll sessions one remote address may hold at once (default 1000; behind a reverse proxy every "
            "client shares its address: raise it)"),
+    Option("longpoll_relay_max_pending", "PUSH_LONGPOLL_RELAY_MAX_PENDING", values.positive_int,
+           "long-poll requests for sessions of other nodes a node relays at once, and serves for other nodes at "
+           "once (default 10000; past that: HTTP 503 {\"status\": 500}, which phoenix.js retries)"),
     Option("send_buffer_bytes", "PUSH_SEND_BUFFER_BYTES", values.size,
            "unsent bytes a subscriber may queue before it is disconnected as a slow consumer (default 1MiB)"),
     Option("max_delivery_lag", "PUSH_MAX_DELIVERY_LAG", values.non_negative_duration,
@@ -172,6 +175,7 @@ class Settings:
     longpoll_window: float = 10.0
     longpoll_max_sessions_per_sub: int = 50
     longpoll_max_sessions_per_address: int = 1000
+    longpoll_relay_max_pending: int = 10_000
     send_buffer_bytes: int = 1024 * 1024
     max_delivery_lag: float = 1.0
     api_message_topic: str = "lobby"

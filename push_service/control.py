@@ -5,6 +5,10 @@ requests), as presence signals on topics no client can join. A request carries a
 handler of its kind and answers on the asker's channel. The asker answers for itself directly and waits at
 most `wait` seconds for the live nodes it knows of (those heard within PUSH_NODE_TIMEOUT). With the memory
 broker there is nobody else: the same code answers for the one node.
+
+A node can also ask one other node (`call`): the request goes to that node's own channel, its `callees`
+handler (a coroutine: a relayed long-poll GET waits there for frames) answers on the asker's channel, and
+the asker stops waiting as soon as the node stops heartbeating, not only at its deadline.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -33,6 +37,10 @@ MAX_NODE_ID = 64  # characters of a sender's node id (ours are 12)
 HEARTBEAT_MIN = 0.2  # seconds: the heartbeat comes a third of PUSH_NODE_TIMEOUT apart, at most 5 s and at least this
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Callee = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# Why a `call` has no answer: the node was not live or stopped heartbeating, the deadline passed, the
+# broker did not take the request.
+DEAD, TIMEOUT, UNSENT = "dead", "timeout", "unsent"
 
 
 def answers_topic(node_id: str) -> str:
@@ -71,6 +79,9 @@ class Control:
         self._node_timeout = node_timeout
         self._interval = max(HEARTBEAT_MIN, min(5.0, node_timeout / 3))
         self.handlers: dict[str, Handler] = {}
+        # What one node asks of this one alone (`call`), by kind; whoever registers one bounds its work.
+        self.callees: dict[str, Callee] = {}
+        self._calls: dict[str, asyncio.Future[dict[str, Any]]] = {}  # this node's calls waiting for an answer
         # Run every heartbeat, on this node (the admin API samples its rates there).
         self.ticks: list[Callable[[], None]] = []
         self._peers: dict[str, float] = {}  # other node id -> time.monotonic() it was last heard
@@ -101,6 +112,11 @@ class Control:
             del self._peers[node_id]
             self._heartbeats.pop(node_id, None)
         return {node_id: self._heartbeats.get(node_id, 0.0) for node_id in self._peers}
+
+    def is_live(self, node_id: str) -> bool:
+        """Whether another node was heard within PUSH_NODE_TIMEOUT (one lookup: asked per relayed request)."""
+        heard = self._peers.get(node_id)
+        return heard is not None and heard >= time.monotonic() - self._node_timeout
 
     def _heard_from(self, node_id: str) -> None:
         if node_id == self.node_id or len(node_id) > MAX_NODE_ID:
@@ -139,6 +155,33 @@ class Control:
         finally:
             self._pending.pop(request_id, None)
         return gathered
+
+    async def call(self, node_id: str, kind: str, args: dict[str, Any], timeout: float) -> dict[str, Any] | str:
+        """One other node's answer to `kind`, or why there is none (DEAD, TIMEOUT, UNSENT). The node's
+        liveness is looked at every heartbeat interval while waiting: a node that died answers DEAD
+        within PUSH_NODE_TIMEOUT, not at the deadline."""
+        if not self.is_live(node_id):
+            return DEAD
+        loop = asyncio.get_running_loop()
+        request_id = secrets.token_hex(8)
+        answer: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._calls[request_id] = answer
+        try:
+            if not await self._send(answers_topic(node_id), {"kind": kind, "id": request_id, "from": self.node_id,
+                                                             "args": args}):
+                return UNSENT
+            deadline = loop.time() + timeout
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return TIMEOUT
+                done, _ = await asyncio.wait((answer,), timeout=min(left, self._interval))
+                if done:
+                    return answer.result()
+                if not self.is_live(node_id):
+                    return DEAD
+        finally:
+            self._calls.pop(request_id, None)
 
     def _run(self, kind: str, args: dict[str, Any]) -> dict[str, Any]:
         handler = self.handlers.get(kind)
@@ -181,16 +224,46 @@ class Control:
             elif isinstance(kind, str) and isinstance(message.get("id"), str) and isinstance(message.get("args"), dict):
                 self._answer(sender, message["id"], kind, message["args"])
         elif topic == answers_topic(self.node_id):
-            gathered = self._pending.get(message.get("id"))
-            answer = message.get("answer")
-            if gathered is not None and isinstance(answer, dict):
+            request_id, answer = message.get("id"), message.get("answer")
+            if not isinstance(request_id, str):
+                return
+            if isinstance(message.get("kind"), str) and isinstance(message.get("args"), dict):
+                self._answer_call(sender, request_id, message["kind"], message["args"])
+                return
+            if not isinstance(answer, dict):
+                return
+            gathered = self._pending.get(request_id)
+            if gathered is not None:
                 gathered.add(sender, answer)
+            call = self._calls.get(request_id)
+            if call is not None and not call.done():
+                call.set_result(answer)
 
     def _answer(self, asker: str, request_id: str, kind: str, args: dict[str, Any]) -> None:
-        answer = self._run(kind, args)
+        self._keep(asyncio.create_task(self._send_answer(asker, request_id, self._run(kind, args))))
+
+    def _answer_call(self, asker: str, request_id: str, kind: str, args: dict[str, Any]) -> None:
+        callee = self.callees.get(kind)
+        if callee is None:
+            self._answer(asker, request_id, kind, args)  # an unknown kind: the error answer, as for ask
+            return
+
+        async def run() -> bool:
+            try:
+                answer = await callee(args)
+            except Exception:
+                log.exception("control call failed", extra={"event": "control_failed", "kind": kind})
+                answer = {"error": "internal error"}
+            return await self._send_answer(asker, request_id, answer)
+
+        self._keep(asyncio.create_task(run()))
+
+    async def _send_answer(self, asker: str, request_id: str, answer: dict[str, Any]) -> bool:
         data = {"id": request_id, "from": self.node_id, "answer": answer}
         if len(orjson.dumps(data)) > MAX_ANSWER_BYTES:
             data["answer"] = {"error": "answer too large"}
-        task = asyncio.create_task(self._send(answers_topic(asker), data))
+        return await self._send(answers_topic(asker), data)
+
+    def _keep(self, task: asyncio.Task[bool]) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

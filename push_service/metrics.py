@@ -291,6 +291,10 @@ class Metrics:
         self.auth_callbacks_pending = Gauge(
             "push_auth_callbacks_pending", "Calls to the auth backend in flight or waiting for a slot",
             registry=registry)
+        self.longpoll_relayed = Counter(
+            "push_longpoll_relayed_total", "Long-poll requests for a session held by another node, relayed over the "
+            "broker, by direction (out: this node asked, in: it held the session) and outcome",
+            ["direction", "outcome"], registry=registry)
         self.http_requests = Counter(
             "push_http_requests_total", "HTTP requests, by route and status", ["route", "method", "status"],
             registry=registry)

@@ -2,8 +2,10 @@
 
 It plays the network element that makes phoenix.js fall back to long-poll (a corporate proxy or
 load balancer that does not pass WebSocket upgrades), and the load balancer in front of several
-nodes (`upstream` can be switched to another node between two requests). It can also serve a few
-static files (the browser test's page and the phoenix.js bundle).
+nodes (`upstream` can be switched to another node between two requests; given a list, it takes them in
+turn, request after request, with no stickiness, and passes over one that refuses the connection, as
+nginx's `proxy_next_upstream error`). It can also serve a few static files (the browser test's page and
+the phoenix.js bundle).
 
     websocket="refuse": an upgrade to .../websocket is answered 403 (the client sees an error at once)
     websocket="hang":   an upgrade is accepted by TCP and never answered (the client waits)
@@ -24,9 +26,13 @@ DROPPED_RESPONSE_HEADERS = {"content-length", "transfer-encoding", "connection",
 
 
 class Proxy:
-    def __init__(self, upstream: str, websocket: str = "refuse", static: dict[str, Path] | None = None) -> None:
+    def __init__(self, upstream: str | list[str], websocket: str = "refuse",
+                 static: dict[str, Path] | None = None) -> None:
         assert websocket in ("refuse", "hang")
-        self.upstream = upstream  # e.g. http://127.0.0.1:4000; may be changed while running
+        # e.g. http://127.0.0.1:4000, or several in turn; may be changed while running
+        self.upstreams = [upstream] if isinstance(upstream, str) else list(upstream)
+        self._turn = 0
+        self.served: list[str] = []  # the upstream of each forwarded request, in order
         self.websocket = websocket
         self.static = static or {}
         self.port = 0
@@ -34,6 +40,20 @@ class Proxy:
         self.forwarded: list[tuple[str, str, int]] = []  # (method, path, upstream status)
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def upstream(self) -> str:
+        return self.upstreams[0]
+
+    @upstream.setter
+    def upstream(self, value: str) -> None:
+        self.upstreams = [value]
+
+    def _order(self) -> list[str]:
+        """The upstreams to try for the next request: round-robin, then the others if one refuses."""
+        start = self._turn % len(self.upstreams)
+        self._turn += 1
+        return self.upstreams[start:] + self.upstreams[:start]
 
     @property
     def url(self) -> str:
@@ -74,12 +94,21 @@ class Proxy:
             return web.Response(status=403, text="WebSockets are blocked by this proxy")
         assert self._http is not None
         headers = {name: request.headers[name] for name in FORWARDED_REQUEST_HEADERS if name in request.headers}
-        async with self._http.request(request.method, self.upstream + request.path_qs, headers=headers,
-                                      data=await request.read(), allow_redirects=False) as upstream:
-            body = await upstream.read()
-            self.forwarded.append((request.method, request.path, upstream.status))
-            response = web.Response(status=upstream.status, body=body)
-            for name, value in upstream.headers.items():
-                if name.lower() not in DROPPED_RESPONSE_HEADERS:
-                    response.headers[name] = value
-            return response
+        data = await request.read()
+        for target in self._order():
+            try:
+                async with self._http.request(request.method, target + request.path_qs, headers=headers,
+                                              data=data, allow_redirects=False) as upstream:
+                    body = await upstream.read()
+                    self.forwarded.append((request.method, request.path, upstream.status))
+                    self.served.append(target)
+                    response = web.Response(status=upstream.status, body=body)
+                    for name, value in upstream.headers.items():
+                        if name.lower() not in DROPPED_RESPONSE_HEADERS:
+                            response.headers[name] = value
+                    return response
+            except aiohttp.ClientConnectorError:
+                continue  # nothing listens there (a node that was killed): the next one
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+                break  # cut in the middle of a request: a load balancer answers 502
+        return web.Response(status=502, text="no upstream answered")

@@ -627,13 +627,13 @@ def test_ingress_example(rendered: dict[str, list[dict[str, Any]]]) -> None:
                 assert backend["port"]["name"] in [port["name"] for port in service["spec"]["ports"]]
                 routes[path["path"]] = (ingress, service)
     assert set(routes) == {"/socket", "/api", "/socket/longpoll"}, "clients and publishers only; not /metrics"
-    # Long-poll sessions live in one pod: that path is sticky, on a Service of its own (the hash is
-    # per upstream, and ingress-nginx makes one upstream per Service), and the rest is not.
+    # Long-poll needs no stickiness (another pod relays a request to the session's pod): no path is
+    # hashed. Long-poll keeps a Service of its own, so that hashing it (an optimisation, commented out in
+    # the Ingress) would not hash the rest (the hash is per upstream, one per Service in ingress-nginx).
     longpoll_ingress, longpoll_service = routes["/socket/longpoll"]
-    assert longpoll_ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"]
     assert all(routes[path][1] is not longpoll_service for path in ("/socket", "/api"))
     assert all("nginx.ingress.kubernetes.io/upstream-hash-by" not in routes[path][0]["metadata"]["annotations"]
-               for path in ("/socket", "/api"))
+               for path in ("/socket", "/api", "/socket/longpoll"))
     # The ServiceMonitor scrapes each pod once: it selects the main Service only.
     monitor = find(rendered["base"], "ServiceMonitor")["spec"]["selector"]["matchLabels"]
     selected = [name for name, service in services.items() if monitor.items() <= service["metadata"]["labels"].items()]
@@ -741,15 +741,16 @@ def test_nginx_conf_proxies_websockets() -> None:
     # A draining replica refuses new sockets with 503: retried elsewhere, but never a publish (POST).
     retry = directives["proxy_next_upstream"].split()
     assert "http_503" in retry and "non_idempotent" not in retry
-    # Long-poll sessions live in one replica: that path goes to a hashed (sticky) upstream, the rest
-    # round-robin.
+    # Long-poll needs no stickiness (another replica relays a request to the session's): every path is
+    # round-robin; hashing the long-poll upstream is left commented out, as an optimisation.
     upstreams = dict(re.findall(r"upstream\s+(\w+)\s*\{([^}]*)\}", conf))
     locations = {path: body for _, path, body in re.findall(r"location\s+(=\s+|\^~\s+)?(\S+)\s*\{([^}]*)\}", conf)}
 
     def upstream_of(path: str) -> str:
         return upstreams[re.search(r"proxy_pass\s+http://(\w+);", locations[path]).group(1)]
 
-    assert re.search(r"^\s*hash\s+\$remote_addr", upstream_of("/socket/longpoll"), re.MULTILINE)
+    assert not re.search(r"^\s*hash\b", upstream_of("/socket/longpoll"), re.MULTILINE)
+    assert re.search(r"^\s*#\s*hash\s+\$remote_addr", upstream_of("/socket/longpoll"), re.MULTILINE)
     assert "hash" not in upstream_of("/")
 
 

@@ -237,8 +237,9 @@ async def test_unknown_or_forged_session_tokens(lp_server, http):
     await client.connect()
     real = client.session
     assert real is not None
-    key, signature = real.removeprefix("lp.").split(".")
-    for forged in (f"lp.{key}.{'A' * len(signature)}", f"lp.{'B' * len(key)}.{signature}", "lp.", "lp.x.y"):
+    node, key, signature = real.removeprefix("lp.").split(".")
+    for forged in (f"lp.{node}.{key}.{'A' * len(signature)}", f"lp.{node}.{'B' * len(key)}.{signature}",
+                   f"lp.{key}.{signature}", "lp.", "lp.x.y", f"lp.{node}.{key}.{signature}.x"):
         client.session = forged
         # A POST for no session, and a GET that carries a session token naming nothing here: 410,
         # which phoenix.js answers by connecting afresh.
@@ -466,7 +467,8 @@ async def test_drain_ends_waiting_polls_and_refuses_new_sessions(start_server, h
 
 @pytest.mark.slow
 async def test_a_session_token_is_bound_to_its_node(start_server, http):
-    """Sessions live in one process: another node (or this one after a restart) answers 410."""
+    """Sessions live in one process: a node that shares no broker with it (or this one after a restart)
+    answers 410."""
     first = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
     second = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
     client = LongPollClient(http, first)
@@ -555,8 +557,9 @@ async def test_phoenix_falls_back_to_longpoll_when_websockets_are_blocked(versio
 @pytest.mark.slow
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_phoenix_reconnects_when_its_session_is_on_another_node(version, start_server, http, lp_node_client):
-    """A load balancer without affinity (or a node that went away) sends a poll to a node that does
-    not know the session: it answers 410, and phoenix.js opens a new session there and rejoins."""
+    """A poll reaches a node that cannot reach the session (nodes that share no broker, or a node that
+    went away): it answers 410, and phoenix.js opens a new session there and rejoins. Nodes on one broker
+    relay it instead: tests/test_longpoll_relay.py."""
     first = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
     second = await start_server(PUSH_LONGPOLL_WINDOW=str(WINDOW))
     async with Proxy(first.http_url) as balancer, \

@@ -17,6 +17,10 @@ from push_service.session import Session
 
 class Admission(Protocol):
     @property
+    def id(self) -> str:
+        """This node's id, unique in the cluster (long-poll session tokens name it)."""
+
+    @property
     def settings(self) -> Settings: ...
     @property
     def metrics(self) -> Metrics: ...

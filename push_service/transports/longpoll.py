@@ -18,10 +18,13 @@ Wire facts, as Phoenix (lib/phoenix/transports/long_poll.ex) and phoenix.js (lon
   PUSH_LONGPOLL_MAX_SESSIONS_PER_ADDRESS sessions: past that a new one is refused with HTTP 429 and
   `{"status": 500}`, which phoenix.js retries with backoff.
 
-A session lives in this process only. Its token is `lp.<random key>.<HMAC of the key>`, signed with a
-secret drawn at start-up, so it cannot be guessed, forged or replayed on another node or after a restart:
-there it is answered 410 ("session gone") and phoenix.js connects afresh. A session's frames wait in its
-LongPollConnection (longpoll_connection.py) until the next GET.
+A session lives in the process that opened it. Its token, `lp.<node id>.<key>.<signature>`
+(longpoll_tokens.py), names that node and is bound to the session's user; another node relays a request
+for it through the broker (longpoll_relay.py), so no load balancer stickiness is needed. A token of a
+node that is gone (or of this one before a restart) is answered 410 ("session gone") and phoenix.js
+connects afresh.
+
+A session's frames wait in its LongPollConnection (longpoll_connection.py) until the next GET.
 """
 
 from __future__ import annotations
@@ -30,11 +33,9 @@ import asyncio
 import base64
 import binascii
 import gzip
-import hashlib
 import hmac
 import logging
-import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -46,14 +47,13 @@ from push_service.errors import AuthError
 from push_service.protocol import Serializer, negotiate
 from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
-from push_service.transports.longpoll_connection import WIRES, LongPollConnection
+from push_service.transports.longpoll_connection import WIRES, LongPollConnection, accepts_gzip
+from push_service.transports.longpoll_tokens import (AUTH_TOKEN_HEADER, SESSION_HEADER, SessionRef, SessionTokens,
+                                                     parse, tokens_of, user_digest)
 
 log = logging.getLogger("push_service.longpoll")
 
 PATH = "/socket/longpoll"
-TOKEN_PREFIX = "lp."
-SESSION_HEADER = "x-phoenix-longpoll-token"
-AUTH_TOKEN_HEADER = "x-phoenix-authtoken"  # phoenix.js >= 1.8 `authToken` over long-poll
 NDJSON = "application/x-ndjson"
 GZIP_LEVEL = 6  # as the WebSocket's deflate (transports/deflate.py)
 # A session with no GET for this many windows is closed (Phoenix: trunc(window_ms * 1.5)).
@@ -72,16 +72,20 @@ INVALID_FRAME = Disconnect(1007, "invalid message")
 
 _STATUS_200 = b'{"status":200}'
 _STATUS_403 = b'{"status":403}'
-_STATUS_410 = b'{"status":410}'
+STATUS_410 = b'{"status":410}'
 _STATUS_413 = b'{"status":413}'
 # phoenix.js handles 200, 204, 410, 403 and 500 (anything else throws in its poll loop): a draining
 # node answers 500, which makes the client retry with backoff, most likely on another replica.
-_STATUS_500 = b'{"status":500}'
+STATUS_500 = b'{"status":500}'
 
 
 def _with_messages(status: int, token: str, frames: list[bytes]) -> bytes:
     return b"".join((b'{"status":', str(status).encode(), b',"token":', orjson.dumps(token),
                      b',"messages":[', b",".join(frames), b"]}"))
+
+
+# Serves a request for a session another node holds: (request, what its token names, the user's token).
+Relay = Callable[[web.Request, SessionRef, str | None], Awaitable[web.StreamResponse]]
 
 
 class LongPollTransport:
@@ -90,7 +94,10 @@ class LongPollTransport:
     def __init__(self, admission: Admission) -> None:
         self.admission = admission
         self.window = admission.settings.longpoll_window
-        self._secret = secrets.token_bytes(32)
+        self.node_id = admission.id
+        self.tokens = SessionTokens(admission.settings, admission.id)
+        # Requests for sessions of other nodes go through it (longpoll_relay.py); None: answered 410.
+        self.relay: Relay | None = None
         self._conns: dict[str, LongPollConnection] = {}
         # Live sessions per JWT sub and per remote address (no entry at 0), for the caps.
         self._per_sub: dict[str, int] = {}
@@ -99,24 +106,29 @@ class LongPollTransport:
 
     # --- session tokens
 
-    def _sign(self, key: str) -> str:
-        digest = hmac.new(self._secret, key.encode(), hashlib.sha256).digest()[:18]
-        return base64.urlsafe_b64encode(digest).decode()
+    def find(self, ref: SessionRef, digest: bytes | None, poll: bool,
+             sub_of: Callable[[], str | None]) -> LongPollConnection | None:
+        """This node's live session `ref` names, if its signature holds for the session's user and the
+        request proves that user: the user token the session was opened with (`digest`), or else one
+        whose `sub_of()` is the session's. A poll must prove it; a POST only when it carries a user token."""
+        conn = self._conns.get(ref.key)
+        if conn is None or conn.gone or not self.tokens.valid(ref, conn.sub):
+            return None
+        if digest is None:
+            if not poll:
+                return conn
+        elif conn.user_digest is not None and hmac.compare_digest(digest, conn.user_digest):
+            return conn
+        elif sub_of() == conn.sub:
+            return conn
+        self.admission.metrics.client_errors.labels("longpoll_wrong_user").inc()
+        return None
 
-    def _new_token(self) -> tuple[str, str]:
-        key = secrets.token_urlsafe(18)
-        return key, f"{TOKEN_PREFIX}{key}.{self._sign(key)}"
-
-    def resolve(self, token: str | None) -> LongPollConnection | bool:
-        """The live session a token names; False: not a session token at all (a new-session GET);
-        True: a session token that names nothing here (forged, another node's, expired: 410)."""
-        if token is None or not token.startswith(TOKEN_PREFIX):
-            return False
-        key, _, signature = token[len(TOKEN_PREFIX):].partition(".")
-        if not key or not hmac.compare_digest(self._sign(key).encode(), signature.encode()):
-            return True
-        conn = self._conns.get(key)
-        return conn if conn is not None and not conn.gone else True
+    def sub_of(self, user_token: str | None) -> str | None:
+        try:
+            return self.admission.verify(user_token).sub
+        except AuthError:
+            return None
 
     # --- life cycle
 
@@ -162,7 +174,7 @@ class LongPollTransport:
 
     # --- HTTP
 
-    def _answer(self, request: web.Request, body: bytes, status: int = 200) -> web.Response:
+    def answer(self, request: web.Request, body: bytes, status: int = 200) -> web.Response:
         settings = self.admission.settings
         # A poll's answer is one session's, so it is compressed per answer, and only when worth it.
         gzipped = (settings.compression and len(body) >= settings.compression_min_bytes
@@ -194,7 +206,7 @@ class LongPollTransport:
         if error is not None:
             fields["error"] = error  # the answer has no room for it: the operator reads it here
         log.info("connection refused", extra=fields)
-        return self._answer(request, body, status)
+        return self.answer(request, body, status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -204,7 +216,7 @@ class LongPollTransport:
         except Exception:
             # phoenix.js understands {"status": 500} (it reconnects); a bare error would stall it.
             log.exception("long-poll request failed", extra={"event": "http_error", "path": request.path})
-            return self._answer(request, _STATUS_500, 500)
+            return self.answer(request, STATUS_500, 500)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         method = request.method
@@ -217,21 +229,26 @@ class LongPollTransport:
             return self._refuse(request, "origin")
         if method == "OPTIONS":
             return self._preflight(request)
-        token = request.headers.get(SESSION_HEADER)
-        if not token:
-            tokens = request.query.getall("token", ())
-            token = tokens[-1] if tokens else None  # last wins, as in Plug
-        found = self.resolve(token)
+        token, user_token = tokens_of(request)
+        ref = parse(token)
+        if ref is False:
+            if method == "POST":
+                return self.answer(request, STATUS_410)
+            answer = self._connect(request, token)  # awaitable only when the auth backend is asked
+            return answer if isinstance(answer, web.Response) else await answer
+        if ref is True:
+            return self.answer(request, STATUS_410)
+        assert isinstance(ref, SessionRef)
+        if ref.node != self.node_id:
+            if self.relay is None:
+                return self.answer(request, STATUS_410)
+            return await self.relay(request, ref, user_token)
+        conn = self.find(ref, user_digest(user_token), method == "GET", lambda: self.sub_of(user_token))
+        if conn is None:
+            return self.answer(request, STATUS_410)
         if method == "POST":
-            if isinstance(found, LongPollConnection):
-                return await self._publish(request, found)
-            return self._answer(request, _STATUS_410)
-        if isinstance(found, LongPollConnection):
-            return await self._poll(request, found)
-        if found:
-            return self._answer(request, _STATUS_410)
-        answer = self._connect(request, token)  # awaitable only when the auth backend is asked
-        return answer if isinstance(answer, web.Response) else await answer
+            return await self._publish(request, conn)
+        return await self._poll(request, conn)
 
     def _preflight(self, request: web.Request) -> web.Response:
         requested = [item.strip().lower() for item in
@@ -247,7 +264,7 @@ class LongPollTransport:
     def _connect(self, request: web.Request, query_token: str | None) -> web.Response | Awaitable[web.Response]:
         admission = self.admission
         if admission.draining:
-            return self._refuse(request, "draining", _STATUS_500, 503)
+            return self._refuse(request, "draining", STATUS_500, 503)
         serializer = negotiate(request.query.get("vsn"))
         if serializer is None:
             return self._refuse(request, "vsn")
@@ -259,7 +276,7 @@ class LongPollTransport:
             if backend is None or not backend.asks_for(client_token):
                 return self._refuse(request, exc.reason, error=f"token refused: {exc.explanation}")
             return self._connect_by_backend(request, backend, client_token, serializer)
-        return self._open(request, identity, serializer)
+        return self._open(request, identity, serializer, client_token)
 
     async def _connect_by_backend(self, request: web.Request, backend: AuthBackend, client_token: str | None,
                                   serializer: Serializer) -> web.Response:
@@ -268,32 +285,39 @@ class LongPollTransport:
                                              request.headers.get)
         except AuthError as refused:  # unavailable: a 500, which phoenix.js retries with backoff
             down = isinstance(refused, AuthBackendUnavailable)
-            return self._refuse(request, refused.reason, _STATUS_500 if down else _STATUS_403,
+            return self._refuse(request, refused.reason, STATUS_500 if down else _STATUS_403,
                                 error="auth backend unavailable" if down else f"token refused: {refused.explanation}")
         if self.admission.draining:  # began while the backend answered
-            return self._refuse(request, "draining", _STATUS_500, 503)
-        return self._open(request, identity, serializer)
+            return self._refuse(request, "draining", STATUS_500, 503)
+        return self._open(request, identity, serializer, client_token)
 
-    def _open(self, request: web.Request, identity: Identity, serializer: Serializer) -> web.Response:
+    def _open(self, request: web.Request, identity: Identity, serializer: Serializer,
+              client_token: str | None) -> web.Response:
         admission, sub, address = self.admission, identity.sub, request.remote or ""
         settings = admission.settings
         if self._per_sub.get(sub, 0) >= settings.longpoll_max_sessions_per_sub:
-            return self._refuse(request, "longpoll_sessions_per_sub", _STATUS_500, 429)
+            return self._refuse(request, "longpoll_sessions_per_sub", STATUS_500, 429)
         if self._per_address.get(address, 0) >= settings.longpoll_max_sessions_per_address:
-            return self._refuse(request, "longpoll_sessions_per_address", _STATUS_500, 429)
-        key, token = self._new_token()
+            return self._refuse(request, "longpoll_sessions_per_address", STATUS_500, 429)
+        key, token = self.tokens.new(sub)
         conn = LongPollConnection(self.end, settings.send_buffer_bytes, key, token, WIRES[serializer], admission.now(),
                                   sub, address)
+        conn.user_digest = user_digest(client_token)
         conn.session = admission.open_session(identity, conn, LongPollConnection.transport_name)
         self._conns[key] = conn
         self._per_sub[sub] = self._per_sub.get(sub, 0) + 1
         self._per_address[address] = self._per_address.get(address, 0) + 1
-        return self._answer(request, _with_messages(410, token, []))
+        return self.answer(request, _with_messages(410, token, []))
 
     async def _poll(self, request: web.Request, conn: LongPollConnection) -> web.Response:
+        return self.answer(request, await self.poll(conn, lambda: _client_gone(request)))
+
+    async def poll(self, conn: LongPollConnection, abandoned: Callable[[], bool], limit: int | None = None) -> bytes:
+        """A GET's answer: what the session has within the window. Once `abandoned()` (the client went
+        away, or the relaying node gave up), the frames are not taken: they stay for the next poll."""
         session = conn.session
         if session is None:  # its session ended while the connection was being made
-            return self._answer(request, _STATUS_410)
+            return STATUS_410
         conn.polling += 1
         conn.last_poll = session.last_seen = self.admission.now()
         try:
@@ -303,34 +327,42 @@ class LongPollTransport:
             conn.last_poll = self.admission.now()
             if not conn.gone:
                 session.last_seen = conn.last_poll
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            # The client went away while we waited: the frames stay for its next poll.
-            return self._answer(request, _STATUS_410)
-        frames = conn.take()
+        if abandoned():
+            return STATUS_410
+        frames = conn.take(limit)
         if frames:
-            return self._answer(request, _with_messages(200, conn.token, frames))
+            return _with_messages(200, conn.token, frames)
         if conn.gone:
-            return self._answer(request, _STATUS_410)
-        return self._answer(request, _with_messages(204, conn.token, []))
+            return STATUS_410
+        return _with_messages(204, conn.token, [])
+
+    def body_limit(self, batch: bool) -> int:
+        frame_limit = self.admission.settings.max_frame_bytes
+        return frame_limit * BATCH_FRAMES if batch else frame_limit
 
     async def _publish(self, request: web.Request, conn: LongPollConnection) -> web.Response:
+        if conn.session is None:
+            return self.answer(request, STATUS_410)
+        batch = request.content_type == NDJSON
+        body = await read_body(request, self.body_limit(batch))
+        return self.answer(request, self.publish(conn, batch, body))
+
+    def publish(self, conn: LongPollConnection, batch: bool, body: bytes | None) -> bytes:
+        """A POST's answer, once its frames are passed to the session; `body` None: it was over the limit."""
         session = conn.session
         if session is None:
-            return self._answer(request, _STATUS_410)
+            return STATUS_410
         metrics = self.admission.metrics
         frame_limit = self.admission.settings.max_frame_bytes
-        batch = request.content_type == NDJSON
-        body = await read_body(request, frame_limit * BATCH_FRAMES if batch else frame_limit)
         if body is None:
             metrics.client_errors.labels("body_too_big" if batch else "frame_too_big").inc()
             session.disconnect(TOO_BIG)
-            return self._answer(request, _STATUS_413)
+            return _STATUS_413
         if batch:
             if body.count(b"\n") + (not body.endswith(b"\n")) > MAX_BATCH_LINES:
                 metrics.client_errors.labels("batch_too_many_lines").inc()
                 session.disconnect(TOO_BIG)
-                return self._answer(request, _STATUS_413)
+                return _STATUS_413
             lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
             frames = [line for line in lines if line]
         else:
@@ -344,7 +376,7 @@ class LongPollTransport:
                 if len(raw) > frame_limit:
                     metrics.client_errors.labels("frame_too_big").inc()
                     session.disconnect(TOO_BIG)
-                    return self._answer(request, _STATUS_413)
+                    return _STATUS_413
                 try:
                     frame = raw.decode("utf-8")
                 except UnicodeDecodeError:
@@ -361,26 +393,14 @@ class LongPollTransport:
                 if len(frame) > frame_limit:
                     metrics.client_errors.labels("frame_too_big").inc()
                     session.disconnect(TOO_BIG)
-                    return self._answer(request, _STATUS_413)
+                    return _STATUS_413
             session.receive(frame)
-        return self._answer(request, _STATUS_410 if conn.gone else _STATUS_200)
+        return STATUS_410 if conn.gone else _STATUS_200
 
 
-def accepts_gzip(header: str | None) -> bool:
-    """Whether an Accept-Encoding header accepts gzip: named with a q-value above 0, or else `*` so."""
-    weights: dict[str, float] = {}
-    for entry in (header or "").split(","):
-        name, *params = (part.strip() for part in entry.split(";"))
-        weight = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
-        weights[name.lower()] = weight
-    return weights.get("gzip", weights.get("*", 0.0)) > 0
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _count_down(counts: dict[str, int], key: str) -> None:

@@ -31,8 +31,8 @@ WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, 
 class LongPollConnection:
     """A Session's view of one long-poll session: frames wait here until the client's next GET."""
 
-    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "_end",
-                 "_buffer_limit", "_frames", "_size", "_waiter")
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest",
+                 "_end", "_buffer_limit", "_frames", "_size", "_waiter")
     transport_name = "longpoll"
 
     def __init__(self, end: Callable[[LongPollConnection], None], buffer_limit: int, key: str, token: str, wire: Wire,
@@ -42,6 +42,7 @@ class LongPollConnection:
         self.wire = wire
         self.sub = sub  # whose sessions it counts among, for the caps
         self.address = address
+        self.user_digest: bytes | None = None  # the hash of the user token it was opened with (longpoll_tokens.py)
         self.session: Session | None = None
         self.polling = 0  # GETs waiting right now
         self.last_poll = now  # when the last GET started or ended
@@ -74,8 +75,19 @@ class LongPollConnection:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def take(self) -> list[bytes]:
-        frames, self._frames, self._size = self._frames, [], 0
+    def take(self, limit: int | None = None) -> list[bytes]:
+        """The frames waiting, in order; with `limit`, only as many as fit in it (at least one): the rest
+        wait for the next poll (a relayed answer must fit in one broker message)."""
+        if limit is None or self._size <= limit:
+            frames, self._frames, self._size = self._frames, [], 0
+            return frames
+        count, size = 0, 0
+        for frame in self._frames:
+            if count and size + len(frame) > limit:
+                break
+            count, size = count + 1, size + len(frame)
+        frames, self._frames = self._frames[:count], self._frames[count:]
+        self._size -= size
         return frames
 
     async def wait(self, timeout: float) -> None:
@@ -92,3 +104,20 @@ class LongPollConnection:
         finally:
             if self._waiter is waiter:
                 self._waiter = None
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header accepts gzip: named with a q-value above 0, or else `*` so."""
+    weights: dict[str, float] = {}
+    for entry in (header or "").split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[name.lower()] = weight
+    return weights.get("gzip", weights.get("*", 0.0)) > 0

@@ -4,10 +4,12 @@
 //
 // Options:
 //   --token T          connect with params: {token: T}
+//   --auth-token T     the phoenix >= 1.8 `authToken` option instead (over long-poll: X-Phoenix-AuthToken)
 //   --topic NAME       the one topic to join, with `new Presence(channel)` wired to it
 //   --heartbeat-ms N   heartbeatIntervalMs
 //   --retry-ms N       reconnectAfterMs and rejoinAfterMs always return N
 //   --log-frames       also print every message the server sends on the topic (before its effects)
+//   --longpoll         transport LongPoll instead of the WebSocket (the `ws` package)
 //
 // Prints one JSON object per line on stdout:
 //   {"event":"open"}  {"event":"close","code":...,"reason":...}  {"event":"error","message":...}
@@ -32,15 +34,18 @@
 import { parseArgs } from "node:util";
 import { createInterface } from "node:readline";
 import WebSocket from "ws";
+import FetchXMLHttpRequest from "./xhr.mjs";
 
 const { positionals, values: opts } = parseArgs({
   allowPositionals: true,
   options: {
     token: { type: "string" },
+    "auth-token": { type: "string" },
     topic: { type: "string" },
     "heartbeat-ms": { type: "string" },
     "retry-ms": { type: "string" },
     "log-frames": { type: "boolean", default: false },
+    longpoll: { type: "boolean", default: false },
   },
 });
 const [version, url] = positionals;
@@ -48,13 +53,18 @@ if (!["16", "17", "18"].includes(version) || !url || !opts.topic) {
   console.error("usage: node presence.mjs <16|17|18> <socket url> --topic NAME [options]");
   process.exit(2);
 }
-const { Socket, Presence, Serializer } = await import(`phoenix${version}`);
+if (opts.longpoll && version !== "18") {  // phoenix < 1.8 long-polls with XMLHttpRequest, which Node lacks
+  globalThis.XMLHttpRequest = FetchXMLHttpRequest;
+  globalThis.self = globalThis;
+}
+const { Socket, Presence, Serializer, LongPoll } = await import(`phoenix${version}`);
 
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const metasOf = (presence) => (presence ? presence.metas : null);
 
-const options = { transport: WebSocket };
+const options = { transport: opts.longpoll ? LongPoll : WebSocket };
 if (opts.token !== undefined) options.params = { token: opts.token };
+if (opts["auth-token"] !== undefined) options.authToken = opts["auth-token"];
 if (opts["heartbeat-ms"]) options.heartbeatIntervalMs = Number(opts["heartbeat-ms"]);
 if (opts["retry-ms"]) {
   const retry = Number(opts["retry-ms"]);
