@@ -689,3 +689,19 @@ async def test_ndjson_batches_are_bounded_in_lines_and_bytes(start_server, http)
         counts = await metrics(http, server)
         assert counts[("push_client_errors_total", frozenset({("reason", reason)}))] >= 1
     assert await longpoll_connections(http, server) == 1
+
+
+def test_frames_of_a_body_stop_at_the_first_refused_frame():
+    """The frames before a refused one are the client's (as separate POSTs would have been); the rest are not read."""
+    from push_service.transports.longpoll_body import INVALID_FRAME, MAX_BATCH_LINES, TOO_BIG, frames_of
+
+    join = b'["1","1","room:lobby:1","phx_join",{}]'
+    binary = base64.b64encode(b"\x00\x01bin").decode().encode()
+    assert frames_of(join + b"\r\n" + binary + b"\n\n", True, 1000) == ([join.decode(), b"\x00\x01bin"], None)
+    assert frames_of(join + b"\n%%%\n" + join, True, 1000) == ([join.decode()], ("invalid_base64", INVALID_FRAME))
+    assert frames_of(join + b"\n" + b"[" + b"x" * 1000, True, 1000) == ([join.decode()], ("frame_too_big", TOO_BIG))
+    assert frames_of(b"\n" * (MAX_BATCH_LINES + 1), True, 1000) == ([], ("batch_too_many_lines", TOO_BIG))
+    assert frames_of(b"%%% a single body is text, whatever it starts with", False, 1000)[0] == [
+        "%%% a single body is text, whatever it starts with"]
+    assert frames_of(b"\xff", False, 1000) == ([], ("invalid_utf8", INVALID_FRAME))
+    assert frames_of(b"", False, 1000) == ([], None)

@@ -30,8 +30,6 @@ A session's frames wait in its LongPollConnection (longpoll_connection.py) until
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import gzip
 import hmac
 import logging
@@ -45,8 +43,8 @@ from push_service.auth import Identity
 from push_service.auth_callback import AuthBackend, AuthBackendUnavailable
 from push_service.errors import AuthError
 from push_service.protocol import Serializer, negotiate
-from push_service.connection import Disconnect
 from push_service.transports.admission import Admission
+from push_service.transports.longpoll_body import NDJSON, TOO_BIG, Refused, body_limit, frames_of
 from push_service.transports.longpoll_connection import WIRES, LongPollConnection, accepts_gzip
 from push_service.transports.longpoll_tokens import (AUTH_TOKEN_HEADER, SESSION_HEADER, SessionRef, SessionTokens,
                                                      parse, tokens_of, user_digest)
@@ -54,21 +52,12 @@ from push_service.transports.longpoll_tokens import (AUTH_TOKEN_HEADER, SESSION_
 log = logging.getLogger("push_service.longpoll")
 
 PATH = "/socket/longpoll"
-NDJSON = "application/x-ndjson"
 GZIP_LEVEL = 6  # as the WebSocket's deflate (transports/deflate.py)
 # A session with no GET for this many windows is closed (Phoenix: trunc(window_ms * 1.5)).
 INACTIVE_WINDOWS = 1.5
-# An nd-JSON batch POST may hold this many PUSH_MAX_FRAME_BYTES (256KiB by default) in at most this many
-# lines (Phoenix 1.8.6: splitting a body costs memory per line); each frame is checked too. A batch is what
-# phoenix.js queued while its previous POST was out: a rejoin of every channel fits many times over.
-BATCH_FRAMES = 4
-MAX_BATCH_LINES = 200
 ALLOW_METHODS = "get, post, options"
 ALLOW_HEADERS = ("accept", "content-type", AUTH_TOKEN_HEADER, SESSION_HEADER)
 JSON_UTF8 = "application/json; charset=utf-8"
-
-TOO_BIG = Disconnect(1009, "message too big")
-INVALID_FRAME = Disconnect(1007, "invalid message")
 
 _STATUS_200 = b'{"status":200}'
 _STATUS_403 = b'{"status":403}'
@@ -337,8 +326,7 @@ class LongPollTransport:
         return _with_messages(204, conn.token, [])
 
     def body_limit(self, batch: bool) -> int:
-        frame_limit = self.admission.settings.max_frame_bytes
-        return frame_limit * BATCH_FRAMES if batch else frame_limit
+        return body_limit(self.admission.settings.max_frame_bytes, batch)
 
     async def _publish(self, request: web.Request, conn: LongPollConnection) -> web.Response:
         if conn.session is None:
@@ -352,49 +340,20 @@ class LongPollTransport:
         session = conn.session
         if session is None:
             return STATUS_410
-        metrics = self.admission.metrics
-        frame_limit = self.admission.settings.max_frame_bytes
-        if body is None:
-            metrics.client_errors.labels("body_too_big" if batch else "frame_too_big").inc()
-            session.disconnect(TOO_BIG)
-            return _STATUS_413
-        if batch:
-            if body.count(b"\n") + (not body.endswith(b"\n")) > MAX_BATCH_LINES:
-                metrics.client_errors.labels("batch_too_many_lines").inc()
-                session.disconnect(TOO_BIG)
-                return _STATUS_413
-            lines = [line.removesuffix(b"\r") for line in body.split(b"\n")]
-            frames = [line for line in lines if line]
-        else:
-            frames = [body] if body else []
-            # a single body is a text frame, whatever it starts with
-        for raw in frames:
+        frames: list[str | bytes] = []
+        refused: Refused | None = ("body_too_big" if batch else "frame_too_big", TOO_BIG)
+        if body is not None:
+            frames, refused = frames_of(body, batch, self.admission.settings.max_frame_bytes)
+        for frame in frames:  # those before a refused one are the client's, as they would be one POST each
             if conn.gone:
                 break
-            frame: str | bytes
-            if not batch or raw[:1] in (b"[", b"{"):
-                if len(raw) > frame_limit:
-                    metrics.client_errors.labels("frame_too_big").inc()
-                    session.disconnect(TOO_BIG)
-                    return _STATUS_413
-                try:
-                    frame = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    metrics.client_errors.labels("invalid_utf8").inc()
-                    session.disconnect(INVALID_FRAME)
-                    break
-            else:
-                try:
-                    frame = base64.b64decode(raw, validate=True)
-                except (binascii.Error, ValueError):
-                    metrics.client_errors.labels("invalid_base64").inc()
-                    session.disconnect(INVALID_FRAME)
-                    break
-                if len(frame) > frame_limit:
-                    metrics.client_errors.labels("frame_too_big").inc()
-                    session.disconnect(TOO_BIG)
-                    return _STATUS_413
             session.receive(frame)
+        if refused is not None and not conn.gone:
+            reason, disconnect = refused
+            self.admission.metrics.client_errors.labels(reason).inc()
+            session.disconnect(disconnect)
+            if disconnect is TOO_BIG:
+                return _STATUS_413
         return STATUS_410 if conn.gone else _STATUS_200
 
 
