@@ -49,6 +49,7 @@ static struct {
     const char *host;
     int port;
     const char *sub_path, *pub_path, *tokens_file, *key;
+    const char *fields_file;  /* JSON object members sent beside seq, p and t instead of a pad */
     long conns, rooms, inflight_connects;
     long topics_per_conn;   /* push: connection i joins rooms (i*J + j) % R, j < J (default 1) */
     long messages;          /* 0 = unlimited (then --seconds bounds it) */
@@ -579,7 +580,9 @@ static void http_on_readable(long k) {
 }
 
 /* Appends one message's JSON payload; seq/t are what the subscribers look for. */
+static char *fields;  /* --fields-file's contents, or NULL */
 static int payload_json(char *dst, size_t cap, uint32_t seq, long k, long long t) {
+    if (fields) return snprintf(dst, cap, "{\"seq\":%u,\"p\":%ld,\"t\":%lld,%s}", seq, k, t, fields);
     return snprintf(dst, cap, "{\"seq\":%u,\"p\":%ld,\"t\":%lld,\"pad\":\"%s\"}", seq, k, t, pad);
 }
 
@@ -833,6 +836,8 @@ static void usage(void) {
          "                        room (default: per publisher connection; rooms take concurrent publishes)\n"
          "  --frame-bytes F       pad messages so the delivered frame is about F bytes (default 200)\n"
          "  --text-pad            pad with words (as chat text compresses) instead of x's\n"
+         "  --fields-file F       instead of a pad, send the JSON object members in F (at most 3000 bytes)\n"
+         "                        beside seq, p and t, e.g. a real application's message fields\n"
          "  --deflate             offer permessage-deflate and inflate compressed frames' first 256 bytes (-lz);\n"
          "                        avg_frame_bytes then counts the bytes on the wire\n"
          "  --drain-timeout S     after publishing, wait at most S seconds without progress (default 10)\n"
@@ -879,6 +884,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--room-serial")) cfg.room_serial = 1;
         else if (!strcmp(a, "--frame-bytes")) cfg.frame_bytes = atol(VAL());
         else if (!strcmp(a, "--text-pad")) cfg.text_pad = 1;
+        else if (!strcmp(a, "--fields-file")) cfg.fields_file = VAL();
         else if (!strcmp(a, "--deflate")) cfg.deflate = 1;
         else if (!strcmp(a, "--drain-timeout")) cfg.drain_timeout = atof(VAL());
         else if (!strcmp(a, "--latency-samples")) cfg.latency_samples = atol(VAL());
@@ -944,6 +950,16 @@ int main(int argc, char **argv) {
                 if (at < pad_len) pad[at++] = ' ';
             }
         }
+    }
+
+    if (cfg.fields_file) {
+        FILE *f = fopen(cfg.fields_file, "rb");
+        if (!f) die("cannot open --fields-file");
+        fields = calloc(3002, 1);
+        size_t n = fread(fields, 1, 3001, f);
+        fclose(f);
+        if (n == 0 || n > 3000) die("--fields-file must hold 1 to 3000 bytes");
+        while (n && (fields[n - 1] == '\n' || fields[n - 1] == '\r')) fields[--n] = 0;
     }
 
     signal(SIGPIPE, SIG_IGN);

@@ -495,6 +495,14 @@ def scenarios() -> list[Scenario]:
                                 text_pad=True, deflate=deflate),
                    quick=dict(conns=1000, seconds=1), columns=DEFLATE_COLS)
           for mode, deflate in (("plain", False), ("deflate", True))),
+        # The same with the body Linen's backend sends for a new thread (benchmarks/linen_fields.py): JSON whose
+        # keys, ids and author repeat, as real chat payloads do, where the word padding above is text alone.
+        *(Scenario(f"fanout-linen-{mode}", f"push only: 10,000 subscribers, one room, Linen new-thread messages "
+                   f"(~2.5 KB) at 10/s, {'permessage-deflate' if deflate else 'uncompressed'}", "publish",
+                   targets=("push",), options=dict(conns=10000, rooms=1, rate=10, seconds=10, http_conns=2,
+                                                   fields_file=str(HERE / "linen-new-thread.fields"), deflate=deflate),
+                   quick=dict(conns=1000, seconds=1), columns=DEFLATE_COLS)
+          for mode, deflate in (("plain", False), ("deflate", True))),
         Scenario("latency-5", "10,000 subscribers, one room, 5 msg/s for 10 s", "publish",
                  options=dict(conns=10000, rooms=1, rate=5, seconds=10, http_conns=2),
                  quick=dict(conns=300, seconds=1), columns=LATENCY_COLS),
