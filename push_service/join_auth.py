@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+from push_service.auth import Identity
 from push_service.auth_callback import UNAUTHORIZED
+from push_service.config import Settings
+from push_service.connection import Connection
+from push_service.metrics import Metrics
 from push_service.protocol import Message
-
-if TYPE_CHECKING:
-    from push_service.session import Channel, Session
 
 log = logging.getLogger("push_service.session")
 
@@ -26,16 +27,40 @@ class JoinAuthorizer(Protocol):
         """None when `sub` may join `topic`; else the join error's reason."""
 
 
+class _Host(Protocol):
+    """What of session.SessionHost a waiting join uses (declared here: session.py imports this module)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def join_authorizer(self) -> JoinAuthorizer | None: ...
+    def subscribe(self, topic: str, session: Any) -> bool: ...
+
+
+class Joining(Protocol):
+    """What of session.Session a waiting join uses; its channels are session.Channel objects."""
+
+    id: str
+    identity: Identity
+    conn: Connection
+    channels: dict[str, Any]
+    @property
+    def host(self) -> _Host: ...
+    def subscribed(self, topic: str) -> None: ...
+
+
 class PendingJoins:
     """topic -> the task waiting for its join's answer, for one session."""
 
     __slots__ = ("_session", "_tasks")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Joining) -> None:
         self._session = session
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
-    def ask(self, channel: Channel, message: Message) -> None:
+    def ask(self, channel: Any, message: Message) -> None:
         session, name = self._session, channel.topic.name
         self.cancel(name)  # a join sent again before the first was answered: the newest counts
         if len(session.channels) + len(self._tasks) >= session.host.settings.max_topics_per_connection:
@@ -59,7 +84,7 @@ class PendingJoins:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def _wait(self, channel: Channel, message: Message) -> None:
+    async def _wait(self, channel: Any, message: Message) -> None:
         session, name = self._session, channel.topic.name
         authorizer = session.host.join_authorizer
         assert authorizer is not None
@@ -82,6 +107,6 @@ class PendingJoins:
         if session.host.subscribe(name, session):
             session.subscribed(name)
 
-    def _reply(self, channel: Channel, message: Message, response: dict[str, Any]) -> None:
+    def _reply(self, channel: Any, message: Message, response: dict[str, Any]) -> None:
         conn = self._session.conn
         conn.send(conn.wire.encode(Message.reply(channel.join_ref, message.ref, message.topic, "error", response)))
