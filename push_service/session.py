@@ -133,6 +133,17 @@ class Session:
 
     def deliver(self, broadcast: Broadcast | Run) -> None:
         """Hub fan-out path: one write of bytes shared with every subscriber of the same wire."""
+        if self._held is not None or self._floors is not None:
+            self._deliver_recovering(broadcast)
+            return
+        # The frame is read from the broadcast's cache, not through a call to `encoded`, once it is there; and
+        # conn.send is called as a method, not the bound method kept in _write: with thousands of sockets that
+        # object is one more cache miss per delivery (docs/performance.md, "Small rooms").
+        wire, frames = self._wire, broadcast.frames
+        self.conn.send(frames[wire] if wire in frames else broadcast.encoded(wire))
+
+    def _deliver_recovering(self, broadcast: Broadcast | Run) -> None:
+        """`deliver` while a join recovers history or just has: held until the replay, or dropped as replayed."""
         held = self._held
         if held is not None and broadcast.topic in held:
             held[broadcast.topic].extend(broadcast.parts)  # its join is recovering: sent after the replay
@@ -143,8 +154,6 @@ class Session:
                 if floors is None or part.topic not in floors or not self._replayed(part, floors):
                     self._write(part.encoded(self._wire))
             return
-        # conn.send called as a method, not the bound method kept in _write: with thousands of sockets
-        # that object is one more cache miss per delivery (docs/performance.md, "Small rooms").
         self.conn.send(broadcast.encoded(self._wire))
 
     def _replayed(self, broadcast: Broadcast, floors: dict[str, Position]) -> bool:
