@@ -37,10 +37,12 @@ class Sink(Protocol):
 class Connection(Protocol):
     wire: Wire
     transport_name: str  # metrics label: "websocket" or "longpoll"
-    # What a broadcast's bytes are written to: the connection itself (`write` as `send`), or, while `send`
-    # would only hand them to it, the transport, so that a delivery makes no call of ours
-    # (docs/performance.md, "Small rooms").
-    sink: Sink
+
+    @property
+    def sink(self) -> Sink:
+        """What a broadcast's bytes are written to: the connection itself (`write` as `send`), or, while
+        `send` would only hand them to it, the transport, so that a delivery makes no call of ours
+        (docs/performance.md, "Small rooms")."""
 
     @property
     def remote(self) -> str:
