@@ -30,9 +30,19 @@ ADMIN_CLOSE = Disconnect(1000, "disconnected by an admin")
 ADMIN_RECONNECT = Disconnect(4000, "disconnected by an admin, may reconnect")
 
 
+class Sink(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+
 class Connection(Protocol):
     wire: Wire
     transport_name: str  # metrics label: "websocket" or "longpoll"
+
+    @property
+    def sink(self) -> Sink:
+        """What a broadcast's bytes are written to: the connection itself (`write` as `send`), or, while
+        `send` would only hand them to it, the transport, so that a delivery makes no call of ours
+        (docs/performance.md, "Small rooms")."""
 
     @property
     def remote(self) -> str:
@@ -50,15 +60,18 @@ class Ended:
     refers to the session too: dropping the session's side of that cycle lets reference counting
     free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
 
-    __slots__ = ("wire", "transport_name")
+    __slots__ = ("wire", "transport_name", "sink")
     remote = ""
 
     def __init__(self, conn: Connection) -> None:
         self.wire = conn.wire
         self.transport_name = conn.transport_name
+        self.sink = self
 
     def send(self, data: bytes) -> None:
         pass
+
+    write = send
 
     def close(self, disconnect: Disconnect) -> None:
         pass

@@ -165,9 +165,15 @@ def request_id(given: str | None) -> str:
     return given if given is not None and REQUEST_ID.fullmatch(given) else new_request_id()
 
 
+_OK_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: %d\r\n"
+            b"X-Request-Id: %s\r\n\r\n%s")
+
+
 def json_answer(status: int, body: bytes, request_id: str, close: bool = False,
                 retry_after: int | None = None) -> bytes:
     """A complete response with a JSON body."""
+    if status == 200 and not close and retry_after is None:  # every publish's answer: one formatting
+        return _OK_HEAD % (len(body), request_id.encode(), body)
     head = (f"HTTP/1.1 {status} {REASONS[status]}\r\nContent-Type: application/json; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\n")
     if retry_after is not None:

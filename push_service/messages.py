@@ -85,7 +85,7 @@ class Broadcast:
     embed those bytes as they are, so no node parses or re-encodes a payload to deliver it.
     """
 
-    __slots__ = ("topic", "event", "payload_json", "published_at", "position", "_encoded")
+    __slots__ = ("topic", "event", "payload_json", "published_at", "position", "frames")
 
     def __init__(self, topic: str, event: str, payload_json: bytes, published_at: float | None = None,
                  position: Position | None = None) -> None:
@@ -97,7 +97,8 @@ class Broadcast:
         self.published_at = published_at
         # Where it stands in the topic's history (sent as the frame's ref), when history is on.
         self.position = position
-        self._encoded: dict[Wire, bytes] = {}
+        # Wire -> its framed bytes, once `encoded` made them: a delivery reads them here without a call.
+        self.frames: dict[Wire, bytes] = {}
 
     @classmethod
     def of(cls, topic: str, event: str, payload: Any, published_at: float | None = None) -> Broadcast:
@@ -106,7 +107,7 @@ class Broadcast:
     def encoded(self, wire: Wire) -> bytes:
         # A membership test, not try/except KeyError: every broadcast misses once per wire, and a raised
         # KeyError costs more than the test; nor dict.get, a call per delivery.
-        encoded = self._encoded
+        encoded = self.frames
         if wire in encoded:
             return encoded[wire]
         ref = None if self.position is None else str(self.position)
@@ -121,7 +122,7 @@ class Broadcast:
     @property
     def encode_count(self) -> int:
         """How many times this broadcast was serialized (once per distinct wire reached)."""
-        return len(self._encoded)
+        return len(self.frames)
 
 
 class Run:
@@ -129,15 +130,15 @@ class Run:
     wire's separator once per wire, so a subscriber costs one syscall however many messages came
     together."""
 
-    __slots__ = ("topic", "parts", "_encoded")
+    __slots__ = ("topic", "parts", "frames")
 
     def __init__(self, parts: list[Broadcast]) -> None:
         self.topic = parts[0].topic
         self.parts = parts
-        self._encoded: dict[Wire, bytes] = {}
+        self.frames: dict[Wire, bytes] = {}  # as Broadcast.frames
 
     def encoded(self, wire: Wire) -> bytes:
-        encoded = self._encoded
+        encoded = self.frames
         if wire in encoded:
             return encoded[wire]
         data = encoded[wire] = wire.separator.join([part.encoded(wire) for part in self.parts])

@@ -141,7 +141,7 @@ def _family(family: str, field: str, hint: str = "") -> Callable[[dict[str, Any]
         topic = topic_for(family, _id_field(body, field, hint))
         if not _is_topic(topic):
             raise ApiError(400, f"field {field!r} is too long: a topic is at most 255 bytes")
-        return [Broadcast.of(topic, NEW_MSG, body, started)]
+        return [Broadcast(topic, NEW_MSG, orjson.dumps(body), started)]
 
     return broadcasts
 
@@ -182,7 +182,7 @@ def _broadcast_from(item: Any, index: int | None, started: float) -> Broadcast:
         raise ApiError(400, f"{_where(index)}: {problem}")
     if not isinstance(payload, dict):
         raise ApiError(400, f"{_where(index)}: field 'payload' must be an object")
-    return Broadcast.of(topic, event, payload, started)
+    return Broadcast(topic, event, orjson.dumps(payload), started)  # as Broadcast.of, one call less per publish
 
 
 def _broadcast(body: dict[str, Any], started: float) -> list[Broadcast]:

@@ -133,19 +133,25 @@ class Session:
 
     def deliver(self, broadcast: Broadcast | Run) -> None:
         """Hub fan-out path: one write of bytes shared with every subscriber of the same wire."""
-        held = self._held
+        if self._held is not None or self._floors is not None:
+            self._deliver_recovering(broadcast)
+            return
+        # No call of ours per delivery: the frame from the broadcast's cache, written to the connection's sink (its
+        # transport, mostly), not through a bound method kept here (docs/performance.md, "Small rooms").
+        wire, frames = self._wire, broadcast.frames
+        self.conn.sink.write(frames[wire] if wire in frames else broadcast.encoded(wire))
+
+    def _deliver_recovering(self, broadcast: Broadcast | Run) -> None:
+        held, floors = self._held, self._floors
         if held is not None and broadcast.topic in held:
             held[broadcast.topic].extend(broadcast.parts)  # its join is recovering: sent after the replay
-            return
-        if self._floors is not None and broadcast.topic in self._floors:
+        elif floors is not None and broadcast.topic in floors:
             for part in broadcast.parts:
                 floors = self._floors
                 if floors is None or part.topic not in floors or not self._replayed(part, floors):
                     self._write(part.encoded(self._wire))
-            return
-        # conn.send called as a method, not the bound method kept in _write: with thousands of sockets
-        # that object is one more cache miss per delivery (docs/performance.md, "Small rooms").
-        self.conn.send(broadcast.encoded(self._wire))
+        else:
+            self.conn.send(broadcast.encoded(self._wire))
 
     def _replayed(self, broadcast: Broadcast, floors: dict[str, Position]) -> bool:
         """Whether the replay already sent this broadcast. With Redis or NATS the history read can answer

@@ -18,10 +18,13 @@ class RecordingConnection:
 
     def __init__(self) -> None:
         self.wire = WIRES[V2]
+        self.sink = self
         self.frames: list[Any] = []
 
     def send(self, data: bytes) -> None:
         self.frames.append(orjson.loads(data[2:] if data[1] < 126 else data[4:]))
+
+    write = send
 
     def close(self, disconnect: Any) -> None:
         pass

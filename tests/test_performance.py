@@ -55,7 +55,8 @@ class Conn:
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.writes: list[bytes] = []
-        self.send = self.writes.append
+        self.send = self.write = self.writes.append
+        self.sink = self
 
     def close(self, disconnect: Any) -> None:
         pass

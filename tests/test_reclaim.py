@@ -50,10 +50,13 @@ class _Conn:
 
     def __init__(self) -> None:
         self.wire = WIRES[V2]
+        self.sink = self
         self.sent = 0
 
     def send(self, data: bytes) -> None:
         self.sent += 1
+
+    write = send
 
     def close(self, disconnect: Any) -> None:
         pass

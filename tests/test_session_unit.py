@@ -97,11 +97,14 @@ class FakeConnection:
 
     def __init__(self) -> None:
         self.wire = Wire(V2, lambda payload: payload)  # unframed: each write is the serialized message
+        self.sink = self
         self.written: list[bytes] = []
         self.closed_with: Disconnect | None = None
 
     def send(self, data: bytes) -> None:
         self.written.append(data)
+
+    write = send
 
     def close(self, disconnect: Disconnect) -> None:
         self.closed_with = disconnect

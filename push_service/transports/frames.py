@@ -71,6 +71,12 @@ def frame(opcode: int, payload: bytes) -> bytes:
 
 
 def frame_text(payload: bytes) -> bytes:
+    # As frame(TEXT, payload), without the call: once per broadcast and wire.
+    size = len(payload)
+    if size < 126:
+        return _HEADER_2.pack(0x81, size) + payload
+    if size < 65536:
+        return _HEADER_4.pack(0x81, 126, size) + payload
     return frame(TEXT, payload)
 
 

@@ -31,12 +31,13 @@ WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, 
 class LongPollConnection:
     """A Session's view of one long-poll session: frames wait here until the client's next GET."""
 
-    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest",
+    __slots__ = ("sink", "key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest",
                  "_end", "_buffer_limit", "_frames", "_size", "_waiter")
     transport_name = "longpoll"
 
     def __init__(self, end: Callable[[LongPollConnection], None], buffer_limit: int, key: str, token: str, wire: Wire,
                  now: float, sub: str, address: str) -> None:
+        self.sink = self  # Connection.sink: what is sent waits here
         self.key = key
         self.token = token
         self.wire = wire
@@ -65,6 +66,8 @@ class LongPollConnection:
         self._wake()
         if self._size > self._buffer_limit and self.session is not None:
             self.session.overflowed()  # nobody has polled for a while and the frames pile up
+
+    write = send  # as the sink
 
     def close(self, disconnect: Disconnect) -> None:
         """Server-side close (token expiry, drain, slow consumer, ...): a waiting GET answers at once."""

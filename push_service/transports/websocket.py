@@ -115,8 +115,8 @@ class WebSocketProtocol(asyncio.Protocol):
     """One upgraded socket: frames in to its Session, framed bytes out. It is also the Session's
     Connection, so a socket is this object, its transport and its session."""
 
-    # What send reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
-    __slots__ = ("_closing", "_out", "_transport", "wire", "session", "_metrics", "_write", "_reader",
+    # What a delivery reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
+    __slots__ = ("sink", "_closing", "_out", "_transport", "wire", "session", "_metrics", "_write", "_reader",
                  "_awaiting_close", "_close_timer", "_lost")
     transport_name = "websocket"
 
@@ -126,6 +126,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._lost = lost
         self._metrics = admission.metrics
         self._transport = transport
+        # Connection.sink: the transport while send would write to it at once (not closing, no read being
+        # handled), else this object.
+        self.sink: asyncio.Transport | WebSocketProtocol = transport
         self._write = transport.write
         self._reader = FrameReader(admission.settings.max_frame_bytes, inflates)
         self._closing = False  # a Close was sent: nothing more goes out
@@ -147,11 +150,11 @@ class WebSocketProtocol(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if not self._closing:
             if self._out is None:
-                # A method call, not the bound method kept in _write: with thousands of sockets that object
-                # is one more cache miss per delivery (docs/performance.md, "Small rooms").
                 self._transport.write(data)
             else:
                 self._out.append(data)
+
+    write = send  # as the sink
 
     def close(self, disconnect: Disconnect) -> None:
         self._close_first(frame_close(disconnect.code, disconnect.reason))
@@ -170,13 +173,15 @@ class WebSocketProtocol(asyncio.Protocol):
         # else: the connection failed and is read only to be drained until the peer ends it
 
     def _handle(self, out: list[bytes], data: bytes) -> None:
-        self._out = out
+        self._out, self.sink = out, self
         try:
             if data:
                 self._receive(data)
         finally:
             if self._out is out:  # else _send_close has written it
                 self._out = None
+                if not self._closing:
+                    self.sink = self._transport
                 if out:
                     self._write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -222,7 +227,7 @@ class WebSocketProtocol(asyncio.Protocol):
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
+        self._closing, self.sink = True, self
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.session.closed()
@@ -260,7 +265,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Write the Close behind what the current read answered; False if a Close was sent already."""
         if self._closing:
             return False
-        self._closing = True
+        self._closing, self.sink = True, self
         out, self._out = self._out, None
         self._transport.write(b"".join(out) + close_frame if out else close_frame)
         return True
