@@ -61,6 +61,8 @@ class WireSerializer(Protocol):
 
     def encode_broadcast(self, topic: str, event: str, payload_json: bytes, ref: str | None = None) -> bytes: ...
 
+    def encode_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> bytes: ...
+
 
 class Wire:
     """How one transport carries one protocol version: the serializer plus the transport's framing,

@@ -172,7 +172,8 @@ class Session:
         self._write(self._wire.encode(message))
 
     def _reply(self, join_ref: Any, message: Message, status: str, response: Any) -> None:
-        self._push(Message.reply(join_ref, message.ref, message.topic, status, response))
+        wire = self._wire
+        self._write(wire.frame(wire.serializer.encode_reply(join_ref, message.ref, message.topic, status, response)))
 
     # --- input
 
@@ -287,9 +288,10 @@ class Session:
     def _joined(self, channel: Channel, response: dict[str, Any]) -> None:
         channel.joined = True
         name = channel.topic.name
-        self.host.metrics.joins.labels(channel.topic.family).inc()
+        self.host.metrics.joins_of[channel.topic.family].inc()
         state = self.host.presence.join(self, name) if channel.tracked else None
-        self._push(Message.reply(channel.join_ref, channel.reply_ref, name, "ok", response))
+        wire = self._wire
+        self._write(wire.frame(wire.serializer.encode_reply(channel.join_ref, channel.reply_ref, name, "ok", response)))
         if state is not None:
             # Taken after tracking, so it includes the joiner; the batched diff of this join comes
             # later and is idempotent for phoenix.js (merged by phx_ref).
@@ -361,7 +363,7 @@ class Session:
         if channel.joined:
             if channel.tracked:
                 self.host.presence.leave(self, channel.topic.name)
-            self.host.metrics.leaves.labels(channel.topic.family).inc()
+            self.host.metrics.leaves_of[channel.topic.family].inc()
 
     # --- end of life
 
