@@ -158,10 +158,6 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # --- asyncio.Protocol
 
-    def start(self, response: bytes, rest: bytes) -> None:
-        """Send the upgrade's response, then handle `rest` (frames sent right behind the request)."""
-        self._handle([response], rest)
-
     def data_received(self, data: bytes) -> None:
         if not self._closing:
             self._handle([], data)
@@ -378,7 +374,10 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
     """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head.
     A permessage-deflate offer, when compression is on, makes its frames go out on a compressed wire."""
     settings = admission.settings
-    offer = negotiate(header("sec-websocket-extensions")) if settings.compression else None
+    offer = None
+    if settings.compression:
+        offered = header("sec-websocket-extensions")
+        offer = negotiate(offered) if offered else None
     if offer is None:
         wire, extensions = WIRES[serializer], b""
     else:
@@ -391,4 +390,4 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
         extensions, b"\r\n"))
     protocol = WebSocketProtocol(admission, transport, wire, identity, lost, offer is not None)
     transport.set_protocol(protocol)
-    protocol.start(response, rest)
+    protocol._handle([response], rest)  # the 101, then the frames sent right behind the request
