@@ -107,7 +107,7 @@ class Channel:
 
 class Session:
     # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
-    __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen", "_write",
+    __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen",
                  "_closing", "_disconnected", "connected_at", "_refresh", "_pending")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
@@ -118,7 +118,6 @@ class Session:
         self.channels: dict[str, Channel] = {}
         self.last_seen = host.now()
         self._wire = conn.wire
-        self._write = conn.send
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
         self.connected_at = 0.0  # when it connected (time.time()), for the admin API
@@ -141,10 +140,10 @@ class Session:
             for part in broadcast.parts:
                 floors = self._floors
                 if floors is None or part.topic not in floors or not self._replayed(part, floors):
-                    self._write(part.encoded(self._wire))
+                    self.conn.send(part.encoded(self._wire))
             return
-        # conn.send called as a method, not the bound method kept in _write: with thousands of sockets
-        # that object is one more cache miss per delivery (docs/performance.md, "Small rooms").
+        # conn.send called as a method: a bound method kept per session would be one more object to allocate
+        # on a connect and one more cache miss per delivery (docs/performance.md, "Small rooms").
         self.conn.send(broadcast.encoded(self._wire))
 
     def _replayed(self, broadcast: Broadcast, floors: dict[str, Position]) -> bool:
@@ -169,11 +168,11 @@ class Session:
             asyncio.get_running_loop().call_soon(self.disconnect, SLOW_CONSUMER)
 
     def _push(self, message: Message) -> None:
-        self._write(self._wire.encode(message))
+        self.conn.send(self._wire.encode(message))
 
     def _reply(self, join_ref: Any, message: Message, status: str, response: Any) -> None:
         wire = self._wire
-        self._write(wire.frame(wire.serializer.encode_reply(join_ref, message.ref, message.topic, status, response)))
+        self.conn.send(wire.frame(wire.serializer.encode_reply(join_ref, message.ref, message.topic, status, response)))
 
     # --- input
 
@@ -270,14 +269,14 @@ class Session:
         if replay:
             assert recovery is not None
             for broadcast in recovery.messages:
-                self._write(broadcast.encoded(self._wire))
+                self.conn.send(broadcast.encoded(self._wire))
             self.host.metrics.replayed.inc(len(recovery.messages))
         latest = recovery.position if recovery is not None else None
         beyond = False
         for broadcast in held:  # what came while reading, minus what the position already covers
             position = broadcast.position
             if latest is None or position is None or position.epoch != latest.epoch or position.seq > latest.seq:
-                self._write(broadcast.encoded(self._wire))
+                self.conn.send(broadcast.encoded(self._wire))
                 beyond = beyond or position is not None
         if latest is not None and not beyond:
             # Live copies of what the position covers may still be on their way: drop them when they come.
@@ -291,7 +290,7 @@ class Session:
         self.host.metrics.joins_of[channel.topic.family].inc()
         state = self.host.presence.join(self, name) if channel.tracked else None
         wire = self._wire
-        self._write(wire.frame(wire.serializer.encode_reply(channel.join_ref, channel.reply_ref, name, "ok", response)))
+        self.conn.send(wire.frame(wire.serializer.encode_reply(channel.join_ref, channel.reply_ref, name, "ok", response)))
         if state is not None:
             # Taken after tracking, so it includes the joiner; the batched diff of this join comes
             # later and is idempotent for phoenix.js (merged by phx_ref).
@@ -391,7 +390,7 @@ class Session:
         self.host.forget(self)
         if not isinstance(self.conn, Ended):
             ended = Ended(self.conn)
-            self.conn, self._write = ended, ended.send
+            self.conn = ended
 
     def _drop_all_channels(self) -> None:
         if self._pending is not None:

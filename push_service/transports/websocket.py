@@ -116,7 +116,7 @@ class WebSocketProtocol(asyncio.Protocol):
     Connection, so a socket is this object, its transport and its session."""
 
     # What send reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
-    __slots__ = ("_closing", "_out", "_transport", "wire", "session", "_metrics", "_write", "_reader",
+    __slots__ = ("_closing", "_out", "_transport", "wire", "session", "_metrics", "_reader",
                  "_awaiting_close", "_close_timer", "_lost")
     transport_name = "websocket"
 
@@ -126,7 +126,6 @@ class WebSocketProtocol(asyncio.Protocol):
         self._lost = lost
         self._metrics = admission.metrics
         self._transport = transport
-        self._write = transport.write
         self._reader = FrameReader(admission.settings.max_frame_bytes, inflates)
         self._closing = False  # a Close was sent: nothing more goes out
         self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
@@ -147,8 +146,8 @@ class WebSocketProtocol(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if not self._closing:
             if self._out is None:
-                # A method call, not the bound method kept in _write: with thousands of sockets that object
-                # is one more cache miss per delivery (docs/performance.md, "Small rooms").
+                # A method call, no bound method kept: with thousands of sockets that object would be one more
+                # allocation per connect and cache miss per delivery (docs/performance.md, "Small rooms").
                 self._transport.write(data)
             else:
                 self._out.append(data)
@@ -174,7 +173,7 @@ class WebSocketProtocol(asyncio.Protocol):
             if self._out is out:  # else _send_close has written it
                 self._out = None
                 if out:
-                    self._write(out[0] if len(out) == 1 else b"".join(out))
+                    self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _receive(self, data: bytes) -> None:
         error: FrameError | None = None
