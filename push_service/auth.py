@@ -357,7 +357,7 @@ def _identity_from(claims: dict[str, Any], exp: int) -> Identity:
     info = claims.get("info", {})
     if not isinstance(info, dict):
         raise AuthError("bad_claims", "'info' must be an object", "info must be an object")
-    return Identity(sub=sub, exp=float(exp), topics=topics, info=info)
+    return Identity(sub, float(exp), topics, info)  # positional: keywords cost more on every connect
 
 
 def mint_token(settings: Settings, sub: str, *, ttl: float, topics: list[str] | None = None,
