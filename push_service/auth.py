@@ -97,7 +97,6 @@ class _KeyedHash:
         return outer.digest()
 
 
-
 def _b64url_decode(segment: bytes) -> bytes | None:
     """A base64url segment as PyJWT accepts it (`PyJWS._decode_base64url_segment`), else None:
     the url-safe alphabet only, canonical (no stray bits in the last character), and '='

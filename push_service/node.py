@@ -62,8 +62,10 @@ class Node:
         self.auth_backend = backend if settings.auth_connect_url else None
         self.join_authorizer = backend if settings.auth_join_url else None
         self._backend = backend
-        # The transports' verify is the verifier's own method: no call in between on every connect.
-        self.verify = self._backend_only if settings.auth_mode == "callback" else self.tokens.verify  # type: ignore[method-assign]
+        # The transports' and sessions' verify (who a client token says the client is; AuthError when refused):
+        # the verifier's own method, no call in between on every connect.
+        self.verify: Callable[[str | None], Identity] = (
+            self._backend_only if settings.auth_mode == "callback" else self.tokens.verify)
         # An admin key may do whatever a publish key may (the console publishes), not the other way round.
         self.publish_keys = PublishKeys(settings.service_keys + settings.admin_keys)
         self.admin_keys = PublishKeys(settings.admin_keys)
@@ -139,9 +141,6 @@ class Node:
         self._broker_was_up |= up
 
     # --- sessions (Node is the transports' Admission and the sessions' SessionHost)
-
-    def verify(self, token: str | None) -> Identity:
-        return self.tokens.verify(token)
 
     def _backend_only(self, token: str | None) -> Identity:
         if not token:

@@ -290,7 +290,8 @@ class Session:
         self.host.metrics.joins_of[channel.topic.family].inc()
         state = self.host.presence.join(self, name) if channel.tracked else None
         wire = self._wire
-        self.conn.send(wire.frame(wire.serializer.encode_reply(channel.join_ref, channel.reply_ref, name, "ok", response)))
+        reply = wire.serializer.encode_reply(channel.join_ref, channel.reply_ref, name, "ok", response)
+        self.conn.send(wire.frame(reply))
         if state is not None:
             # Taken after tracking, so it includes the joiner; the batched diff of this join comes
             # later and is idempotent for phoenix.js (merged by phx_ref).
