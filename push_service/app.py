@@ -67,7 +67,7 @@ class Door:
         assert runner.server is not None, "the runner is set up first"
         listener = frontdoor.Listener(runner.app[NODE], runner.server)
         self.server = await asyncio.get_running_loop().create_server(
-            listener, host, port, backlog=BACKLOG, reuse_port=reuse_port)
+            listener.protocol_factory(), host, port, backlog=BACKLOG, reuse_port=reuse_port)
         self.listener = listener
         return int(self.server.sockets[0].getsockname()[1]) if self.server.sockets else port
 

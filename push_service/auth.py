@@ -7,6 +7,7 @@ is the user and whose optional `topics` claim lists what that user may join.
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
 import json
 import re
@@ -64,9 +65,36 @@ _HEADER_CACHE_SIZE = 64
 # Tokens verified already, with what they said: a reconnect storm brings the same tokens back. Bounded
 # (oldest out first): at most this many tokens held, a few hundred bytes each.
 VERIFIED_CACHE_SIZE = 10_000
-# HMAC algorithms checked with hmac.digest, one C call: PyJWT's HMACAlgorithm builds an hmac object per
-# token for the same digest.
+# HMAC algorithms checked here, by RFC 2104 from hash states that have taken the padded key once: PyJWT's
+# HMACAlgorithm builds an hmac object per token, and even hmac.digest sets the key up again per call, a
+# costly part of a connect (docs/performance.md, "Connect rate").
 _HMAC_DIGESTS = {"HS256": "sha256", "HS384": "sha384", "HS512": "sha512"}
+# RFC 2104's inner and outer pads, as translation tables: the key XOR 0x36 (0x5C) byte by byte.
+_IPAD = bytes(byte ^ 0x36 for byte in range(256))
+_OPAD = bytes(byte ^ 0x5C for byte in range(256))
+
+
+class _KeyedHash:
+    """HMAC with one key: the inner and outer hash states after the padded key, copied for each message."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes, digest: str) -> None:
+        inner, outer = hashlib.new(digest), hashlib.new(digest)
+        if len(key) > inner.block_size:
+            key = hashlib.new(digest, key).digest()
+        key = key.ljust(inner.block_size, b"\0")
+        inner.update(key.translate(_IPAD))
+        outer.update(key.translate(_OPAD))
+        self._inner, self._outer = inner, outer
+
+    def digest(self, message: bytes) -> bytes:
+        """hmac.digest(key, message, digest)."""
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def _b64url_decode(segment: bytes) -> bytes | None:
@@ -165,7 +193,8 @@ class TokenVerifier:
             if weak:  # jwt.decode warned on every token; once is enough
                 warnings.warn(weak, jwt.warnings.InsecureKeyLengthWarning, stacklevel=2)
             self._checkers[algorithm] = (checker, prepared)
-        self._hmac_keys = {algorithm: checker[1] for algorithm, checker in self._checkers.items()
+        self._hmac_keys = {algorithm: _KeyedHash(checker[1], _HMAC_DIGESTS[algorithm])
+                           for algorithm, checker in self._checkers.items()
                            if algorithm in _HMAC_DIGESTS and isinstance(checker[1], bytes)}
 
     def _key_for(self, algorithm: str) -> Any:
@@ -236,15 +265,18 @@ class TokenVerifier:
         if isinstance(key, Exception):
             raise type(key)(*key.args)
         hmac_key = self._hmac_keys.get(algorithm)
-        if hmac_key is not None:  # what HMACAlgorithm.verify does, in one call
-            valid = hmac.compare_digest(signature, hmac.digest(hmac_key, signing_input, _HMAC_DIGESTS[algorithm]))
+        if hmac_key is not None:  # what HMACAlgorithm.verify does
+            valid = hmac.compare_digest(signature, hmac_key.digest(signing_input))
         else:
             valid = algorithm_object.verify(signing_input, key, signature)
         if not valid:
             raise AuthError("bad_signature", "Signature verification failed")
 
-        claims = _json_object(payload)
-        if claims is None:
+        try:  # orjson at once: the json module only for what it refuses (_json_object)
+            claims = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            claims = _json_object(payload)
+        if type(claims) is not dict:
             raise AuthError("malformed", "Invalid payload string: must be a json object")
         exp = self._check_claims(claims)
         if claims.get("info") and _LONG_NUMBER.search(payload):
@@ -324,7 +356,7 @@ def _identity_from(claims: dict[str, Any], exp: int) -> Identity:
     info = claims.get("info", {})
     if not isinstance(info, dict):
         raise AuthError("bad_claims", "'info' must be an object", "info must be an object")
-    return Identity(sub=sub, exp=float(exp), topics=topics, info=info)
+    return Identity(sub, float(exp), topics, info)  # positional: keywords cost more on every connect
 
 
 def mint_token(settings: Settings, sub: str, *, ttl: float, topics: list[str] | None = None,

@@ -14,10 +14,11 @@ Request deadlines and the cap on open connections are limits.py's, for these con
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -52,8 +53,9 @@ class Listener:
         self._idle_checker: asyncio.TimerHandle | None = None
         self.guard = Guard(node.settings, node.metrics)
 
-    def __call__(self) -> FrontDoor:
-        return FrontDoor(self)
+    def protocol_factory(self) -> Callable[[], FrontDoor]:
+        """The listening socket's protocol factory: a partial, so a connect makes no call of ours for it."""
+        return functools.partial(FrontDoor, self)
 
     def hand_over(self, transport: asyncio.Transport, data: bytes) -> None:
         """aiohttp serves the connection from here on, starting with `data`."""
@@ -94,6 +96,7 @@ class FrontDoor(asyncio.Protocol):
     """Reads a connection's first request head and hands the connection to whoever serves it."""
 
     __slots__ = ("_listener", "_transport", "_head", "_waiting", "_reader", "_refused")
+    _transport: asyncio.Transport
 
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
@@ -102,7 +105,7 @@ class FrontDoor(asyncio.Protocol):
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, but quacks alike
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass, but quacks alike
         guard = self._listener.guard
         full = guard.full()
         guard.open += 1

@@ -147,9 +147,11 @@ def has_token(value: str | None, token: str) -> bool:
 def parse_query(query: str) -> dict[str, str]:
     """First value of each name, decoded as aiohttp's request.query decodes it."""
     values: dict[str, str] = {}
+    # One look for an escape in the whole query (a token is most of it), not two per pair.
+    escaped = "%" in query or "+" in query
     for pair in query.split("&") if query else ():
         name, _, value = pair.partition("=")
-        if "%" in pair or "+" in pair:
+        if escaped and ("%" in pair or "+" in pair):
             name, value = unquote_plus(name), unquote_plus(value)
         values.setdefault(name, value)
     return values

@@ -61,6 +61,8 @@ class WireSerializer(Protocol):
 
     def encode_broadcast(self, topic: str, event: str, payload_json: bytes, ref: str | None = None) -> bytes: ...
 
+    def encode_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> bytes: ...
+
 
 class Wire:
     """How one transport carries one protocol version: the serializer plus the transport's framing,
@@ -149,3 +151,26 @@ class Subscriber(Protocol):
     def deliver(self, broadcast: Broadcast | Run) -> None:
         """Write the bytes of a broadcast, or of a run of them (`.parts`); must not (un)subscribe
         anything synchronously."""
+
+
+# --- a join's `since`: the last position its client saw
+
+BAD_SINCE = object()
+# A join that asks to recover with nothing to recover from: its reply says recovered: false.
+UNUSABLE_SINCE = object()
+
+
+def join_since(payload: Any, history: bool) -> Position | None | object:
+    """The join's `since` position; None without one; UNUSABLE_SINCE when history is off, whatever it
+    holds, null included (refs are null then, so `{since: lastPos}` sends null): nothing can be vouched
+    for, and a refusal would make phoenix.js rejoin in a loop; BAD_SINCE when it is not a position."""
+    if not isinstance(payload, dict) or "since" not in payload:
+        return None
+    if not history:
+        return UNUSABLE_SINCE
+    if payload["since"] is None:
+        return None  # history on: the join reply's position is where the client starts
+    try:
+        return Position.parse(payload["since"])
+    except ValueError:
+        return BAD_SINCE

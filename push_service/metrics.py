@@ -311,6 +311,10 @@ class Metrics:
         self.recoveries.preset(RECOVERY_RESULTS)
         self.auth_callbacks.preset(AUTH_CALLBACK_ENDPOINTS, AUTH_CALLBACK_OUTCOMES)
         self.auth_callback_cache.preset(AUTH_CALLBACK_ENDPOINTS, ("hit", "miss"))
+        # The series every connect and join counts (and their ends), looked up once: labels() is a call.
+        self.connections_of = {transport: self.connections.labels(transport) for transport in TRANSPORTS}
+        self.joins_of = {family: self.joins.labels(family) for family in FAMILIES}
+        self.leaves_of = {family: self.leaves.labels(family) for family in FAMILIES}
         # The standard process and Python collectors (memory, CPU, fds, gc), read only when scraped.
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             registry.register(collector)

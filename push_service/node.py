@@ -66,12 +66,15 @@ class Node:
         self.auth_backend = backend if settings.auth_connect_url else None
         self.join_authorizer = backend if settings.auth_join_url else None
         self._backend = backend
-        if settings.auth_mode == "callback":
-            self.verify = self._backend_only  # type: ignore[method-assign]
+        # The transports' and sessions' verify (who a client token says the client is; AuthError when refused):
+        # the verifier's own method, no call in between on every connect.
+        self.verify: Callable[[str | None], Identity] = (
+            self._backend_only if settings.auth_mode == "callback" else self.tokens.verify)
         # An admin key may do whatever a publish key may (the console publishes), not the other way round.
         self.publish_keys = PublishKeys(settings.service_keys + settings.admin_keys)
         self.admin_keys = PublishKeys(settings.admin_keys)
         self.origins = OriginPolicy(settings.allowed_origins)
+        self.allows_origin = self.origins.allows  # the policy's own method: no call in between on a connect
         self.sessions: set[Session] = set()
         self.started_at = time.time()
         # Where control-channel signals go (control.Control sets it); other signals are presence's.
@@ -85,6 +88,8 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self._answers: set[asyncio.Future[Recovery | None]] = set()  # history reads, until they answer
         self.draining = False
+        # An attribute, not a property: a join asks twice.
+        self.history_enabled = settings.history_size > 0
 
     async def start(self) -> None:
         if self._backend is not None:
@@ -141,12 +146,6 @@ class Node:
 
     # --- sessions (Node is the transports' Admission and the sessions' SessionHost)
 
-    def allows_origin(self, origin: str | None) -> bool:
-        return self.origins.allows(origin)
-
-    def verify(self, token: str | None) -> Identity:
-        return self.tokens.verify(token)
-
     def _backend_only(self, token: str | None) -> Identity:
         if not token:
             raise AuthError("missing", "no token given")
@@ -156,7 +155,7 @@ class Node:
         session = Session(self, f"{self.id}.{next(self._session_ids)}", identity, conn)
         session.connected_at = time.time()
         self.sessions.add(session)
-        self.metrics.connections.labels(transport).inc()
+        self.metrics.connections_of[transport].inc()
         return session
 
     def sessions_of(self, user: str) -> list[Session]:
@@ -167,7 +166,7 @@ class Node:
     def forget(self, session: Session) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.metrics.connections.labels(session.conn.transport_name).dec()
+            self.metrics.connections_of[session.conn.transport_name].dec()
 
     def subscribe(self, topic: str, session: Session) -> bool:
         """Add a local subscriber. True: in effect now. False: `session.subscribed(topic)` follows
@@ -253,10 +252,6 @@ class Node:
                     session.disconnect(HEARTBEAT_TIMEOUT)
 
     # --- history
-
-    @property
-    def history_enabled(self) -> bool:
-        return self.settings.history_size > 0
 
     def recover(self, topic: str, since: Position | None, done: Callable[[Recovery | None], None]) -> None:
         """Call `done` with the topic's position and what came after `since` (None: history is off or

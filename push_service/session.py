@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from push_service.auth import Identity
 from push_service.config import Settings
 from push_service.connection import DRAIN, INVALID_MESSAGE, SHUTDOWN, SLOW_CONSUMER, Connection, Disconnect, Ended
-from push_service.messages import Broadcast, Position, Recovery, Run
+from push_service.messages import BAD_SINCE, Broadcast, Position, Recovery, Run, join_since
 from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
 from push_service.errors import ProtocolError
@@ -25,27 +25,6 @@ from push_service.refresh import ACCESS_TOKEN, RefreshRefused, TokenRefresh
 from push_service.topics import Topic, may_join, parse_topic
 
 log = logging.getLogger("push_service.session")
-
-
-_BAD_SINCE = object()
-# A join that asks to recover with nothing to recover from: its reply says recovered: false.
-_UNUSABLE_SINCE = object()
-
-
-def _since(payload: Any, history: bool) -> Position | None | object:
-    """The join's `since` position; None without one; _UNUSABLE_SINCE when history is off, whatever it
-    holds, null included (refs are null then, so `{since: lastPos}` sends null): nothing can be vouched
-    for, and a refusal would make phoenix.js rejoin in a loop; _BAD_SINCE when it is not a position."""
-    if not isinstance(payload, dict) or "since" not in payload:
-        return None
-    if not history:
-        return _UNUSABLE_SINCE
-    if payload["since"] is None:
-        return None  # history on: the join reply's position is where the client starts
-    try:
-        return Position.parse(payload["since"])
-    except ValueError:
-        return _BAD_SINCE
 
 
 class SessionPresence(Protocol):
@@ -102,12 +81,12 @@ class Channel:
         self.tracked = tracked  # in presence
         self.joined = False  # the ok reply was sent (it waits for the subscription and any recovery)
         self.reply_ref = reply_ref  # the join push's ref, for that reply
-        self.since = since  # the last position the client saw, when it asks to recover (or _UNUSABLE_SINCE)
+        self.since = since  # the last position the client saw, when it asks to recover (or UNUSABLE_SINCE)
 
 
 class Session:
     # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
-    __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen", "_write",
+    __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen",
                  "_closing", "_disconnected", "connected_at", "_refresh", "_pending")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
@@ -118,7 +97,6 @@ class Session:
         self.channels: dict[str, Channel] = {}
         self.last_seen = host.now()
         self._wire = conn.wire
-        self._write = conn.send
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
         self.connected_at = 0.0  # when it connected (time.time()), for the admin API
@@ -149,7 +127,7 @@ class Session:
             for part in broadcast.parts:
                 floors = self._floors
                 if floors is None or part.topic not in floors or not self._replayed(part, floors):
-                    self._write(part.encoded(self._wire))
+                    self.conn.send(part.encoded(self._wire))
         else:
             self.conn.send(broadcast.encoded(self._wire))
 
@@ -175,10 +153,11 @@ class Session:
             asyncio.get_running_loop().call_soon(self.disconnect, SLOW_CONSUMER)
 
     def _push(self, message: Message) -> None:
-        self._write(self._wire.encode(message))
+        self.conn.send(self._wire.encode(message))
 
     def _reply(self, join_ref: Any, message: Message, status: str, response: Any) -> None:
-        self._push(Message.reply(join_ref, message.ref, message.topic, status, response))
+        wire = self._wire
+        self.conn.send(wire.frame(wire.serializer.encode_reply(join_ref, message.ref, message.topic, status, response)))
 
     # --- input
 
@@ -221,7 +200,7 @@ class Session:
         elif not may_join(self.identity, topic, self.host.settings.require_topics_claim):
             metrics.joins_refused.labels("unauthorized").inc()
             self._reply(join_ref, message, "error", {"reason": "unauthorized"})
-        elif (since := _since(message.payload, self.host.history_enabled)) is _BAD_SINCE:
+        elif (since := join_since(message.payload, self.host.history_enabled)) is BAD_SINCE:
             metrics.joins_refused.labels("bad_since").inc()
             self._reply(join_ref, message, "error", {"reason": "bad since: a position is <epoch>~<seq>, "
                                                                "as received in a broadcast's ref"})
@@ -275,14 +254,14 @@ class Session:
         if replay:
             assert recovery is not None
             for broadcast in recovery.messages:
-                self._write(broadcast.encoded(self._wire))
+                self.conn.send(broadcast.encoded(self._wire))
             self.host.metrics.replayed.inc(len(recovery.messages))
         latest = recovery.position if recovery is not None else None
         beyond = False
         for broadcast in held:  # what came while reading, minus what the position already covers
             position = broadcast.position
             if latest is None or position is None or position.epoch != latest.epoch or position.seq > latest.seq:
-                self._write(broadcast.encoded(self._wire))
+                self.conn.send(broadcast.encoded(self._wire))
                 beyond = beyond or position is not None
         if latest is not None and not beyond:
             # Live copies of what the position covers may still be on their way: drop them when they come.
@@ -293,9 +272,11 @@ class Session:
     def _joined(self, channel: Channel, response: dict[str, Any]) -> None:
         channel.joined = True
         name = channel.topic.name
-        self.host.metrics.joins.labels(channel.topic.family).inc()
+        self.host.metrics.joins_of[channel.topic.family].inc()
         state = self.host.presence.join(self, name) if channel.tracked else None
-        self._push(Message.reply(channel.join_ref, channel.reply_ref, name, "ok", response))
+        wire = self._wire
+        reply = wire.serializer.encode_reply(channel.join_ref, channel.reply_ref, name, "ok", response)
+        self.conn.send(wire.frame(reply))
         if state is not None:
             # Taken after tracking, so it includes the joiner; the batched diff of this join comes
             # later and is idempotent for phoenix.js (merged by phx_ref).
@@ -367,7 +348,7 @@ class Session:
         if channel.joined:
             if channel.tracked:
                 self.host.presence.leave(self, channel.topic.name)
-            self.host.metrics.leaves.labels(channel.topic.family).inc()
+            self.host.metrics.leaves_of[channel.topic.family].inc()
 
     # --- end of life
 
@@ -395,7 +376,7 @@ class Session:
         self.host.forget(self)
         if not isinstance(self.conn, Ended):
             ended = Ended(self.conn)
-            self.conn, self._write = ended, ended.send
+            self.conn = ended
 
     def _drop_all_channels(self) -> None:
         if self._pending is not None:

@@ -9,9 +9,11 @@ from typing import Any
 import orjson
 
 from push_service.errors import ProtocolError
-from push_service.protocol.message import Message, Ref
+from push_service.protocol.message import REPLY, Message, Ref
 
 _REF_TYPES = (str, int, type(None))
+# The exact types _check_fields lets through as refs (bool, an int subclass, is not one of them).
+_REF_EXACT = frozenset(_REF_TYPES)
 
 
 def _check_fields(join_ref: Any, ref: Any, topic: Any, event: Any) -> None:
@@ -48,6 +50,10 @@ class Serializer:
         payload, embedded as is."""
         return self.encode(Message(None, ref, topic, event, orjson.Fragment(payload_json)))
 
+    def encode_reply(self, join_ref: Ref, ref: Ref, topic: str, status: str, response: Any) -> bytes:
+        """`encode(Message.reply(...))`: a reply (a join's, a heartbeat's) without a Message built to be encoded."""
+        return self.encode(Message.reply(join_ref, ref, topic, status, response))
+
     def __repr__(self) -> str:
         return f"<Serializer vsn={self.vsn}>"
 
@@ -79,6 +85,10 @@ class _V1(Serializer):
         # As encode, without building a Message: once per broadcast and wire.
         return orjson.dumps({"topic": topic, "event": event, "payload": orjson.Fragment(payload_json), "ref": ref})
 
+    def encode_reply(self, join_ref: Ref, ref: Ref, topic: str, status: str, response: Any) -> bytes:
+        return orjson.dumps({"topic": topic, "event": REPLY, "payload": {"status": status, "response": response},
+                             "ref": ref})
+
 
 class _V2(Serializer):
     """vsn 2.0.0: `[join_ref, ref, topic, event, payload]` text frames, and binary push frames."""
@@ -89,12 +99,18 @@ class _V2(Serializer):
     def decode(self, data: str | bytes) -> Message:
         if isinstance(data, (bytes, bytearray)):
             return self._decode_binary(bytes(data))
-        obj = _loads(data)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise ProtocolError("invalid_json", "frame is not valid JSON") from None
         # Phoenix matches [join_ref, ref, topic, event, payload | _]: extra elements are ignored.
-        if not isinstance(obj, list) or len(obj) < 5:
+        if type(obj) is not list or len(obj) < 5:
             raise ProtocolError("bad_shape", "vsn 2.0.0 frames are arrays [join_ref, ref, topic, event, payload]")
         join_ref, ref, topic, event, payload = obj[:5]
-        _check_fields(join_ref, ref, topic, event)
+        # What clients send (string refs, a topic and an event) passes without the checks' call.
+        if (type(join_ref) not in _REF_EXACT or type(ref) not in _REF_EXACT or type(topic) is not str
+                or type(event) is not str or not topic or not event):
+            _check_fields(join_ref, ref, topic, event)
         return Message(join_ref, ref, topic, event, payload)
 
     def _decode_binary(self, data: bytes) -> Message:
@@ -125,6 +141,9 @@ class _V2(Serializer):
     def encode_broadcast(self, topic: str, event: str, payload_json: bytes, ref: str | None = None) -> bytes:
         # As encode, without building a Message: once per broadcast and wire.
         return orjson.dumps([None, ref, topic, event, orjson.Fragment(payload_json)])
+
+    def encode_reply(self, join_ref: Ref, ref: Ref, topic: str, status: str, response: Any) -> bytes:
+        return orjson.dumps([join_ref, ref, topic, REPLY, {"status": status, "response": response}])
 
 
 V1: Serializer = _V1()

@@ -114,7 +114,8 @@ class FrameReader:
                  "max_size", "inflates")
 
     def __init__(self, max_size: int, inflates: bool = False) -> None:
-        self._buffer = bytearray()
+        # Empty bytes until a frame is split across reads: most sockets never need the bytearray.
+        self._buffer: bytes | bytearray = b""
         self._needed = 0  # buffered bytes the next frame needs before it can be complete
         self._fragments: list[bytes] | None = None
         self._fragment_opcode = 0
@@ -142,9 +143,10 @@ class FrameReader:
             raise
         if offset == len(buffer):
             if buffer is self._buffer:
-                self._buffer = bytearray()
+                self._buffer = b""
         elif buffer is self._buffer:
-            del buffer[:offset]  # cheap: CPython moves the start of a bytearray instead of its bytes
+            # Cheap: CPython moves the start of a bytearray instead of its bytes (a non-empty _buffer is one).
+            del buffer[:offset]  # type: ignore[union-attr]
         else:
             self._buffer = bytearray(memoryview(data)[offset:])
         self._needed = needed

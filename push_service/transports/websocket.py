@@ -116,7 +116,7 @@ class WebSocketProtocol(asyncio.Protocol):
     Connection, so a socket is this object, its transport and its session."""
 
     # What a delivery reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
-    __slots__ = ("sink", "_closing", "_out", "_transport", "wire", "session", "_metrics", "_write", "_reader",
+    __slots__ = ("sink", "_closing", "_out", "_transport", "wire", "session", "_metrics", "_reader",
                  "_awaiting_close", "_close_timer", "_lost")
     transport_name = "websocket"
 
@@ -129,7 +129,6 @@ class WebSocketProtocol(asyncio.Protocol):
         # Connection.sink: the transport while send would write to it at once (not closing, no read being
         # handled), else this object.
         self.sink: asyncio.Transport | WebSocketProtocol = transport
-        self._write = transport.write
         self._reader = FrameReader(admission.settings.max_frame_bytes, inflates)
         self._closing = False  # a Close was sent: nothing more goes out
         self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
@@ -161,10 +160,6 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # --- asyncio.Protocol
 
-    def start(self, response: bytes, rest: bytes) -> None:
-        """Send the upgrade's response, then handle `rest` (frames sent right behind the request)."""
-        self._handle([response], rest)
-
     def data_received(self, data: bytes) -> None:
         if not self._closing:
             self._handle([], data)
@@ -183,7 +178,7 @@ class WebSocketProtocol(asyncio.Protocol):
                 if not self._closing:
                     self.sink = self._transport
                 if out:
-                    self._write(out[0] if len(out) == 1 else b"".join(out))
+                    self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _receive(self, data: bytes) -> None:
         error: FrameError | None = None
@@ -383,7 +378,10 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
     """Answer 101 and make the connection a WebSocketProtocol; `rest` is what followed the request head.
     A permessage-deflate offer, when compression is on, makes its frames go out on a compressed wire."""
     settings = admission.settings
-    offer = negotiate(header("sec-websocket-extensions")) if settings.compression else None
+    offer = None
+    if settings.compression:
+        offered = header("sec-websocket-extensions")
+        offer = negotiate(offered) if offered else None
     if offer is None:
         wire, extensions = WIRES[serializer], b""
     else:
@@ -396,4 +394,4 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
         extensions, b"\r\n"))
     protocol = WebSocketProtocol(admission, transport, wire, identity, lost, offer is not None)
     transport.set_protocol(protocol)
-    protocol.start(response, rest)
+    protocol._handle([response], rest)  # the 101, then the frames sent right behind the request
