@@ -55,23 +55,34 @@ class Connection(Protocol):
         """Close from the server side; the transport then calls Session.closed()."""
 
 
+class _Dropped:
+    """The sink of a connection that has ended: what is written to it goes nowhere. A connection names it
+    rather than itself, which would be a reference cycle (see Ended)."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes) -> None:
+        pass
+
+
+DROPPED = _Dropped()
+
+
 class Ended:
     """What a session holds in place of its connection once the transport is gone. The connection
     refers to the session too: dropping the session's side of that cycle lets reference counting
     free both at once, where a full collection (rare, with the thresholds app.tune_gc sets) would."""
 
-    __slots__ = ("wire", "transport_name", "sink")
+    __slots__ = ("wire", "transport_name")
     remote = ""
+    sink = DROPPED
 
     def __init__(self, conn: Connection) -> None:
         self.wire = conn.wire
         self.transport_name = conn.transport_name
-        self.sink = self
 
     def send(self, data: bytes) -> None:
         pass
-
-    write = send
 
     def close(self, disconnect: Disconnect) -> None:
         pass

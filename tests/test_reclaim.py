@@ -217,3 +217,58 @@ async def test_closed_long_lived_websocket_sessions_are_freed(start_server: Call
 
         grown, samples = await _rounds_grow(http, server, "websocket", one_round)
     assert grown < 10 * MIB, f"RSS after each round: {[f'{s / MIB:.0f} MiB' for s in samples]}"
+
+
+class _Transport:
+    """What WebSocketProtocol asks of an asyncio transport, writing nowhere."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+
+async def test_an_ended_connection_and_its_session_are_freed_by_reference_counting() -> None:
+    """Once a socket or a long-poll session has ended, nothing of it is kept alive by a reference cycle: the
+    server raises its GC thresholds (app.tune_gc), so what only a full collection would free stays for long."""
+    from push_service.transports.longpoll_connection import WIRES as LONGPOLL_WIRES, LongPollConnection
+    from push_service.session import Session
+    from push_service.transports.websocket import WebSocketProtocol
+
+    def alive() -> int:
+        return sum(isinstance(obj, (WebSocketProtocol, LongPollConnection, Session)) for obj in gc.get_objects())
+
+    node = Node(Settings())
+    await node.start()
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive()
+        socket = WebSocketProtocol(node, _Transport(), WIRES[V2], Identity("u1", time.time() + 600))  # type: ignore[arg-type]
+        socket.data_received(b"\x81\x80\x00\x00\x00\x00")  # an empty text frame, masked: a read handled
+        socket.connection_lost(None)
+        longpoll = LongPollConnection(lambda conn: None, 1 << 20, "key", "token", LONGPOLL_WIRES[V2], 0.0, "u2", "")
+        longpoll.session = node.open_session(Identity("u2", time.time() + 600), longpoll, "longpoll")
+        longpoll.session.closed()
+        assert alive() == before + 4
+        del socket, longpoll
+        assert alive() == before
+    finally:
+        gc.enable()
+        await node.stop()

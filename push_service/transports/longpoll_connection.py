@@ -31,13 +31,12 @@ WIRES = {V1: Wire(V1, frame_json_string, b","), V2: Wire(V2, frame_json_string, 
 class LongPollConnection:
     """A Session's view of one long-poll session: frames wait here until the client's next GET."""
 
-    __slots__ = ("sink", "key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest",
+    __slots__ = ("key", "token", "wire", "session", "polling", "last_poll", "gone", "sub", "address", "user_digest",
                  "_end", "_buffer_limit", "_frames", "_size", "_waiter")
     transport_name = "longpoll"
 
     def __init__(self, end: Callable[[LongPollConnection], None], buffer_limit: int, key: str, token: str, wire: Wire,
                  now: float, sub: str, address: str) -> None:
-        self.sink = self  # Connection.sink: what is sent waits here
         self.key = key
         self.token = token
         self.wire = wire
@@ -57,6 +56,12 @@ class LongPollConnection:
     @property
     def remote(self) -> str:
         return self.address
+
+    @property
+    def sink(self) -> LongPollConnection:
+        """Connection.sink: what is sent waits here. A property, not a slot holding itself: that would be a
+        reference cycle, freed only by a full collection."""
+        return self
 
     def send(self, data: bytes) -> None:
         if self.gone:

@@ -26,7 +26,7 @@ from push_service.http1 import Request, has_token, json_answer, parse_query, req
 from push_service.limits import MAX_UPGRADE_TAIL, Guard, taken_over
 from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer
-from push_service.connection import Disconnect
+from push_service.connection import DROPPED, Disconnect, Sink
 from push_service.transports.admission import Admission
 from push_service.transports.deflate import deflate_wire, negotiate
 from push_service.transports.handshake import (PATH, SUBPROTOCOL, UPGRADE_REQUIRED_HEADERS, VERSION, AskBackend,
@@ -126,9 +126,9 @@ class WebSocketProtocol(asyncio.Protocol):
         self._lost = lost
         self._metrics = admission.metrics
         self._transport = transport
-        # Connection.sink: the transport while send would write to it at once (not closing, no read being
-        # handled), else this object.
-        self.sink: asyncio.Transport | WebSocketProtocol = transport
+        # Connection.sink: the transport while send would write to it at once; this object while a read is
+        # handled (what it answers goes out in one write); DROPPED once closing (never itself then: a cycle).
+        self.sink: asyncio.Transport | WebSocketProtocol | Sink = transport
         self._reader = FrameReader(admission.settings.max_frame_bytes, inflates)
         self._closing = False  # a Close was sent: nothing more goes out
         self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
@@ -162,12 +162,14 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._closing:
-            self._handle([], data)
+            self.handle_read([], data)
         elif self._awaiting_close:
             self._read_to_close(data)
         # else: the connection failed and is read only to be drained until the peer ends it
 
-    def _handle(self, out: list[bytes], data: bytes) -> None:
+    def handle_read(self, out: list[bytes], data: bytes) -> None:
+        """Handle `data` read from the peer; what it answers goes out in one write behind `out` (the 101 at
+        the upgrade)."""
         self._out, self.sink = out, self
         try:
             if data:
@@ -222,7 +224,7 @@ class WebSocketProtocol(asyncio.Protocol):
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing, self.sink = True, self
+        self._closing, self.sink = True, DROPPED
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.session.closed()
@@ -260,7 +262,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Write the Close behind what the current read answered; False if a Close was sent already."""
         if self._closing:
             return False
-        self._closing, self.sink = True, self
+        self._closing, self.sink = True, DROPPED
         out, self._out = self._out, None
         self._transport.write(b"".join(out) + close_frame if out else close_frame)
         return True
@@ -394,4 +396,4 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
         extensions, b"\r\n"))
     protocol = WebSocketProtocol(admission, transport, wire, identity, lost, offer is not None)
     transport.set_protocol(protocol)
-    protocol._handle([response], rest)  # the 101, then the frames sent right behind the request
+    protocol.handle_read([response], rest)  # the 101, then the frames sent right behind the request
