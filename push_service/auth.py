@@ -272,11 +272,8 @@ class TokenVerifier:
         if not valid:
             raise AuthError("bad_signature", "Signature verification failed")
 
-        try:  # orjson at once: the json module only for what it refuses (_json_object)
-            claims = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            claims = _json_object(payload)
-        if type(claims) is not dict:
+        claims = _json_object(payload)
+        if claims is None:
             raise AuthError("malformed", "Invalid payload string: must be a json object")
         exp = self._check_claims(claims)
         if claims.get("info") and _LONG_NUMBER.search(payload):

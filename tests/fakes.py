@@ -28,3 +28,16 @@ class RecordingConnection:
 
     def close(self, disconnect: Any) -> None:
         pass
+
+
+class CountingConnection(RecordingConnection):
+    """A WebSocket connection that counts what the session wrote and keeps none of it (memory tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+
+    def send(self, data: bytes) -> None:
+        self.sent += 1
+
+    write = send

@@ -864,3 +864,17 @@ def test_allowed_origin_parse(text, parsed):
 def test_allowed_origin_parse_refuses_garbage(text):
     with pytest.raises(ValueError):
         OriginPolicy((text,))
+
+
+@pytest.mark.parametrize("digest", ["sha256", "sha384", "sha512"])
+def test_keyed_hash_is_hmac(digest):
+    """The verifier's HMAC (RFC 2104 from hash states keyed once) equals the standard library's, for keys
+    shorter than, as long as and longer than the hash's block, and for empty ones."""
+    from push_service.auth import _KeyedHash
+
+    for key_length in (0, 1, 32, 63, 64, 65, 127, 128, 129, 300):
+        key = bytes(range(256)) * 2
+        key = key[:key_length]
+        keyed = _KeyedHash(key, digest)
+        for message in (b"", b"a", b"header.payload" * 40):
+            assert keyed.digest(message) == hmac.digest(key, message, digest), (key_length, message[:10])

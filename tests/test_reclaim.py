@@ -23,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, make_token, until
+from fakes import CountingConnection
 
 from push_service.auth import Identity
 from push_service.config import Settings
@@ -42,26 +43,6 @@ def rss(pid: int | str = "self") -> int:
     raise AssertionError("no VmRSS in /proc status")
 
 
-class _Conn:
-    """A connection that counts what it is sent (and keeps none of it)."""
-
-    transport_name = "websocket"
-    remote = "127.0.0.1"
-
-    def __init__(self) -> None:
-        self.wire = WIRES[V2]
-        self.sink = self
-        self.sent = 0
-
-    def send(self, data: bytes) -> None:
-        self.sent += 1
-
-    write = send
-
-    def close(self, disconnect: Any) -> None:
-        pass
-
-
 def _structures(node: Node) -> dict[str, int]:
     history = node.broker._history  # type: ignore[attr-defined]
     return {"hub topics": len(node.hub.subscriber_counts()), "waiting": len(node._waiting),
@@ -74,7 +55,7 @@ async def test_joining_and_leaving_100k_distinct_topics_leaves_nothing_behind() 
     node = Node(Settings(history_size=100))  # the memory broker, history on (the default)
     await node.start()
     try:
-        conn = _Conn()
+        conn = CountingConnection()
         session = node.open_session(Identity("u1", time.time() + 600), conn, "websocket")
 
         def join_and_leave(names: range, family: str) -> None:
