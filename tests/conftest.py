@@ -22,6 +22,8 @@ ADMIN_KEY = "test-admin-key-0123456789abcdef"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 START_TIMEOUT = 15.0
 
+pytest_plugins = ["parallel"]  # the suite on two workers: tests/parallel.py
+
 
 def make_token(sub: str = "u1", *, secret: str = JWT_SECRET, algorithm: str = "HS256", ttl: float = 3600,
                **claims: Any) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-pytestmark = pytest.mark.slow  # a benchmark run
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # a benchmark run: load on both cores
 
 ROOT = Path(__file__).resolve().parent.parent
 

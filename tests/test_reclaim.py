@@ -31,6 +31,8 @@ from push_service.node import Node
 from push_service.protocol import V2
 from push_service.transports.websocket import WIRES
 
+pytestmark = pytest.mark.alone  # RSS and open files, measured round after round
+
 MIB = 1024 * 1024
 TIMEOUT = 5.0
 
