@@ -71,7 +71,7 @@ def client_text_frame(payload: bytes) -> bytes:
 
 def connect(listener: Any) -> CountingTransport:
     transport = CountingTransport()
-    door = listener()
+    door = listener.protocol_factory()()
     transport.protocol = door
     door.connection_made(transport)
     return transport

@@ -60,3 +60,12 @@ def test_quick_reconnect_storm_brings_every_client_back(tmp_path):
     assert rejoined["attempts"] - rejoined["failed_attempts"] == rejoined["conns"], rejoined
     assert set(rejoined["failed_answers"]) <= {"503"}, rejoined
     assert out["server"]["cpu_s"] > 0, out
+
+
+def test_rooms_in_process_delivers_every_publish():
+    """benchmarks/rooms_inprocess.py (rooms-10k's Python alone) still drives the front door it measures: it
+    checks every publish was answered and reached its room's 10 sessions, and prints its figure."""
+    run = subprocess.run([sys.executable, "benchmarks/rooms_inprocess.py", "--rooms", "20", "--publishes", "200"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "200 publishes to rooms of 10 (20 rooms)" in run.stderr, run.stderr
