@@ -34,6 +34,15 @@ async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str
                            status=status)
 
 
+async def publish_status(http: aiohttp.ClientSession, server: ServerProcess, topic: str, payload: Any,
+                         event: str = "new_msg") -> int:
+    """POST /api/broadcast where more than one answer is right (a shard failing over: 200 or 503); its status."""
+    async with http.post(f"{server.http_url}/api/broadcast", json={"topic": topic, "event": event, "payload": payload},
+                         headers=PUBLISHER, timeout=bounded()) as response:
+        await response.read()
+        return response.status
+
+
 async def metrics(http: aiohttp.ClientSession, server: ServerProcess) -> Samples:
     """Every sample of GET /metrics, by (name, labels)."""
     async with http.get(f"{server.http_url}/metrics", timeout=bounded()) as response:

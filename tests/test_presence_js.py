@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from conftest import PUBLISH_KEY, ServerProcess, make_token
+from http_helpers import publish
 from nodejs import JS_DIR, TIMEOUT, Event, NodeScript, node_binary, run_script
 
 pytestmark = pytest.mark.slow  # phoenix.js clients under Node
@@ -325,10 +326,7 @@ async def assert_untracked(version: str, server: ServerProcess, presence_client:
         # The servers used here send diffs at once (PUSH_PRESENCE_DIFF_INTERVAL=0), so any presence frame
         # for B's join or typing would reach A before a message published after B's typing reply.
         async with aiohttp.ClientSession() as http:
-            async with http.post(f"{server.http_url}/api/broadcast", json={"topic": topic, "event": "new_msg",
-                                 "payload": {"n": 1}}, headers={"Authorization": f"Bearer {PUBLISH_KEY}"},
-                                 timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as response:
-                assert response.status == 200, await response.text()
+            await publish(http, server, topic, {"n": 1})
         await a.wait_event("message")
         await b.wait_event("message")
         for client in (a, b):
