@@ -22,6 +22,7 @@ import queue
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -730,24 +731,28 @@ class Runner:
         return options
 
     def run(self, scenario: Scenario) -> dict[str, Any]:
+        """Each target once, or `--rounds` times taking turns (push, nchan, push, nchan, ...), so that a
+        shared machine's drift falls on both alike; then the rounds' median row (combine_rounds)."""
         options = self.options(scenario)
-        rows: dict[str, Any] = {}
-        for target in self.targets:
-            if target not in scenario.targets:
-                continue
-            if time.monotonic() > self.deadline:
-                print(f"time limit reached: skipping {scenario.name}/{target}", file=sys.stderr)
-                rows[target] = {"skipped": "time limit"}
-                continue
-            print(f"-- {scenario.name} / {target} ...", file=sys.stderr, flush=True)
-            started = time.monotonic()
-            try:
-                rows[target] = self.run_one(scenario, target, options)
-            except Exception as exc:  # one failing target must not lose the others' results
-                print(f"  {scenario.name}/{target} failed: {exc}", file=sys.stderr)
-                rows[target] = {"error": str(exc)}
-            rows[target]["run_seconds"] = round(time.monotonic() - started, 1)
-        return rows
+        rounds = self.args.rounds if scenario.kind in ROUNDED_KINDS else 1
+        runs: dict[str, list[dict[str, Any]]] = {t: [] for t in self.targets if t in scenario.targets}
+        for number in range(rounds):
+            for target in runs:
+                if time.monotonic() > self.deadline:
+                    print(f"time limit reached: skipping {scenario.name}/{target}", file=sys.stderr)
+                    runs[target].append({"skipped": "time limit"})
+                    continue
+                which = f" (round {number + 1} of {rounds})" if rounds > 1 else ""
+                print(f"-- {scenario.name} / {target}{which} ...", file=sys.stderr, flush=True)
+                started = time.monotonic()
+                try:
+                    out = self.run_one(scenario, target, options)
+                except Exception as exc:  # one failing target must not lose the others' results
+                    print(f"  {scenario.name}/{target} failed: {exc}", file=sys.stderr)
+                    out = {"error": str(exc)}
+                out["run_seconds"] = round(time.monotonic() - started, 1)
+                runs[target].append(out)
+        return {target: combine_rounds(outs) for target, outs in runs.items()}
 
     def run_one(self, scenario: Scenario, target: str, options: dict[str, Any]) -> dict[str, Any]:
         if scenario.kind == "publish":
@@ -849,9 +854,58 @@ class Runner:
         return {"runs": runs, "rows": rows}
 
 
+# ---------------------------------------------------------------- rounds
+
+# Scenarios of one row per target, short enough to repeat.
+ROUNDED_KINDS = ("publish", "connect", "publish-only")
+# Counts of what went wrong are added up over the rounds, never a median: one bad round shows.
+SUMMED_COLUMNS = ("lost", "ooo", "dup", "closes", "failed", "non-2xx")
+
+
+def combine_rounds(outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's rounds as one result: its "row" is each column's median over the rounds that ran
+    (what went wrong summed), and "rounds" keeps every round. A single round is returned as it is."""
+    if len(outs) == 1:
+        return outs[0]
+    ran = [out for out in outs if "row" in out]
+    if not ran:
+        return {**outs[0], "rounds": outs}
+    row: dict[str, Any] = {}
+    for column, first in ran[0]["row"].items():
+        values = [out["row"].get(column) for out in ran]
+        numbers = [value for value in values if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if column in SUMMED_COLUMNS and len(numbers) == len(values):
+            row[column] = sum(numbers)
+        elif numbers and len(numbers) == len(values):
+            row[column] = statistics.median(numbers)
+        else:
+            row[column] = first
+    failed = len(outs) - len(ran)
+    return {"row": row, "rounds": outs, "failed_rounds": failed,
+            "run_seconds": round(sum(out.get("run_seconds", 0) for out in outs), 1)}
+
+
+def round_ratios(scenario: Scenario, rows: dict[str, Any]) -> list[str]:
+    """Per round, each target's ratio to nchan's figure of the same round: how far the rounds spread."""
+    nchan = rows.get("nchan", {}).get("rounds")
+    if not nchan:
+        return []
+    lines = []
+    for target, out in rows.items():
+        if target == "nchan" or not out.get("rounds"):
+            continue
+        for key in (k for k in RATIO_KEYS if k in scenario.columns):
+            ratios = []
+            for mine, theirs in zip(out["rounds"], nchan):
+                a, b = mine.get("row", {}).get(key), theirs.get("row", {}).get(key)
+                ratios.append(f"{a / b:.2f}x" if a is not None and b else "-")
+            lines.append(f"  {target} {key} vs nchan, round by round: {', '.join(ratios)}")
+    return lines
+
+
 # ---------------------------------------------------------------- output
 
-RATIO_KEYS = ("deliveries/s", "us/delivery", "KiB/conn", "connects/s", "requests/s", "us/request", "p50 ms")
+RATIO_KEYS = ("deliveries/s", "us/delivery", "KiB/conn", "connects/s", "us CPU/conn", "requests/s", "us/request", "p50 ms")
 
 
 def fmt(value: Any) -> str:
@@ -892,6 +946,10 @@ def table(scenario: Scenario, rows: dict[str, Any]) -> str:
             lines.append(f"{r[0].ljust(widths[0])}  {r[1]}")
         else:
             lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if any(out.get("rounds") for out in rows.values()):
+        rounds = max(len(out.get("rounds", [])) for out in rows.values())
+        lines.append(f"(medians of {rounds} rounds, the targets taking turns)")
+        lines += round_ratios(scenario, rows)
     return "\n".join(lines)
 
 
@@ -918,6 +976,8 @@ def main() -> int:
     parser.add_argument("--scenarios", default=",".join(names), help="comma list of: " + ", ".join(names))
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
     parser.add_argument("--json", type=Path, help="output file (default benchmarks/results/<UTC time>.json)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each one-row scenario this many times, targets taking turns; report medians")
     parser.add_argument("--time-limit", type=float, default=1800, help="stop starting new runs after this (s)")
     args = parser.parse_args()
     wanted_targets = [t.strip() for t in args.targets.split(",") if t.strip()]

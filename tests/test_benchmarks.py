@@ -69,3 +69,33 @@ def test_rooms_in_process_delivers_every_publish():
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "200 publishes to rooms of 10 (20 rooms)" in run.stderr, run.stderr
+
+
+def _run_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rounds_report_each_column_median_and_add_up_what_went_wrong():
+    """`run.py --rounds N`: a target's row is the median of its rounds, but a loss, a failed connect or a
+    close in any one round is summed, so a bad round cannot hide behind two good ones."""
+    bench = _run_module()
+    rounds = [{"row": {"conns": 500, "connects/s": rate, "failed": failed, "lost": 0, "note": "x"}, "run_seconds": 1.0}
+              for rate, failed in ((5000, 0), (9000, 2), (7000, 0))]
+    combined = bench.combine_rounds(rounds)
+    assert combined["row"] == {"conns": 500, "connects/s": 7000, "failed": 2, "lost": 0, "note": "x"}
+    assert combined["rounds"] == rounds and combined["failed_rounds"] == 0 and combined["run_seconds"] == 3.0
+    assert bench.combine_rounds(rounds[:1]) is rounds[0]
+    # A round that failed outright is counted, and the median is over the rounds that ran.
+    with_error = bench.combine_rounds([rounds[0], {"error": "server exited"}, rounds[2]])
+    assert with_error["row"]["connects/s"] == 6000 and with_error["failed_rounds"] == 1
+    scenario = next(s for s in bench.scenarios() if s.name == "connect")
+    nchan = bench.combine_rounds([{"row": {"connects/s": 20000, "us CPU/conn": 20.0}}] * 3)
+    push = bench.combine_rounds([{"row": {"connects/s": r, "us CPU/conn": 100.0}} for r in (5000, 9000, 7000)])
+    text = bench.table(scenario, {"push": push, "nchan": nchan})
+    assert "push connects/s vs nchan, round by round: 0.25x, 0.45x, 0.35x" in text, text
+    assert "(medians of 3 rounds, the targets taking turns)" in text, text
