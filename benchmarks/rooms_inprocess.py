@@ -2,8 +2,9 @@
 
 Each publish goes in through the front door as the bytes of a keep-alive POST /api/broadcast, is
 checked and published, and reaches its room's 10 WebSocket sessions, whose transports only count
-writes. One event-loop turn per publish. What it leaves out is the kernel's part and uvloop's writes,
-so it isolates our own per-publish and per-delivery overhead (docs/performance.md, "Small rooms").
+writes. One event-loop turn per publish. What it leaves out is the kernel's part and the writes themselves
+(with no socket here, a session writes through its transport, not with os.write), so it isolates our own
+per-publish and per-delivery overhead (docs/performance.md, "Small rooms").
 
     python benchmarks/rooms_inprocess.py [--publishes N] [--rooms R]
 
@@ -50,6 +51,9 @@ class CountingTransport:
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return ("127.0.0.1", 1) if name == "peername" else default

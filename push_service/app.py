@@ -15,7 +15,7 @@ from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.errors import PushServiceError
 from push_service.node import NODE, Node
-from push_service.transports import longpoll, longpoll_relay, websocket
+from push_service.transports import longpoll, longpoll_relay, websocket_aiohttp
 
 log = logging.getLogger("push_service")
 
@@ -33,7 +33,7 @@ def create_app(settings: Settings, broker: Broker | None = None) -> web.Applicat
                           handler_args={"access_log": None, "keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[NODE] = node
     api.add_routes(app, node)
-    websocket.setup(app, node)
+    websocket_aiohttp.setup(app, node)
     polling = longpoll.setup(app, node)
     console.setup(app, node)
 

@@ -140,7 +140,7 @@ class AiohttpConnection(asyncio.Protocol):
     to an httptools parser of our own beside aiohttp's, which says when a request begins and when it is whole.
     The guard's deadline runs from a request's first byte to its last (head and body), whatever aiohttp's
     handler is doing; a request our parser refuses is aiohttp's to answer. Behind an upgrade head, the bytes
-    that follow are kept for `taken_over` (websocket.handle)."""
+    that follow are kept for `taken_over` (websocket_aiohttp.handle)."""
 
     __slots__ = ("handled", "handling", "deadline_passed", "_begun", "_guard", "_http", "_parser", "_transport",
                  "_waiting", "_tail", "_upgraded")
@@ -193,7 +193,7 @@ class AiohttpConnection(asyncio.Protocol):
                 self._parser.feed_data(data)
                 return
             except httptools.HttpParserUpgrade as upgrade:
-                # What follows is either taken over (websocket.handle) or, the upgrade declined, read by
+                # What follows is either taken over (websocket_aiohttp.handle) or, the upgrade declined, read by
                 # aiohttp as further requests: a new parser reads it as requests too.
                 data = data[upgrade.args[0]:]
                 self._parser, self._tail, self._upgraded = httptools.HttpRequestParser(self), data, True
@@ -245,7 +245,7 @@ class AiohttpConnection(asyncio.Protocol):
         return tail if tail is not None or not self._upgraded else None
 
 
-# aiohttp's connections by transport: for websocket.handle to take one over, and for api.errors_and_metrics
+# aiohttp's connections by transport: for websocket_aiohttp.handle to take one over, and for api.errors_and_metrics
 # to say when a handler is at work on one.
 AIOHTTP_CONNECTIONS: dict[asyncio.BaseTransport, AiohttpConnection] = {}
 # Bytes kept behind an upgrade head until its handler runs (aiohttp pauses reading at as many); past this
@@ -254,7 +254,7 @@ MAX_UPGRADE_TAIL = 65536
 
 
 def taken_over(transport: asyncio.BaseTransport) -> bytes | None:
-    """websocket.handle takes the connection from aiohttp: what the client sent behind its upgrade head (None
+    """websocket_aiohttp.handle takes the connection from aiohttp: what the client sent behind its upgrade head (None
     if that was more than MAX_UPGRADE_TAIL). The connection is no longer counted here (the sessions' gauge
     counts it)."""
     connection = AIOHTTP_CONNECTIONS.get(transport)

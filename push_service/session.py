@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from os import write as write_fd
 from typing import Any, Protocol
 
 from push_service.auth import Identity
@@ -86,7 +87,7 @@ class Channel:
 
 class Session:
     # What deliver reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
-    __slots__ = ("conn", "_wire", "_held", "_floors", "id", "host", "identity", "channels", "last_seen",
+    __slots__ = ("_held", "_floors", "_wire", "fd", "conn", "id", "host", "identity", "channels", "last_seen",
                  "_closing", "_disconnected", "connected_at", "_refresh", "_pending")
 
     def __init__(self, host: SessionHost, session_id: str, identity: Identity, conn: Connection) -> None:
@@ -97,6 +98,9 @@ class Session:
         self.channels: dict[str, Channel] = {}
         self.last_seen = host.now()
         self._wire = conn.wire
+        # The socket's file descriptor while deliveries may be written straight to it, else -1: the connection
+        # sets it, only while nothing of its own waits to go out before them (transports/websocket.py).
+        self.fd = -1
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
         self.connected_at = 0.0  # when it connected (time.time()), for the admin API
@@ -114,10 +118,20 @@ class Session:
         if self._held is not None or self._floors is not None:
             self._deliver_recovering(broadcast)
             return
-        # No call of ours per delivery: the frame from the broadcast's cache, written to the connection's sink (its
-        # transport, mostly), not through a bound method kept here (docs/performance.md, "Small rooms").
+        # No call of ours per delivery: the frame from the broadcast's cache, written to the socket itself, else
+        # to the connection's sink (docs/performance.md, "Small rooms" and "Straight to the socket").
         wire, frames = self._wire, broadcast.frames
-        self.conn.sink.write(frames[wire] if wire in frames else broadcast.encoded(wire))
+        data = frames[wire] if wire in frames else broadcast.encoded(wire)
+        fd = self.fd
+        if fd < 0:
+            self.conn.sink.write(data)
+            return
+        try:
+            sent = write_fd(fd, data)
+        except OSError:  # the socket's buffer is full, or the peer is gone: the transport's write finds out
+            sent = 0
+        if sent != len(data):
+            self.conn.send(data[sent:] if sent else data)  # the rest waits in the transport, and fd goes to -1
 
     def _deliver_recovering(self, broadcast: Broadcast | Run) -> None:
         held, floors = self._held, self._floors
@@ -371,6 +385,7 @@ class Session:
     def closed(self) -> None:
         """The transport is gone (either side closed it): release everything."""
         self._disconnected = self._closing = True
+        self.fd = -1
         self._drop_all_channels()
         self.host.presence.forget(self)
         self.host.forget(self)

@@ -22,7 +22,7 @@ from aiohttp import WSMsgType
 
 from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token, shared_server
 from http_helpers import connections_closed, metric, publish, wait_for_metric
-from ws_client import CLOSE, CONT, PING, PONG, TEXT, Client, close_payload, raw_frame
+from ws_client import CLOSE, CONT, PING, PONG, TEXT, Client, close_payload, heartbeat, heartbeat_reply, raw_frame
 
 OK = {"status": "ok", "response": {}}
 RECEIVE_TIMEOUT = 5
@@ -715,6 +715,55 @@ async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start
         finally:
             slow.close()
         await wait_for_metric(http, server, "push_connections", 1, transport="websocket")
+
+
+@pytest.mark.slow
+async def test_a_reader_that_stalls_past_the_kernels_buffers_gets_every_frame_whole_and_in_order(start_server):
+    """Deliveries are written to the socket itself while nothing waits before them, and queued in the
+    transport once the kernel's buffers are full. A reader that stalls past both (a small receive window,
+    more bytes than the kernel's largest send buffer) gets every frame whole and in order, with a heartbeat
+    asked mid-stall answered behind what came before it; once it has caught up, a publish reaches it at once."""
+    server = await start_server(PUSH_SEND_BUFFER_BYTES="64MiB")
+    topic = "room:lobby:stall"
+    filler = "x" * 8000
+    with open("/proc/sys/net/ipv4/tcp_wmem") as wmem:
+        kernel_max = int(wmem.read().split()[2])
+    per_request = 50  # about 400 KB a publish request
+    requests = (kernel_max + 4 * 1024 * 1024) // (per_request * len(filler)) + 1
+    async with aiohttp.ClientSession() as http:
+        stalled = await Client.connect(server.port, make_token("stalled"), rcvbuf=4096)
+        try:
+            await stalled.send_text(orjson.dumps(["1", "1", topic, "phx_join", {}]))
+            assert await stalled.next_json() == ["1", "1", topic, "phx_reply", OK]
+            published, asked_after = 0, None
+            for number in range(requests):
+                response = await http.post(
+                    f"{server.http_url}/api/batch",
+                    json={"messages": [{"topic": topic, "event": "new_msg", "payload": {"seq": published + i, "f": filler}}
+                                       for i in range(per_request)]},
+                    headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
+                assert response.status == 200, await response.text()
+                published += per_request
+                if number == requests // 2:
+                    await stalled.send_text(heartbeat("mid"))
+                    asked_after = published
+            seqs: list[int] = []
+            answered_at = None
+            while len(seqs) < published:
+                message = await stalled.next_json()
+                if message == heartbeat_reply("mid"):
+                    answered_at = len(seqs)
+                    continue
+                assert message[:4] == [None, None, topic, "new_msg"] and message[4]["f"] == filler, message[:4]
+                seqs.append(message[4]["seq"])
+            assert seqs == list(range(published))
+            assert answered_at is not None and asked_after is not None and answered_at >= asked_after
+            await stalled.heartbeat_round_trip("caught-up")
+            assert (await publish(http, server, topic, {"seq": published}))["delivered"] == 1
+            assert (await stalled.next_json())[4] == {"seq": published}
+            assert await metric(http, server, "push_slow_consumer_disconnects_total") == 0
+        finally:
+            stalled.close()
 
 
 # --- no leaks

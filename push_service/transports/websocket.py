@@ -6,8 +6,9 @@ request is an upgrade; it is checked (drain, origin, vsn, token: refused with HT
 as Phoenix refuses a failed `connect/3`; a Sec-WebSocket-Version other than 13: 426), answered 101,
 and the connection's protocol becomes a `WebSocketProtocol`. Outgoing frames are framed once per
 broadcast (and compressed once, when the client negotiated permessage-deflate: transports/deflate.py)
-and written straight to the transport: the same bytes for every subscriber. A slow reader
-is noticed by the transport's own flow control (`pause_writing`).
+and written to the socket itself while nothing waits in the transport (`Session.fd`), else to the
+transport: the same bytes for every subscriber. A slow reader is noticed by the transport's own flow
+control (`pause_writing`). Upgrades that aiohttp parsed are served by websocket_aiohttp.py.
 """
 
 from __future__ import annotations
@@ -17,21 +18,18 @@ import logging
 from collections.abc import Callable
 
 import orjson
-from aiohttp import web
 
 from push_service.access_log import remote_address
-from push_service.api import json_response
 from push_service.auth import Identity
 from push_service.http1 import Request, has_token, json_answer, parse_query, request_id
-from push_service.limits import MAX_UPGRADE_TAIL, Guard, taken_over
+from push_service.limits import MAX_UPGRADE_TAIL, Guard
 from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer
 from push_service.connection import DROPPED, Disconnect, Sink
 from push_service.transports.admission import Admission
 from push_service.transports.deflate import deflate_wire, negotiate
-from push_service.transports.handshake import (PATH, SUBPROTOCOL, UPGRADE_REQUIRED_HEADERS, VERSION, AskBackend,
-                                               Refusal, admit, ask_backend, is_upgrade, refused, version_refusal,
-                                               wrong_version)
+from push_service.transports.handshake import (PATH, SUBPROTOCOL, VERSION, AskBackend, Refusal, admit, ask_backend,
+                                               version_refusal)
 from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key_bytes, close_code, frame, frame_close,
     frame_text,
@@ -49,65 +47,6 @@ PEER_CLOSE_TIMEOUT = 2.0
 WIRES = {V1: Wire(V1, frame_text), V2: Wire(V2, frame_text)}
 
 
-def setup(app: web.Application, admission: Admission) -> None:
-    """Serve the socket path's requests that aiohttp parsed (the front door takes the rest)."""
-
-    async def handle_request(request: web.Request) -> web.StreamResponse:
-        return await handle(admission, request)
-
-    app.router.add_get(PATH, handle_request)
-
-
-async def handle(admission: Admission, request: web.Request) -> web.StreamResponse:
-    """The socket path as aiohttp sees it: requests the front door did not take. A well-formed upgrade
-    here is not its connection's first request (aiohttp's client, for one, upgrades pooled keep-alive
-    connections): the connection is taken over from aiohttp all the same, and this handler waits
-    until the socket closes."""
-    if wrong_version(request.headers.get):
-        refusal = version_refusal(admission)
-        return web.Response(status=426, body=orjson.dumps({"error": refusal.message}), content_type="application/json",
-                            headers=UPGRADE_REQUIRED_HEADERS)
-    try:
-        identity, serializer = admit(admission, request.headers.get("Origin"), request.query.get("vsn"),
-                                     request.headers.get("Sec-WebSocket-Protocol"), request.query.get("token"))
-    except Refusal as refusal:
-        return json_response({"error": refusal.message}, refusal.status)
-    except AskBackend as ask:
-        try:
-            identity = await ask_backend(admission, ask.token, WebSocketProtocol.transport_name,
-                                         request.remote or "", request.headers.get)
-        except Refusal as refusal:
-            return json_response({"error": refusal.message}, refusal.status)
-        serializer = ask.serializer
-    transport, http = request.transport, request.protocol
-    if not is_upgrade(request.headers.get) or transport is None:
-        not_websocket = Refusal(400, "not_websocket", "expected a WebSocket upgrade request")
-        refused(admission, not_websocket)
-        return json_response({"error": not_websocket.message}, not_websocket.status)
-    http.keep_alive(False)  # no keep-alive timer of aiohttp's may close the socket later
-    # What the client sent behind its request head, which the connection's wrapper kept aside.
-    rest = taken_over(transport)
-    if rest is None:
-        too_early = Refusal(400, "not_websocket", "too much data sent before the upgrade was answered")
-        refused(admission, too_early)
-        response = json_response({"error": too_early.message}, too_early.status)
-        response.force_close()
-        return response
-    lost = asyncio.get_running_loop().create_future()
-    headers = request.headers
-
-    def header(name: str) -> str | None:  # repeated headers joined, as the front door's parser does
-        return ", ".join(headers.getall(name)) if name in headers else None
-
-    open_socket(admission, transport, header, identity, serializer, rest, lost)
-    transport.resume_reading()  # in case aiohttp paused it while the tail grew
-    await lost
-    # aiohttp still thinks it owns the connection: tell it the connection is gone (its answer to this
-    # request is never written; 101 is what the request metric should say).
-    http.connection_lost(None)
-    return web.Response(status=101)
-
-
 # --- the connection after the upgrade
 
 
@@ -117,7 +56,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # What a delivery reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
     __slots__ = ("sink", "_closing", "_out", "_transport", "wire", "session", "_metrics", "_reader",
-                 "_awaiting_close", "_close_timer", "_lost")
+                 "_awaiting_close", "_close_timer", "_lost", "_fd")
     transport_name = "websocket"
 
     def __init__(self, admission: Admission, transport: asyncio.Transport, wire: Wire, identity: Identity,
@@ -139,6 +78,11 @@ class WebSocketProtocol(asyncio.Protocol):
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
         self.session = admission.open_session(identity, self, self.transport_name)
+        # The socket, which deliveries may write themselves (Session.fd; _settle says when). Safe to hold:
+        # asyncio's and uvloop's transports close it only after connection_lost, which stops those writes.
+        # Never under TLS, whose transport's socket carries ciphertext.
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
 
     # --- Connection, for the session
 
@@ -150,8 +94,16 @@ class WebSocketProtocol(asyncio.Protocol):
         if not self._closing:
             if self._out is None:
                 self._transport.write(data)
+                self._settle()
             else:
                 self._out.append(data)
+
+    def _settle(self) -> None:
+        """Let deliveries write the socket straight (Session.fd) only while nothing can wait to go out before
+        them: no read being answered, no Close sent, nothing left in the transport's buffer. Otherwise they
+        go through `sink`, in order behind what waits."""
+        self.session.fd = (self._fd if self.sink is self._transport and not self._transport.get_write_buffer_size()
+                           else -1)
 
     write = send  # as the sink
 
@@ -171,6 +123,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Handle `data` read from the peer; what it answers goes out in one write behind `out` (the 101 at
         the upgrade)."""
         self._out, self.sink = out, self
+        self.session.fd = -1
         try:
             if data:
                 self._receive(data)
@@ -181,6 +134,7 @@ class WebSocketProtocol(asyncio.Protocol):
                     self.sink = self._transport
                 if out:
                     self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+                self._settle()
 
     def _receive(self, data: bytes) -> None:
         error: FrameError | None = None
@@ -225,6 +179,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing, self.sink = True, DROPPED
+        self.session.fd = -1  # before the transport closes the socket, and its number can be reused
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.session.closed()
@@ -263,6 +218,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._closing:
             return False
         self._closing, self.sink = True, DROPPED
+        self.session.fd = -1
         out, self._out = self._out, None
         self._transport.write(b"".join(out) + close_frame if out else close_frame)
         return True
@@ -287,7 +243,8 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._awaiting_close = False
-        return None  # the transport closes itself
+        self.session.fd = -1  # the transport closes itself, flushing what it holds: nothing goes around it now
+        return None
 
 
 # --- the upgrade, as the front door hands it over
