@@ -34,6 +34,13 @@ class Sink(Protocol):
     def write(self, data: bytes) -> None: ...
 
 
+# Session.fd: deliveries go through the connection's sink (NO_SOCKET), or may be written to the socket
+# itself, whose descriptor the connection has not looked up yet (SOCKET_UNKNOWN: socket_fd() does, at the
+# first delivery, so that a connect does not pay for it).
+NO_SOCKET = -1
+SOCKET_UNKNOWN = -2
+
+
 class Connection(Protocol):
     wire: Wire
     transport_name: str  # metrics label: "websocket" or "longpoll"
@@ -50,6 +57,9 @@ class Connection(Protocol):
 
     def send(self, data: bytes) -> None:
         """Queue framed bytes. Past PUSH_SEND_BUFFER_BYTES unsent, call the session's overflowed()."""
+
+    def socket_fd(self) -> int:
+        """The descriptor of the socket deliveries may write themselves, or NO_SOCKET."""
 
     def close(self, disconnect: Disconnect) -> None:
         """Close from the server side; the transport then calls Session.closed()."""
@@ -83,6 +93,9 @@ class Ended:
 
     def send(self, data: bytes) -> None:
         pass
+
+    def socket_fd(self) -> int:
+        return NO_SOCKET
 
     def close(self, disconnect: Disconnect) -> None:
         pass

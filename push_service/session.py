@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from push_service.auth import Identity
 from push_service.config import Settings
-from push_service.connection import DRAIN, INVALID_MESSAGE, SHUTDOWN, SLOW_CONSUMER, Connection, Disconnect, Ended
+from push_service.connection import (DRAIN, INVALID_MESSAGE, NO_SOCKET, SHUTDOWN, SLOW_CONSUMER, SOCKET_UNKNOWN,
+                                     Connection, Disconnect, Ended)
 from push_service.messages import BAD_SINCE, Broadcast, Position, Recovery, Run, join_since
 from push_service.metrics import Metrics
 from push_service.presence import PRESENCE_STATE, TYPING_EVENT
@@ -98,9 +99,7 @@ class Session:
         self.channels: dict[str, Channel] = {}
         self.last_seen = host.now()
         self._wire = conn.wire
-        # The socket's file descriptor while deliveries may be written straight to it, else -1: the connection
-        # sets it, only while nothing of its own waits to go out before them (transports/websocket.py).
-        self.fd = -1
+        self.fd = NO_SOCKET  # the socket deliveries write straight: the connection says (connection.SOCKET_UNKNOWN)
         self._closing = False  # a slow-consumer disconnect is scheduled or done
         self._disconnected = False
         self.connected_at = 0.0  # when it connected (time.time()), for the admin API
@@ -118,11 +117,12 @@ class Session:
         if self._held is not None or self._floors is not None:
             self._deliver_recovering(broadcast)
             return
-        # No call of ours per delivery: the frame from the broadcast's cache, written to the socket itself, else
-        # to the connection's sink (docs/performance.md, "Small rooms" and "Straight to the socket").
+        # No call of ours: the cached frame, to the socket itself or the sink (docs/performance.md, "Small rooms").
         wire, frames = self._wire, broadcast.frames
         data = frames[wire] if wire in frames else broadcast.encoded(wire)
         fd = self.fd
+        if fd == SOCKET_UNKNOWN:
+            fd = self.fd = self.conn.socket_fd()
         if fd < 0:
             self.conn.sink.write(data)
             return
@@ -130,8 +130,8 @@ class Session:
             sent = write_fd(fd, data)
         except OSError:  # the socket's buffer is full, or the peer is gone: the transport's write finds out
             sent = 0
-        if sent != len(data):
-            self.conn.send(data[sent:] if sent else data)  # the rest waits in the transport, and fd goes to -1
+        if sent != len(data):  # the rest waits in the transport, and fd is NO_SOCKET until it has gone
+            self.conn.send(data[sent:] if sent else data)
 
     def _deliver_recovering(self, broadcast: Broadcast | Run) -> None:
         held, floors = self._held, self._floors
@@ -385,7 +385,7 @@ class Session:
     def closed(self) -> None:
         """The transport is gone (either side closed it): release everything."""
         self._disconnected = self._closing = True
-        self.fd = -1
+        self.fd = NO_SOCKET
         self._drop_all_channels()
         self.host.presence.forget(self)
         self.host.forget(self)

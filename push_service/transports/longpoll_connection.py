@@ -13,7 +13,7 @@ import orjson
 
 from push_service.messages import Wire
 from push_service.protocol import V1, V2
-from push_service.connection import Disconnect
+from push_service.connection import NO_SOCKET, Disconnect
 from push_service.session import Session
 
 
@@ -62,6 +62,9 @@ class LongPollConnection:
         """Connection.sink: what is sent waits here. A property, not a slot holding itself: that would be a
         reference cycle, freed only by a full collection."""
         return self
+
+    def socket_fd(self) -> int:
+        return NO_SOCKET  # a poll's answer carries the frames: nothing to write straight
 
     def send(self, data: bytes) -> None:
         if self.gone:

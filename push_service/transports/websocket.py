@@ -25,7 +25,7 @@ from push_service.http1 import Request, has_token, json_answer, parse_query, req
 from push_service.limits import MAX_UPGRADE_TAIL, Guard
 from push_service.messages import Wire
 from push_service.protocol import V1, V2, Serializer
-from push_service.connection import DROPPED, Disconnect, Sink
+from push_service.connection import DROPPED, NO_SOCKET, SOCKET_UNKNOWN, Disconnect, Sink
 from push_service.transports.admission import Admission
 from push_service.transports.deflate import deflate_wire, negotiate
 from push_service.transports.handshake import (PATH, SUBPROTOCOL, VERSION, AskBackend, Refusal, admit, ask_backend,
@@ -78,11 +78,8 @@ class WebSocketProtocol(asyncio.Protocol):
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
         self.session = admission.open_session(identity, self, self.transport_name)
-        # The socket, which deliveries may write themselves (Session.fd; _settle says when). Safe to hold:
-        # asyncio's and uvloop's transports close it only after connection_lost, which stops those writes.
-        # Never under TLS, whose transport's socket carries ciphertext.
-        sock = transport.get_extra_info("socket")
-        self._fd = sock.fileno() if sock is not None and transport.get_extra_info("sslcontext") is None else -1
+        # The socket, which deliveries may write themselves (Session.fd; _settle says when, socket_fd looks it up).
+        self._fd = SOCKET_UNKNOWN
 
     # --- Connection, for the session
 
@@ -98,12 +95,23 @@ class WebSocketProtocol(asyncio.Protocol):
             else:
                 self._out.append(data)
 
+    def socket_fd(self) -> int:
+        """Looked up at the first delivery, not at the connect. Safe to hold: asyncio's and uvloop's transports
+        close the socket only after connection_lost, which stops those writes (tests/test_direct_writes.py).
+        Never under TLS, whose transport's socket carries ciphertext."""
+        if self._fd == SOCKET_UNKNOWN:
+            transport = self._transport
+            sock = transport.get_extra_info("socket")
+            plain = sock is not None and transport.get_extra_info("sslcontext") is None
+            self._fd = sock.fileno() if plain else NO_SOCKET
+        return self._fd
+
     def _settle(self) -> None:
         """Let deliveries write the socket straight (Session.fd) only while nothing can wait to go out before
         them: no read being answered, no Close sent, nothing left in the transport's buffer. Otherwise they
         go through `sink`, in order behind what waits."""
         self.session.fd = (self._fd if self.sink is self._transport and not self._transport.get_write_buffer_size()
-                           else -1)
+                           else NO_SOCKET)
 
     write = send  # as the sink
 
@@ -123,7 +131,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Handle `data` read from the peer; what it answers goes out in one write behind `out` (the 101 at
         the upgrade)."""
         self._out, self.sink = out, self
-        self.session.fd = -1
+        self.session.fd = NO_SOCKET
         try:
             if data:
                 self._receive(data)
@@ -179,7 +187,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing, self.sink = True, DROPPED
-        self.session.fd = -1  # before the transport closes the socket, and its number can be reused
+        self.session.fd = NO_SOCKET  # before the transport closes the socket, and its number can be reused
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.session.closed()
@@ -218,7 +226,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._closing:
             return False
         self._closing, self.sink = True, DROPPED
-        self.session.fd = -1
+        self.session.fd = NO_SOCKET
         out, self._out = self._out, None
         self._transport.write(b"".join(out) + close_frame if out else close_frame)
         return True
@@ -243,7 +251,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._awaiting_close = False
-        self.session.fd = -1  # the transport closes itself, flushing what it holds: nothing goes around it now
+        self.session.fd = NO_SOCKET  # the transport closes itself, flushing what it holds: nothing goes around it now
         return None
 
 
