@@ -34,6 +34,13 @@ async def publish(http: aiohttp.ClientSession, server: ServerProcess, topic: str
                            status=status)
 
 
+async def publish_numbered(http: aiohttp.ClientSession, server: ServerProcess, topic: str, first: int, count: int,
+                           filler: str = "") -> None:
+    """One POST /api/batch of `count` new_msg broadcasts with payloads {"seq": first..., "f": filler}."""
+    await post_json(http, server, "/api/batch", {"messages": [
+        {"topic": topic, "event": "new_msg", "payload": {"seq": first + i, "f": filler}} for i in range(count)]})
+
+
 async def publish_status(http: aiohttp.ClientSession, server: ServerProcess, topic: str, payload: Any,
                          event: str = "new_msg") -> int:
     """POST /api/broadcast where more than one answer is right (a shard failing over: 200 or 503); its status."""

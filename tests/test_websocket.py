@@ -21,7 +21,7 @@ import pytest_asyncio
 from aiohttp import WSMsgType
 
 from conftest import JWT_SECRET, PUBLISH_KEY, ServerProcess, make_token, shared_server
-from http_helpers import connections_closed, metric, publish, wait_for_metric
+from http_helpers import connections_closed, metric, publish, publish_numbered, wait_for_metric
 from ws_client import CLOSE, CONT, PING, PONG, TEXT, Client, close_payload, heartbeat, heartbeat_reply, raw_frame
 
 OK = {"status": "ok", "response": {}}
@@ -677,12 +677,7 @@ async def test_slow_consumer_is_disconnected_and_the_others_get_everything(start
             received: list[int] = []
             seq = 0
             for _ in range(max_rounds):
-                response = await http.post(
-                    f"{server.http_url}/api/batch",
-                    json={"messages": [{"topic": topic, "event": "new_msg", "payload": {"seq": seq + i, "f": filler}}
-                                       for i in range(round_size)]},
-                    headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
-                assert response.status == 200
+                await publish_numbered(http, server, topic, seq, round_size, filler)
                 seq += round_size
                 while len(received) < seq:
                     frame = await receive(healthy)
@@ -737,12 +732,7 @@ async def test_a_reader_that_stalls_past_the_kernels_buffers_gets_every_frame_wh
             assert await stalled.next_json() == ["1", "1", topic, "phx_reply", OK]
             published, asked_after = 0, None
             for number in range(requests):
-                response = await http.post(
-                    f"{server.http_url}/api/batch",
-                    json={"messages": [{"topic": topic, "event": "new_msg", "payload": {"seq": published + i, "f": filler}}
-                                       for i in range(per_request)]},
-                    headers={"Authorization": f"Bearer {PUBLISH_KEY}"})
-                assert response.status == 200, await response.text()
+                await publish_numbered(http, server, topic, published, per_request, filler)
                 published += per_request
                 if number == requests // 2:
                     await stalled.send_text(heartbeat("mid"))
