@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 
 import orjson
@@ -98,11 +99,11 @@ class WebSocketProtocol(asyncio.Protocol):
     def socket_fd(self) -> int:
         """Looked up at the first delivery, not at the connect. Safe to hold: asyncio's and uvloop's transports
         close the socket only after connection_lost, which stops those writes (tests/test_direct_writes.py).
-        Never under TLS, whose transport's socket carries ciphertext."""
+        Never under TLS, whose transport's socket carries ciphertext, nor where a socket is no file descriptor."""
         if self._fd == SOCKET_UNKNOWN:
             transport = self._transport
             sock = transport.get_extra_info("socket")
-            plain = sock is not None and transport.get_extra_info("sslcontext") is None
+            plain = sock is not None and transport.get_extra_info("sslcontext") is None and os.name == "posix"
             self._fd = sock.fileno() if plain else NO_SOCKET
         return self._fd
 
