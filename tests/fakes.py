@@ -41,3 +41,31 @@ class CountingConnection(RecordingConnection):
         self.sent += 1
 
     write = send
+
+
+class NowhereTransport:
+    """What WebSocketProtocol asks of an asyncio transport, writing nowhere and holding nothing."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False

@@ -19,6 +19,7 @@ import orjson
 import pytest
 import uvloop
 
+from fakes import NowhereTransport
 from ws_client import TEXT, heartbeat, raw_frame
 
 from push_service.auth import Identity
@@ -89,7 +90,7 @@ def test_the_loop_closes_a_socket_only_after_connection_lost_returned(loop_name:
         loop.close()
 
 
-class SocketTransport:
+class SocketTransport(NowhereTransport):
     """A transport over one end of a socketpair, as uvloop's behaves: a write goes to the socket at once while
     nothing is held, and what the kernel does not take is held (and counted) until `drain`."""
 
@@ -119,21 +120,6 @@ class SocketTransport:
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return {"socket": self.sock, "sslcontext": object() if self.tls else None}.get(name, default)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return False
 
 
 class Peer:

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, make_token, until
-from fakes import CountingConnection
+from fakes import CountingConnection, NowhereTransport
 
 from push_service.auth import Identity
 from push_service.config import Settings
@@ -202,34 +202,6 @@ async def test_closed_long_lived_websocket_sessions_are_freed(start_server: Call
     assert grown < 10 * MIB, f"RSS after each round: {[f'{s / MIB:.0f} MiB' for s in samples]}"
 
 
-class _Transport:
-    """What WebSocketProtocol asks of an asyncio transport, writing nowhere."""
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def set_write_buffer_limits(self, high: int) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str) -> Any:
-        return ("127.0.0.1", 1) if name == "peername" else None
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def abort(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return False
-
-
 async def test_an_ended_connection_and_its_session_are_freed_by_reference_counting() -> None:
     """Once a socket or a long-poll session has ended, nothing of it is kept alive by a reference cycle: the
     server raises its GC thresholds (app.tune_gc), so what only a full collection would free stays for long."""
@@ -246,7 +218,7 @@ async def test_an_ended_connection_and_its_session_are_freed_by_reference_counti
     gc.disable()
     try:
         before = alive()
-        socket = WebSocketProtocol(node, _Transport(), WIRES[V2], Identity("u1", time.time() + 600))  # type: ignore[arg-type]
+        socket = WebSocketProtocol(node, NowhereTransport(), WIRES[V2], Identity("u1", time.time() + 600))  # type: ignore[arg-type]
         socket.data_received(b"\x81\x80\x00\x00\x00\x00")  # an empty text frame, masked: a read handled
         socket.connection_lost(None)
         longpoll = LongPollConnection(lambda conn: None, 1 << 20, "key", "token", LONGPOLL_WIRES[V2], 0.0, "u2", "")
