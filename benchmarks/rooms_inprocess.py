@@ -57,6 +57,9 @@ class CountingTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def is_closing(self) -> bool:
+        return False
+
 
 def client_text_frame(payload: bytes) -> bytes:
     """A masked text frame, as a client sends it (payloads under 64 KiB)."""

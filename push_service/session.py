@@ -385,7 +385,6 @@ class Session:
     def closed(self) -> None:
         """The transport is gone (either side closed it): release everything."""
         self._disconnected = self._closing = True
-        self.fd = NO_SOCKET
         self._drop_all_channels()
         self.host.presence.forget(self)
         self.host.forget(self)

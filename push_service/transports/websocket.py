@@ -108,11 +108,12 @@ class WebSocketProtocol(asyncio.Protocol):
         return self._fd
 
     def _settle(self) -> None:
-        """Let deliveries write the socket straight (Session.fd) only while nothing can wait to go out before
-        them: no read being answered, no Close sent, nothing left in the transport's buffer. Otherwise they
-        go through `sink`, in order behind what waits."""
-        self.session.fd = (self._fd if self.sink is self._transport and not self._transport.get_write_buffer_size()
-                           else NO_SOCKET)
+        """Session.fd, from where the sink points, after each change of it: deliveries write the socket straight
+        only while nothing can wait to go out before them (no read being answered, no Close sent, the
+        transport neither closing nor holding bytes); otherwise they go through `sink`, behind what waits."""
+        transport = self._transport
+        self.session.fd = (self._fd if self.sink is transport and not transport.get_write_buffer_size()
+                           and not transport.is_closing() else NO_SOCKET)
 
     write = send  # as the sink
 
@@ -132,7 +133,7 @@ class WebSocketProtocol(asyncio.Protocol):
         """Handle `data` read from the peer; what it answers goes out in one write behind `out` (the 101 at
         the upgrade)."""
         self._out, self.sink = out, self
-        self.session.fd = NO_SOCKET
+        self._settle()
         try:
             if data:
                 self._receive(data)
@@ -188,7 +189,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing, self.sink = True, DROPPED
-        self.session.fd = NO_SOCKET  # before the transport closes the socket, and its number can be reused
+        self._settle()  # before the transport closes the socket, and its number can be reused
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.session.closed()
@@ -227,7 +228,7 @@ class WebSocketProtocol(asyncio.Protocol):
         if self._closing:
             return False
         self._closing, self.sink = True, DROPPED
-        self.session.fd = NO_SOCKET
+        self._settle()
         out, self._out = self._out, None
         self._transport.write(b"".join(out) + close_frame if out else close_frame)
         return True
@@ -252,7 +253,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._awaiting_close = False
-        self.session.fd = NO_SOCKET  # the transport closes itself, flushing what it holds: nothing goes around it now
+        self.session.fd = NO_SOCKET  # the transport is about to close itself (is_closing keeps it so from then on)
         return None
 
 
