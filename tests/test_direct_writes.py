@@ -156,6 +156,8 @@ class Peer:
 async def _joined_socket(node: Node, transport: SocketTransport, topic: str) -> WebSocketProtocol:
     protocol = WebSocketProtocol(node, transport, WIRES[V2], Identity("u1", 2e9))  # type: ignore[arg-type]
     protocol.data_received(raw_frame(TEXT, orjson.dumps(["1", "1", topic, "phx_join", {}])))
+    assert protocol.session.fd == NO_SOCKET  # the reply waits for the end of the loop's pass (outbox.py)
+    await asyncio.sleep(0)
     return protocol
 
 
@@ -194,6 +196,7 @@ async def test_deliveries_go_straight_to_the_socket_and_queue_behind_what_the_tr
         assert orjson.loads(frames[0])[3:5] == ["phx_reply", {"status": "ok", "response": {"position": ANY}}]
         assert [orjson.loads(frame)[4]["seq"] for frame in frames[1:]] == [0, 1, 2, 3]
         protocol.data_received(raw_frame(TEXT, heartbeat("2")))  # a read finds the transport empty: straight again
+        await asyncio.sleep(0)  # the end of the pass writes the reply
         assert orjson.loads(peer.frames(1)[0])[1] == "2"
         writes = transport.writes
         await _published(node, "room:lobby:1", 4)

@@ -35,6 +35,7 @@ from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key_bytes, close_code, frame, frame_close,
     frame_text,
 )
+from push_service.transports.outbox import running_outbox
 
 log = logging.getLogger("push_service.websocket")
 
@@ -57,7 +58,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     # What a delivery reads first, to share the object's first cache line (docs/performance.md, "Small rooms").
     __slots__ = ("sink", "_closing", "_out", "_transport", "wire", "session", "_metrics", "_reader",
-                 "_awaiting_close", "_close_timer", "_lost", "_fd")
+                 "_awaiting_close", "_close_timer", "_lost", "_fd", "_outbox")
     transport_name = "websocket"
 
     def __init__(self, admission: Admission, transport: asyncio.Transport, wire: Wire, identity: Identity,
@@ -66,16 +67,17 @@ class WebSocketProtocol(asyncio.Protocol):
         self._lost = lost
         self._metrics = admission.metrics
         self._transport = transport
-        # Connection.sink: the transport while send would write to it at once; this object while a read is
-        # handled (what it answers goes out in one write); DROPPED once closing (never itself then: a cycle).
+        # Connection.sink: the transport while send would write to it at once; this object while what a read
+        # answers waits (it goes out in one write); DROPPED once closing (never itself then: a cycle).
         self.sink: asyncio.Transport | WebSocketProtocol | Sink = transport
         self._reader = FrameReader(admission.settings.max_frame_bytes, inflates)
         self._closing = False  # a Close was sent: nothing more goes out
         self._awaiting_close = False  # the server sent its Close first and reads on for the peer's
         self._close_timer: asyncio.TimerHandle | None = None
-        # While a read is handled, what it answers waits here and goes out in one write at its end
-        # (a join's reply and presence_state, the 101 and the reply to a join sent behind it).
+        # What a read answers waits here and goes out in one write at the end of the loop's pass (outbox.py):
+        # a join's reply and presence_state, the 101 and the reply to a join sent behind it.
         self._out: list[bytes] | None = None
+        self._outbox = running_outbox()
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
         self.session = admission.open_session(identity, self, self.transport_name)
@@ -124,27 +126,38 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._closing:
-            self.handle_read([], data)
+            self.handle_read(data)
         elif self._awaiting_close:
             self._read_to_close(data)
         # else: the connection failed and is read only to be drained until the peer ends it
 
-    def handle_read(self, out: list[bytes], data: bytes) -> None:
-        """Handle `data` read from the peer; what it answers goes out in one write behind `out` (the 101 at
-        the upgrade)."""
-        self._out, self.sink = out, self
-        self._settle()
+    def handle_read(self, data: bytes, first: bytes = b"") -> None:
+        """Handle `data` read from the peer. What it answers waits for the end of the loop's pass, behind
+        `first` (the 101 at the upgrade) and what earlier reads of the pass answered."""
+        out = self._out
+        waiting = out is not None  # in the outbox already
+        if out is None:
+            out = self._out = [first] if first else []
+            self.sink = self
+            self._settle()
         try:
             if data:
                 self._receive(data)
         finally:
-            if self._out is out:  # else _send_close has written it
-                self._out = None
-                if not self._closing:
-                    self.sink = self._transport
+            if self._out is out and not waiting:  # else _send_close has written it, or the outbox holds it
                 if out:
-                    self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-                self._settle()
+                    self._outbox.add(self)
+                else:
+                    self.flush()
+
+    def flush(self) -> None:
+        """Write what the reads answered (outbox.Flushable); nothing once a Close or the end came first."""
+        out = self._out
+        if out is not None:
+            self._out, self.sink = None, self._transport
+            if out:
+                self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self._settle()
 
     def _receive(self, data: bytes) -> None:
         error: FrameError | None = None
@@ -188,7 +201,7 @@ class WebSocketProtocol(asyncio.Protocol):
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing, self.sink = True, DROPPED
+        self._closing, self.sink, self._out = True, DROPPED, None
         self._settle()  # before the transport closes the socket, and its number can be reused
         if self._close_timer is not None:
             self._close_timer.cancel()
@@ -253,6 +266,7 @@ class WebSocketProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._awaiting_close = False
+        self.flush()  # now: the transport closes itself when this returns
         self.session.fd = NO_SOCKET  # the transport is about to close itself (is_closing keeps it so from then on)
         return None
 
@@ -363,4 +377,4 @@ def open_socket(admission: Admission, transport: asyncio.Transport, header: Call
         extensions, b"\r\n"))
     protocol = WebSocketProtocol(admission, transport, wire, identity, lost, offer is not None)
     transport.set_protocol(protocol)
-    protocol.handle_read([response], rest)  # the 101, then the frames sent right behind the request
+    protocol.handle_read(rest, response)  # the 101, then the frames sent right behind the request
