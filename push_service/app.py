@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
@@ -14,6 +16,7 @@ from push_service import access_log, admin, api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.errors import PushServiceError
+from push_service.limits import ACCEPTS_PER_PASS
 from push_service.node import NODE, Node
 from push_service.transports import longpoll, longpoll_relay, websocket_aiohttp
 
@@ -60,21 +63,26 @@ class Door:
 
     def __init__(self) -> None:
         self.listener: frontdoor.Listener | None = None
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []  # the first bound the address; the rest watch its sockets' dups
 
     async def open(self, runner: web.AppRunner, host: str | None, port: int, reuse_port: bool | None) -> int:
         """Listen (OSError if the address cannot be had); returns the bound port."""
         assert runner.server is not None, "the runner is set up first"
         listener = frontdoor.Listener(runner.app[NODE], runner.server)
-        self.server = await asyncio.get_running_loop().create_server(
-            listener.protocol_factory(), host, port, backlog=BACKLOG, reuse_port=reuse_port)
+        loop, factory = asyncio.get_running_loop(), listener.protocol_factory()
+        server = await loop.create_server(factory, host, port, backlog=BACKLOG, reuse_port=reuse_port)
+        self.servers.append(server)
         self.listener = listener
-        return int(self.server.sockets[0].getsockname()[1]) if self.server.sockets else port
+        if type(loop).__module__.startswith("uvloop"):  # asyncio's own loop accepts a whole queue per pass
+            for listening in server.sockets * (ACCEPTS_PER_PASS - 1):  # dups: one socket, one queue
+                self.servers.append(await loop.create_server(
+                    factory, sock=socket.socket(fileno=os.dup(listening.fileno())), backlog=BACKLOG))
+        return int(server.sockets[0].getsockname()[1]) if server.sockets else port
 
     async def close(self, _: web.Application | None = None) -> None:
         """Stop accepting; the connections open are aiohttp's (and the node's) to close."""
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         if self.listener is not None:
             self.listener.close()
 

@@ -28,13 +28,17 @@ log = logging.getLogger("push_service.api")
 # 1 + 1/DEADLINE_TICKS timeouts after it began. One timer for all of them instead of one per connection:
 # a connect is the hot path of a reconnect storm.
 DEADLINE_TICKS = 4
+# uvloop (libuv) takes one connection off a listening descriptor per pass of the loop. The door watches its
+# socket through this many descriptors (app.Door), so a pass in a burst of connects takes up to this many, and
+# reads and answers them together (docs/performance.md, "Connects in batches").
+ACCEPTS_PER_PASS = 8
 # Files the process keeps for itself when PUSH_MAX_CONNECTIONS is derived from its limit of open files:
-# the listening socket, broker connections, logs, the event loop's own; and refused connections, each
-# open for the moment its 503 takes.
-FILES_HEADROOM = 64
+# the listening socket's descriptors, broker connections, logs, the event loop's own; and refused
+# connections, each open for the moment its 503 takes, or until the end of the pass that accepted it.
+FILES_HEADROOM = 64 + 2 * ACCEPTS_PER_PASS
 # Refused connections waiting to read their 503 before they close (within the headroom); beyond this many
 # a refused connection is closed at once.
-MAX_LINGERING = FILES_HEADROOM // 2
+MAX_LINGERING = 32
 
 
 def default_max_connections() -> int:

@@ -1,4 +1,5 @@
-"""The front door's keep-alive publish connection (push_service/frontdoor.py), over raw sockets.
+"""The front door's keep-alive publish connection (push_service/frontdoor.py), over raw sockets, and the
+listening socket it sits on (app.Door).
 
 A connection whose first request is a publish is served without aiohttp, by the same rules
 (publishing.py): these tests pin what a backend sees on such a connection, request after request,
@@ -8,17 +9,21 @@ and that anything else on it goes to aiohttp from that request on.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
 import orjson
 import pytest
+import uvloop
 
 from conftest import JWT_SECRET, PUBLISH_KEY, make_token, server_has_read
+from ws_client import TEXT, Client, raw_frame
 from push_service import app as application
 from push_service.config import Settings
 from push_service.frontdoor import IDLE_CHECKS
+from push_service.limits import ACCEPTS_PER_PASS
 
 TIMEOUT = 5.0
 TOPIC = "room:lobby:door"
@@ -189,3 +194,43 @@ async def test_the_listening_socket_is_closed_by_cleanup_and_its_port_is_the_bou
         await runner.cleanup()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
+
+
+def _descriptors_of(inode: int) -> int:
+    """How many of this process's descriptors are that socket."""
+    wanted, count = f"socket:[{inode}]", 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}") == wanted
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            pass
+    return count
+
+
+async def _burst_of_connects() -> None:
+    settings = Settings(port=0, jwt_secret=JWT_SECRET, service_keys=(PUBLISH_KEY,), history_size=0)
+    runner, port = await application.start(settings)
+    inode = os.fstat(runner.app[application.DOOR].servers[0].sockets[0].fileno()).st_ino
+    try:
+        # uvloop takes one connection off a descriptor per pass: the door watches its socket through several.
+        assert _descriptors_of(inode) == ACCEPTS_PER_PASS
+        join = raw_frame(TEXT, orjson.dumps(["1", "1", TOPIC, "phx_join", {}]))
+        clients = await asyncio.gather(*(Client.connect(port, make_token(f"u{index}"), behind=join)
+                                         for index in range(3 * ACCEPTS_PER_PASS)))
+        for client in clients:
+            assert await client.next_json() == ["1", "1", TOPIC, "phx_reply", {"status": "ok", "response": {}}]
+            client.sock.close()
+    finally:
+        await runner.cleanup()
+    assert _descriptors_of(inode) == 0  # every descriptor of the listening socket is closed
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_under_uvloop_a_burst_of_connects_is_served_whole_and_cleanup_closes_every_listening_descriptor():
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(_burst_of_connects())
+    finally:
+        loop.close()
