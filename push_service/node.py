@@ -23,6 +23,7 @@ from push_service.hub import Hub
 from push_service.messages import Broadcast, Position, Recovery
 from push_service.metrics import ENDPOINTS, Metrics
 from push_service.origin import OriginPolicy
+from push_service.outbox import Outbox
 from push_service.presence import Presence
 from push_service.connection import DRAIN, HEARTBEAT_TIMEOUT, SHUTDOWN, TOKEN_EXPIRED, Connection
 from push_service.session import Session
@@ -53,6 +54,7 @@ class Node:
         self._published = {endpoint: self.metrics.published.labels(endpoint) for endpoint in ENDPOINTS}
         self._frames_delivered = self.metrics.frames_delivered.labels()
         self.hub = Hub(on_dispatched=self._dispatched)
+        self.outbox = Outbox()  # the connections' answers, written at the end of the loop's pass
         # Unique across nodes: presence entries are keyed by node and connection.
         self.id = secrets.token_hex(6)
         self.broker = broker or create_broker(settings, self.id, self._broker_state,

@@ -1,5 +1,5 @@
 """What a WebSocket's reads answer waits for the end of the loop's pass and then goes out in one write
-(push_service/transports/outbox.py): in order, behind nothing and ahead of nothing it should not be, and never
+(push_service/outbox.py): in order, behind nothing and ahead of nothing it should not be, and never
 lost to a neighbour's failure. The bytes written are parsed by the `websockets` library's client side."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from push_service.connection import Disconnect
 from push_service.messages import Broadcast
 from push_service.node import Node
 from push_service.protocol import V2
-from push_service.transports.outbox import Outbox
+from push_service.outbox import Outbox
 from push_service.transports.websocket import WIRES, WebSocketProtocol
 
 
@@ -131,7 +131,7 @@ class Counting:
 
 async def test_one_connection_failing_its_flush_does_not_keep_the_others_waiting(
         caplog: pytest.LogCaptureFixture) -> None:
-    outbox = Outbox(asyncio.get_running_loop())
+    outbox = Outbox()
     before, after = Counting(), Counting()
     for connection in (before, Failing(), after):
         outbox.add(connection)

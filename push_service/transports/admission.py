@@ -11,6 +11,7 @@ from push_service.auth import Identity
 from push_service.auth_callback import AuthBackend
 from push_service.config import Settings
 from push_service.metrics import Metrics
+from push_service.outbox import Outbox
 from push_service.connection import Connection
 from push_service.session import Session
 
@@ -24,6 +25,9 @@ class Admission(Protocol):
     def settings(self) -> Settings: ...
     @property
     def metrics(self) -> Metrics: ...
+    @property
+    def outbox(self) -> Outbox:
+        """Where the node's connections' answers wait for the end of the loop's pass."""
 
     @property
     def draining(self) -> bool:

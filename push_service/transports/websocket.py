@@ -4,10 +4,11 @@ A socket costs what its connection state costs and nothing more: no aiohttp requ
 task, no timer (until it closes). The front door (frontdoor.py) hands over a connection whose first
 request is an upgrade; it is checked (drain, origin, vsn, token: refused with HTTP 403/503 exactly
 as Phoenix refuses a failed `connect/3`; a Sec-WebSocket-Version other than 13: 426), answered 101,
-and the connection's protocol becomes a `WebSocketProtocol`. Outgoing frames are framed once per
-broadcast (and compressed once, when the client negotiated permessage-deflate: transports/deflate.py)
-and written to the socket itself while nothing waits in the transport (`Session.fd`), else to the
-transport: the same bytes for every subscriber. A slow reader is noticed by the transport's own flow
+and the connection's protocol becomes a `WebSocketProtocol`. What a read answers (the 101 too) waits
+for the end of the loop's pass and goes out in one write (push_service/outbox.py). Outgoing frames are
+framed once per broadcast (and compressed once, when the client negotiated permessage-deflate:
+transports/deflate.py) and written to the socket itself while nothing waits (`Session.fd`), else to
+the transport: the same bytes for every subscriber. A slow reader is noticed by the transport's own flow
 control (`pause_writing`). Upgrades that aiohttp parsed are served by websocket_aiohttp.py.
 """
 
@@ -35,7 +36,6 @@ from push_service.transports.frames import (
     BINARY, CLOSE, PING, PONG, TEXT, FrameError, FrameReader, accept_key_bytes, close_code, frame, frame_close,
     frame_text,
 )
-from push_service.transports.outbox import running_outbox
 
 log = logging.getLogger("push_service.websocket")
 
@@ -77,7 +77,7 @@ class WebSocketProtocol(asyncio.Protocol):
         # What a read answers waits here and goes out in one write at the end of the loop's pass (outbox.py):
         # a join's reply and presence_state, the 101 and the reply to a join sent behind it.
         self._out: list[bytes] | None = None
-        self._outbox = running_outbox()
+        self._outbox = admission.outbox
         # Past this much unsent data the transport calls pause_writing: a slow consumer.
         transport.set_write_buffer_limits(high=admission.settings.send_buffer_bytes)
         self.session = admission.open_session(identity, self, self.transport_name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from typing import Protocol
 
 log = logging.getLogger("push_service.websocket")
@@ -23,18 +22,17 @@ class Flushable(Protocol):
 
 
 class Outbox:
-    """The connections with answers waiting for the end of the pass, on one loop."""
+    """The connections with answers waiting for the end of the pass: one per node, so one per loop."""
 
-    __slots__ = ("_loop", "_waiting")
+    __slots__ = ("_waiting",)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self._waiting: list[Flushable] = []
 
     def add(self, connection: Flushable) -> None:
         """Flush `connection` at the end of this pass (the loop runs what is scheduled now after its reads)."""
         if not self._waiting:
-            self._loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
         self._waiting.append(connection)
 
     def _flush(self) -> None:
@@ -44,15 +42,3 @@ class Outbox:
                 connection.flush()
             except Exception:  # one connection's failure must not leave the others' answers unsent
                 log.exception("flush failed", extra={"event": "socket_error"})
-
-
-_OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = weakref.WeakKeyDictionary()
-
-
-def running_outbox() -> Outbox:
-    """The running loop's outbox."""
-    loop = asyncio.get_running_loop()
-    outbox = _OUTBOXES.get(loop)
-    if outbox is None:
-        outbox = _OUTBOXES[loop] = Outbox(loop)
-    return outbox
