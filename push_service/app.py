@@ -16,7 +16,7 @@ from push_service import access_log, admin, api, console, frontdoor
 from push_service.broker import Broker
 from push_service.config import Settings
 from push_service.errors import PushServiceError
-from push_service.limits import ACCEPTS_PER_PASS
+from push_service.limits import ACCEPTS_PER_PASS, FILES_HEADROOM, reserve_descriptors
 from push_service.node import NODE, Node
 from push_service.transports import longpoll, longpoll_relay, websocket_aiohttp
 
@@ -69,6 +69,7 @@ class Door:
         """Listen (OSError if the address cannot be had); returns the bound port."""
         assert runner.server is not None, "the runner is set up first"
         listener = frontdoor.Listener(runner.app[NODE], runner.server)
+        reserve_descriptors(listener.guard.max_connections + FILES_HEADROOM)
         loop, factory = asyncio.get_running_loop(), listener.protocol_factory()
         server = await loop.create_server(factory, host, port, backlog=BACKLOG, reuse_port=reuse_port)
         self.servers.append(server)
