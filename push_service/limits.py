@@ -32,7 +32,7 @@ DEADLINE_TICKS = 4
 # uvloop (libuv) takes one connection off a listening descriptor per pass of the loop. The door watches its
 # socket through this many descriptors (app.Door), so a pass in a burst of connects takes up to this many, and
 # reads and answers them together (docs/performance.md, "Connects in batches").
-ACCEPTS_PER_PASS = 8
+ACCEPTS_PER_PASS = 16
 # Files the process keeps for itself when PUSH_MAX_CONNECTIONS is derived from its limit of open files:
 # the listening socket's descriptors, broker connections, logs, the event loop's own; and refused
 # connections, each open for the moment its 503 takes, or until the end of the pass that accepted it.
