@@ -21,6 +21,7 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from push_service.bounded import with_room
 from push_service.algorithms import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, accepted_algorithms
 from push_service.config import Settings
 from push_service.errors import AuthError
@@ -63,7 +64,7 @@ _URL_TO_STANDARD = bytes.maketrans(b"-_+/", b"+/**")
 _LONG_NUMBER = re.compile(rb"[0-9]{19}")
 _HEADER_CACHE_SIZE = 64
 # Tokens verified already, with what they said: a reconnect storm brings the same tokens back. Bounded
-# (oldest out first): at most this many tokens held, a few hundred bytes each.
+# (oldest out first, an eighth at a time: bounded.py): at most this many tokens held, a few hundred bytes each.
 VERIFIED_CACHE_SIZE = 10_000
 # HMAC algorithms checked here, by RFC 2104 from hash states that have taken the padded key once: PyJWT's
 # HMACAlgorithm builds an hmac object per token, and even hmac.digest sets the key up again per call, a
@@ -216,8 +217,7 @@ class TokenVerifier:
             raise AuthError("expired", "Signature has expired")
         identity = self._verify(token)
         if token:  # always, once verified; for the type checker
-            if len(verified) >= VERIFIED_CACHE_SIZE:
-                del verified[next(iter(verified))]
+            self._verified = verified = with_room(verified, VERIFIED_CACHE_SIZE)
             verified[token] = identity
         return identity
 

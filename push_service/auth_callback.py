@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 
 from push_service.auth import Identity
+from push_service.bounded import with_room
 from push_service.config import Settings
 from push_service.errors import AuthError
 from push_service.metrics import AUTH_CALLBACK_OUTCOMES as OUTCOMES
@@ -124,10 +125,8 @@ class _Cache:
         return entry[1]
 
     def put(self, key: bytes, until: float, answer: Answer) -> None:
-        entries = self.entries
-        entries.pop(key, None)
-        if len(entries) >= CACHE_SIZE:
-            del entries[next(iter(entries))]
+        self.entries.pop(key, None)
+        self.entries = entries = with_room(self.entries, CACHE_SIZE)
         entries[key] = (until, answer)
 
 

@@ -152,7 +152,7 @@ def test_the_cache_holds_at_most_its_bound_oldest_out_first():
     cache = _Cache()
     for number in range(CACHE_SIZE + 5):
         cache.put(number.to_bytes(4, "big"), time.time() + 60, (ADMIT, None))
-    assert len(cache.entries) == CACHE_SIZE
+    assert CACHE_SIZE * 7 // 8 < len(cache.entries) <= CACHE_SIZE  # full, it drops its oldest eighth (bounded.py)
     assert cache.get((0).to_bytes(4, "big"), time.time()) is None
     assert cache.get((CACHE_SIZE + 4).to_bytes(4, "big"), time.time()) == (ADMIT, None)
     cache.put(b"lapsed", time.time() - 1, (ADMIT, None))
