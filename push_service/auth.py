@@ -21,8 +21,8 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from push_service.bounded import with_room
 from push_service.algorithms import ASYMMETRIC_ALGORITHMS, HMAC_ALGORITHMS, accepted_algorithms
+from push_service.bounded import with_room
 from push_service.config import Settings
 from push_service.errors import AuthError
 
